@@ -1,0 +1,282 @@
+"""The `dcslurm` command line. Every user error is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dcslurm.errors import UserError
+from dcslurm.scales import SCALES, estimate_train_gpu_hours
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run the DataComp workflow as SLURM array jobs (or on this machine).")
+console = Console()
+err = Console(stderr=True)
+
+# Sub-command groups live beside the code they drive; each module defines `app`
+# (a typer.Typer) and is registered under its name.
+SUBCOMMANDS = {
+    "pool": "dcslurm.pool_cli",
+    "report": "dcslurm.report_cli",
+    "filter": "dcslurm.filter_cli",
+    "assets": "dcslurm.assets_cli",
+    "evalsets": "dcslurm.evalsets_cli",
+    "containers": "dcslurm.containers_cli",
+    "audit": "dcslurm.audit_cli",
+}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def _stages_option(stages: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+
+
+@app.command()
+def scales(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """The compute scales: DataComp's Table 2, plus `debug` and `tiny`."""
+    if as_json:
+        print(json.dumps({name: s.to_dict() for name, s in SCALES.items()}, indent=1))
+        return
+    table = Table(title="Compute scales")
+    for col in ("scale", "pool = samples seen", "model", "batch", "lr", "warmup", "beta2", "train MACs",
+                "steps", "train A100-h"):
+        table.add_column(col, justify="right" if col not in ("scale", "model") else "left")
+    for s in SCALES.values():
+        table.add_row(s.name, f"{s.samples_seen:,}", s.model, f"{s.batch_size:,}", f"{s.lr:g}",
+                      f"{s.warmup:,}", f"{s.beta2:g}", f"{s.train_macs:.2g}", f"{s.steps:,}",
+                      f"{estimate_train_gpu_hours(s):,.1f}")
+    console.print(table)
+    console.print("AdamW beta1 0.9, eps 1e-6, weight decay 0.2, cosine schedule after linear warmup.")
+
+
+def _load(config: str, scale: Optional[str], stages: Optional[str], executor: Optional[str] = None):
+    from dcslurm.config import load_config
+
+    return load_config(config, scale=scale, stages=_stages_option(stages), executor=executor)
+
+
+def _plan_dict(plan) -> dict:
+    return {
+        "run": plan.run_url, "scale": plan.scale,
+        "steps": [
+            {"name": s.name, "layout": s.layout, "units": s.units.count, "unit": s.units.label,
+             "units_per_task": s.units_per_task, "tasks": s.n_tasks, "depends_on": s.depends_on,
+             "gpu_hours": s.estimate.gpu_hours, "bytes_written": s.estimate.bytes_written,
+             "estimate_basis": s.estimate.basis, "resources": dataclasses.asdict(s.resources)}
+            for s in plan.steps
+        ],
+        "total": {"gpu_hours": plan.total_estimate.gpu_hours, "bytes_written": plan.total_estimate.bytes_written},
+    }
+
+
+def _print_plan(plan) -> None:
+    table = Table(title=f"Plan of {plan.run_url} (scale {plan.scale})")
+    for col in ("step", "layout", "units", "per task", "tasks", "after", "GPU-h", "writes"):
+        table.add_column(col, justify="left" if col in ("step", "layout", "after") else "right")
+    for s in plan.steps:
+        table.add_row(s.name, s.layout, f"{s.units.count:,} {s.units.label}", f"{s.units_per_task:,}",
+                      f"{s.n_tasks:,}", ",".join(s.depends_on) or "-", f"{s.estimate.gpu_hours:,.1f}",
+                      _human_bytes(s.estimate.bytes_written))
+    total = plan.total_estimate
+    table.add_row("total", "", "", "", f"{sum(s.n_tasks for s in plan.steps):,}", "",
+                  f"{total.gpu_hours:,.1f}", _human_bytes(total.bytes_written))
+    console.print(table)
+    bases = [f"{s.name}: {s.estimate.basis}" for s in plan.steps if s.estimate.basis]
+    if bases:
+        console.print("Estimate basis: " + "; ".join(bases))
+
+
+@app.command()
+def plan(
+    config: str = typer.Option(..., "--config", "-c", help="The run's TOML file."),
+    scale: Optional[str] = typer.Option(None, help="Override [run] scale."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: [run] stages)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Stages, array tasks per stage, and a GPU-hours / bytes estimate. Submits nothing."""
+    from dcslurm.runs import plan_run
+
+    p = plan_run(_load(config, scale, stages))
+    if as_json:
+        print(json.dumps(_plan_dict(p), indent=1))
+    else:
+        _print_plan(p)
+
+
+@app.command()
+def submit(
+    config: str = typer.Option(..., "--config", "-c", help="The run's TOML file."),
+    scale: Optional[str] = typer.Option(None, help="Override [run] scale."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages, e.g. embed,filter."),
+    executor: Optional[str] = typer.Option(None, help="slurm or local (default: [executor] kind)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the sbatch scripts; submit nothing."),
+    out: Optional[str] = typer.Option(None, help="Folder for the sbatch scripts (default: beside the logs)."),
+) -> None:
+    """Submit every unfinished task of the run (tasks with a committed marker are skipped)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dcslurm.runs import submit_run
+
+    cfg = _load(config, scale, stages, executor)
+    started = time.time()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        bars: dict[str, int] = {}
+
+        def on_progress(step: str, done: int, total: int) -> None:
+            if step not in bars:
+                bars[step] = progress.add_task(step, total=total)
+            progress.update(bars[step], completed=done, total=total)
+
+        result = submit_run(cfg, dry_run=dry_run, script_dir=out, progress=on_progress)
+    _print_plan(result.plan)
+    n_pending = sum(len(v) for v in result.pending.values())
+    if dry_run:
+        console.print(f"dry run: {n_pending:,} tasks would be submitted; scripts in {result.script_dir}")
+        return
+    if cfg.executor.kind == "slurm":
+        ids = result.submission.job_ids()
+        console.print(f"submitted {n_pending:,} tasks as {len(ids)} jobs ({', '.join(ids[:8])}"
+                      f"{' ...' if len(ids) > 8 else ''}); follow with: dcslurm status {cfg.run_url}")
+        return
+    if result.failed:
+        for step, idx in result.failed.items():
+            err.print(f"[red]{step}: {len(idx)} tasks failed[/red] (dcslurm status {cfg.run_url})")
+        raise typer.Exit(1)
+    console.print(f"ran {n_pending:,} tasks in {time.time() - started:.1f} s; outputs in {cfg.run_url}")
+    for hook in _after_run_hooks():
+        hook(cfg, result)
+
+
+def _after_run_hooks():
+    """Things to show after a local run (e.g. the results table), by stage."""
+    hooks = []
+    try:
+        from dcslurm.results_cli import after_run
+    except ModuleNotFoundError:
+        return hooks
+    hooks.append(after_run)
+    return hooks
+
+
+@app.command()
+def status(
+    run: str = typer.Argument(..., help="The run folder URL (local path or s3://...)."),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Per step: tasks done / running / pending / failed, with the failed tasks' logs."""
+    from dcslurm.runs import run_status
+    from dcslurm.storage import s3fs_options
+
+    plan_, steps = run_status(run, s3fs_options(endpoint_url=endpoint_url))
+    if as_json:
+        print(json.dumps({"run": plan_.run_url, "steps": [
+            {"name": s.name, "tasks": s.n_tasks, **s.counts,
+             "failed_tasks": [{"index": f.index, "log": f.log, "error": f.error} for f in s.failed]}
+            for s in steps]}, indent=1))
+        return
+    table = Table(title=f"Status of {plan_.run_url}")
+    for col in ("step", "tasks", "done", "running", "pending", "failed", "not submitted"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for s in steps:
+        table.add_row(s.name, f"{s.n_tasks:,}", *(f"{s.counts[k]:,}" for k in
+                                                   ("done", "running", "pending", "failed", "not submitted")))
+    console.print(table)
+    for s in steps:
+        for f in s.failed[:20]:
+            console.print(f"[red]{s.name}[{f.index}] failed[/red]: {f.error}\n    log: {f.log}")
+        if len(s.failed) > 20:
+            console.print(f"... and {len(s.failed) - 20} more failed tasks of {s.name} (--json lists all)")
+    for show in _status_hooks():
+        show(plan_, run, console)
+
+
+def _status_hooks():
+    hooks = []
+    for mod in ("dcslurm.report_cli", "dcslurm.train_status"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue
+            raise
+        if hasattr(m, "status_section"):
+            hooks.append(m.status_section)
+    return hooks
+
+
+@app.command()
+def cancel(
+    run: str = typer.Argument(..., help="The run folder URL."),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// run folders."),
+) -> None:
+    """Cancel the run's queued and running jobs (committed outputs stay)."""
+    from dcslurm.runs import cancel_run
+    from dcslurm.storage import s3fs_options
+
+    cancelled = cancel_run(run, s3fs_options(endpoint_url=endpoint_url))
+    console.print(f"cancelled: {', '.join(cancelled)}" if cancelled else "nothing queued or running")
+
+
+def _register_subcommands() -> None:
+    for name, module in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue  # that part of the tool is not installed in this tree
+            raise
+        app.add_typer(mod.app, name=name)
+    for module in ("dcslurm.results_cli", "dcslurm.render_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        mod.register(app)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err.print(f"dcslurm: error: {exc}", markup=False, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("dcslurm: interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The executor seam: code that submits never branches on the cluster kind."""
+
+from __future__ import annotations
+
+import os
+import sys
+from abc import ABC, abstractmethod
+from enum import Enum
+
+from dcslurm.config import RunConfig
+from dcslurm.plan import Plan
+from dcslurm.sbatch import TaskLauncher
+from dcslurm.storage import join_url
+from dcslurm.submission import Submission
+
+
+class TaskState(str, Enum):
+    DONE = "done"
+    RUNNING = "running"
+    PENDING = "pending"
+    FAILED = "failed"
+    NOT_SUBMITTED = "not submitted"
+
+
+class Executor(ABC):
+    kind: str
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    @abstractmethod
+    def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
+               script_dir: str | None = None, progress=None) -> Submission:
+        """Run or queue the `pending` task indexes of each step, in plan order,
+        each step after the previous one succeeded."""
+
+    @abstractmethod
+    def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
+        """(step, index) -> RUNNING/PENDING for the tasks of `sub` still queued or running."""
+
+    @abstractmethod
+    def cancel(self, sub: Submission) -> None:
+        """Stop whatever of `sub` is still queued or running."""
+
+    def log_dir(self) -> str:
+        """Task logs: [executor] log_dir, else RUN/logs for a local run folder,
+        else ./dcslurm-logs/<run name> (SLURM writes logs to a filesystem, not S3)."""
+        if self.config.executor.log_dir:
+            return self.config.executor.log_dir
+        if "://" not in self.config.run_url:
+            return join_url(self.config.run_url, "logs")
+        return os.path.abspath(os.path.join("dcslurm-logs", self.config.run_name))
+
+    def launcher(self, step_gpu: bool = False) -> TaskLauncher:
+        return TaskLauncher(python=self.config.slurm.python or sys.executable)

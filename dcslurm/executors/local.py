@@ -1,0 +1,157 @@
+"""Run the tasks on this machine: the same runner, the same markers, no scheduler.
+
+Steps run in plan order; a step's tasks run as subprocesses, up to
+`max_parallel` at once (default: cores / cpus_per_task). A failed task stops
+the run after its step, as `afterok` does on SLURM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from dcslurm.errors import UserError
+from dcslurm.executors.base import Executor, TaskState
+from dcslurm.plan import Plan, StepPlan
+from dcslurm.runner import STORAGE_ENV
+from dcslurm.submission import JobChunk, StepSubmission, Submission
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+
+    def _parallel(self, step: StepPlan) -> int:
+        if self.config.executor.max_parallel:
+            return self.config.executor.max_parallel
+        return max(1, (os.cpu_count() or 1) // max(1, step.resources.cpus_per_task))
+
+    def _argv(self, plan: Plan, step: StepPlan, index: int, log: str) -> list[str]:
+        launcher = self.launcher(step.gpu)
+        return [*launcher.prefix, launcher.python, "-m", "dcslurm.runner", plan.run_url, step.name,
+                str(index), "--log", log]
+
+    def _env(self, plan: Plan, step: StepPlan) -> dict:
+        env = dict(os.environ)
+        env[STORAGE_ENV] = json.dumps(plan.storage_options, sort_keys=True)
+        env.update(self.launcher(step.gpu).env)
+        return env
+
+    def _run_one(self, plan: Plan, step: StepPlan, index: int, log_dir: str) -> int:
+        log = os.path.join(log_dir, f"local-{index:06d}.log")
+        env = self._env(plan, step)
+        world = step.resources.nodes * step.resources.tasks_per_node if step.layout == "distributed" else 1
+        with open(log, "ab") as out:
+            if world == 1:
+                return self._wait([self._spawn(self._argv(plan, step, index, log), out, env)])
+            # A multi-process job on one machine: the runner reads DCSLURM_* as it reads srun's variables.
+            port = _free_port()
+            procs = []
+            for rank in range(world):
+                penv = dict(env, DCSLURM_RANK=str(rank), DCSLURM_WORLD_SIZE=str(world),
+                            DCSLURM_LOCAL_RANK=str(rank), DCSLURM_MASTER_ADDR="127.0.0.1",
+                            DCSLURM_MASTER_PORT=str(port), DCSLURM_JOB_ID=f"local-{os.getpid()}")
+                procs.append(self._spawn(self._argv(plan, step, index, log), out, penv))
+            return self._wait(procs)
+
+    def _spawn(self, argv: list[str], out, env: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self._children.add(proc)
+        return proc
+
+    def _wait(self, procs: list[subprocess.Popen]) -> int:
+        codes = [p.wait() for p in procs]
+        self._children.difference_update(procs)
+        return next((c for c in codes if c != 0), 0)
+
+    def _terminate_children(self, signum, frame) -> None:
+        # `dcslurm cancel` sends SIGTERM to this process: pass it on to the tasks.
+        for proc in list(self._children):
+            proc.terminate()
+        raise SystemExit(128 + signum)
+
+    def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
+               script_dir: str | None = None, progress=None) -> Submission:
+        log_root = self.log_dir()
+        sub = Submission(executor="local", pid=os.getpid(), host=socket.gethostname())
+        for step in plan.steps:
+            indexes = pending.get(step.name, [])
+            if not indexes:
+                continue
+            step_logs = os.path.join(log_root, step.name)
+            sub.steps[step.name] = StepSubmission(step.name, step_logs, [JobChunk(
+                job_id=f"local-{os.getpid()}", indexes=list(indexes), array=step.layout == "array")])
+        if dry_run:
+            if script_dir:
+                os.makedirs(script_dir, exist_ok=True)
+                with open(os.path.join(script_dir, "run-local.sh"), "w") as f:
+                    f.write("#!/bin/bash\nset -euo pipefail\n")
+                    for step in plan.steps:
+                        for i in pending.get(step.name, []):
+                            argv = self._argv(plan, step, i, os.path.join(log_root, step.name, f"local-{i:06d}.log"))
+                            f.write(" ".join(shlex.quote(a) for a in argv) + "\n")
+            return sub
+        return sub
+
+    def run(self, plan: Plan, sub: Submission, progress=None) -> dict[str, list[int]]:
+        """Run the submission in the foreground; returns failed task indexes per step."""
+        failed: dict[str, list[int]] = {}
+        self._children: set[subprocess.Popen] = set()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._terminate_children)
+        for step in plan.steps:
+            ssub = sub.steps.get(step.name)
+            if ssub is None:
+                continue
+            os.makedirs(ssub.log_dir, exist_ok=True)
+            indexes = ssub.chunks[0].indexes
+            done = 0
+            if progress:
+                progress(step.name, done, len(indexes))
+            with ThreadPoolExecutor(max_workers=self._parallel(step)) as pool:
+                futures = {i: pool.submit(self._run_one, plan, step, i, ssub.log_dir) for i in indexes}
+                for i, fut in futures.items():
+                    code = fut.result()
+                    done += 1
+                    if code != 0:
+                        failed.setdefault(step.name, []).append(i)
+                    if progress:
+                        progress(step.name, done, len(indexes))
+            if step.name in failed:
+                break
+        return failed
+
+    def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
+        if not _alive(sub.pid) or sub.host != socket.gethostname():
+            return {}
+        # The local run is still going: its unfinished tasks are running or waiting.
+        return {(name, i): TaskState.PENDING for name, s in sub.steps.items() for c in s.chunks for i in c.indexes}
+
+    def cancel(self, sub: Submission) -> None:
+        if sub.host and sub.host != socket.gethostname():
+            raise UserError(f"this run's local executor runs on {sub.host}; cancel it there")
+        if _alive(sub.pid):
+            os.kill(sub.pid, signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,100 @@
+"""Queue the tasks on SLURM: one array per step (split above MaxArraySize),
+`afterok` between steps, `%N` throttles, `--requeue` and a warning signal.
+
+Scripts are rendered by dcslurm.sbatch and kept beside the logs, so every
+submitted job can be read, and resubmitted by hand, after the fact.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dcslurm import slurm
+from dcslurm.executors.base import Executor, TaskState
+from dcslurm.plan import Plan
+from dcslurm.sbatch import render_step_script, render_submit_script
+from dcslurm.shards import chunk_for_max_array_size
+from dcslurm.submission import JobChunk, StepSubmission, Submission
+
+_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+
+
+class SlurmExecutor(Executor):
+    kind = "slurm"
+
+    def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
+               script_dir: str | None = None, progress=None) -> Submission:
+        log_root = self.log_dir()
+        script_dir = script_dir or os.path.join(log_root, "sbatch")
+        os.makedirs(script_dir, exist_ok=True)
+        max_array = self.config.slurm.max_array_size or (
+            slurm.DEFAULT_MAX_ARRAY_SIZE if dry_run else slurm.max_array_size())
+        sub = Submission(executor="slurm")
+        previous_jobs: list[str] = []
+        entries: list[tuple[str, str, list[int]]] = []  # for the hand-submission script
+        previous_entries: list[int] = []
+        for step in plan.steps:
+            indexes = pending.get(step.name, [])
+            if not indexes:
+                continue
+            step_logs = f"{log_root.rstrip('/')}/{step.name}"
+            os.makedirs(step_logs, exist_ok=True)
+            launcher = self.launcher(step.gpu)
+            chunks = chunk_for_max_array_size(indexes, max_array) if step.layout == "array" else [None]
+            ssub = StepSubmission(step.name, step_logs)
+            this_jobs: list[str] = []
+            this_entries: list[int] = []
+            for n, chunk in enumerate(chunks):
+                script = render_step_script(plan, step, launcher, log_root, chunk)
+                fname = f"{step.name}.{n:04d}.sbatch" if chunk is not None else f"{step.name}.sbatch"
+                path = os.path.join(script_dir, fname)
+                with open(path, "w") as f:
+                    f.write(script)
+                entries.append((f"JOB_{len(entries)}", fname, list(previous_entries)))
+                this_entries.append(len(entries) - 1)
+                job_id = ""
+                if not dry_run:
+                    extra = [f"--dependency=afterok:{':'.join(previous_jobs)}"] if previous_jobs else []
+                    job_id = slurm.sbatch(path, extra)
+                    this_jobs.append(job_id)
+                ssub.chunks.append(JobChunk(
+                    job_id=job_id, indexes=list(chunk.indexes) if chunk else [0],
+                    offset=chunk.offset if chunk else 0, array=chunk is not None, script=path))
+                if progress:
+                    progress(step.name, n + 1, len(chunks))
+            sub.steps[step.name] = ssub
+            previous_jobs, previous_entries = this_jobs, this_entries
+        with open(os.path.join(script_dir, "submit.sh"), "w") as f:
+            f.write(render_submit_script(entries))
+        return sub
+
+    def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
+        by_job = {}
+        for name, ssub in sub.steps.items():
+            for chunk in ssub.chunks:
+                if chunk.job_id:
+                    by_job[chunk.job_id] = (name, chunk)
+        out: dict[tuple[str, int], TaskState] = {}
+        for q in slurm.squeue(list(by_job)):
+            if q.job_id not in by_job:
+                continue
+            name, chunk = by_job[q.job_id]
+            index = (q.array_id + chunk.offset) if (chunk.array and q.array_id is not None) else 0
+            out[(name, index)] = TaskState.RUNNING if q.state in _RUNNING else TaskState.PENDING
+        return out
+
+    def final_states(self, sub: Submission) -> dict[tuple[str, int], str] | None:
+        """Accounting states (FAILED, CANCELLED, TIMEOUT, ...) where sacct works."""
+        by_job = {c.job_id: (name, c) for name, s in sub.steps.items() for c in s.chunks if c.job_id}
+        states = slurm.sacct_states(list(by_job))
+        if states is None:
+            return None
+        out = {}
+        for (jid, arr), state in states.items():
+            if jid in by_job:
+                name, chunk = by_job[jid]
+                out[(name, (arr + chunk.offset) if (chunk.array and arr is not None) else 0)] = state
+        return out
+
+    def cancel(self, sub: Submission) -> None:
+        slurm.scancel(sub.job_ids())

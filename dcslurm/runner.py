@@ -1,0 +1,116 @@
+"""The entry point of every task on a compute node.
+
+    python -m dcslurm.runner RUN STEP INDEX [--log PATH]
+
+It reads the run's plan, skips the task if its marker is committed, runs the
+step's function with a TaskContext, then commits the marker. Storage options
+(endpoint, profile: never credentials) arrive in DCSLURM_STORAGE as JSON.
+Exit codes: 0 done or skipped, 2 bad input (one-line error), 1 crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+from dcslurm.environment import world_from_env
+from dcslurm.errors import UserError
+from dcslurm.markers import commit_marker, is_done, record_failure
+from dcslurm.plan import read_plan
+from dcslurm.storage import DataFolder
+from dcslurm.task import TaskContext, TaskResult
+
+STORAGE_ENV = "DCSLURM_STORAGE"
+
+
+def load_entry(entry: str):
+    module_name, func_name = entry.split(":", 1)
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
+             storage_options: dict | None = None) -> int:
+    """Run one task; returns the process exit code."""
+    log = logging.getLogger(f"dcslurm.{step_name}[{index}]")
+    if storage_options is None:
+        storage_options = json.loads(os.environ.get(STORAGE_ENV) or "{}")
+    run = DataFolder(run_url, storage_options)
+    try:
+        plan = read_plan(run)
+        step = plan.step(step_name)
+        if not 0 <= index < step.n_tasks:
+            raise UserError(f"{run.url}: step {step_name} has tasks 0..{step.n_tasks - 1}, not {index}")
+        world = world_from_env()
+        if is_done(run, step_name, index):
+            log.info("task %s[%d] is already committed: skipping", step_name, index)
+            return 0
+        func = load_entry(step.entry)
+    except UserError as exc:
+        log.error("%s", exc)
+        return 2
+    params = dict(plan.stage_params.get(step.stage) or {})
+    scratch = tempfile.mkdtemp(prefix=f"dcslurm-{step_name}-{index}-")
+    started = time.time()
+    try:
+        ctx = TaskContext(
+            run=run, plan=plan, step=step, index=index, shards=step.shards(index),
+            params=params, world=world, scratch=scratch, log=log,
+        )
+        log.info("task %s[%d]: units %d..%d of %d (rank %d/%d)", step_name, index, ctx.shards.start,
+                 ctx.shards.stop, step.units.count, world.rank, world.world_size)
+        result = func(ctx)
+        if result is None:
+            result = TaskResult()
+        elif isinstance(result, dict):
+            result = TaskResult(outputs=result.get("outputs", []), stats=result.get("stats", {}))
+        if world.rank == 0:
+            stats = dict(result.stats)
+            stats.setdefault("seconds", round(time.time() - started, 3))
+            commit_marker(run, step_name, index, result.outputs, stats, started)
+            log.info("task %s[%d] committed: %d outputs", step_name, index, len(result.outputs))
+        return 0
+    except UserError as exc:
+        log.error("%s", exc)
+        _record(run, step_name, index, str(exc), log_path, world.rank)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, status the last line
+        traceback.print_exc()
+        line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        log.error("task failed: %s", line)
+        _record(run, step_name, index, line, log_path, world.rank)
+        return 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _record(run: DataFolder, step: str, index: int, error: str, log_path: str, rank: int) -> None:
+    if rank != 0:
+        return
+    try:
+        record_failure(run, step, index, error, log_path)
+    except Exception:  # noqa: BLE001 - storage may be what failed
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcslurm.runner")
+    parser.add_argument("run")
+    parser.add_argument("step")
+    parser.add_argument("index", type=int)
+    parser.add_argument("--log", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_task(args.run, args.step, args.index, args.log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The one place that calls SLURM's commands (sbatch, squeue, scancel, sacct, scontrol)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from dcslurm.errors import UserError
+
+DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
+
+
+def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    if shutil.which(args[0]) is None:
+        raise UserError(f"{args[0]}: not found on PATH; is this a SLURM login node? (use --executor local to run here)")
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def sbatch(script_path: str, extra_args: list[str] | None = None) -> str:
+    """Submit a script; return the job id."""
+    proc = _run(["sbatch", "--parsable", *(extra_args or []), script_path])
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UserError(f"sbatch {script_path}: {msg[-1] if msg else 'failed with exit code %d' % proc.returncode}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def max_array_size() -> int:
+    """MaxArraySize of the cluster (`scontrol show config`)."""
+    try:
+        proc = _run(["scontrol", "show", "config"])
+    except UserError:
+        return DEFAULT_MAX_ARRAY_SIZE
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", proc.stdout, re.M)
+    return int(m.group(1)) if m else DEFAULT_MAX_ARRAY_SIZE
+
+
+@dataclass(frozen=True)
+class QueuedTask:
+    job_id: str  # the array's job id (or the job id)
+    array_id: int | None  # None for a non-array job
+    state: str  # PENDING, RUNNING, ...
+    reason: str
+
+
+def squeue(job_ids: list[str]) -> list[QueuedTask]:
+    """Queued and running tasks of these jobs, arrays expanded (works without accounting)."""
+    if not job_ids:
+        return []
+    proc = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%T|%r"])
+    if proc.returncode != 0:
+        # squeue fails with "Invalid job id" once every listed job has left the queue.
+        if "Invalid job id" in proc.stderr:
+            return []
+        raise UserError(f"squeue: {proc.stderr.strip()}")
+    out = []
+    for line in proc.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 3:
+            continue
+        jid, state, reason = parts[0], parts[1], parts[2]
+        if "_" in jid:
+            base, arr = jid.split("_", 1)
+            if arr.isdigit():
+                out.append(QueuedTask(base, int(arr), state, reason))
+                continue
+            # An unexpanded range such as 12_[3-9%2]: expand it.
+            from dcslurm.shards import expand_indexes
+
+            for a in expand_indexes(arr.strip("[]")):
+                out.append(QueuedTask(base, a, state, reason))
+        else:
+            out.append(QueuedTask(jid, None, state, reason))
+    return out
+
+
+def sacct_states(job_ids: list[str]) -> dict[tuple[str, int | None], str] | None:
+    """Final states from accounting, or None where the cluster has no accounting."""
+    if not job_ids or shutil.which("sacct") is None:
+        return None
+    try:
+        proc = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,State"])
+    except (UserError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    out: dict[tuple[str, int | None], str] = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) < 2:
+            continue
+        jid, state = parts[0], parts[1].split()[0] if parts[1] else ""
+        if "_" in jid:
+            base, arr = jid.split("_", 1)
+            if arr.isdigit():
+                out[(base, int(arr))] = state
+        else:
+            out[(jid, None)] = state
+    return out
+
+
+def scancel(job_ids: list[str]) -> None:
+    if not job_ids:
+        return
+    proc = _run(["scancel", *job_ids])
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise UserError(f"scancel: {proc.stderr.strip()}")
+
+
+def available() -> bool:
+    return shutil.which("sbatch") is not None and bool(os.environ.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf"))

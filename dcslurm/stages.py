@@ -1,0 +1,121 @@
+"""What a stage is, to the planner, and where the stages are found.
+
+A stage (download, embed, filter, ...) is one or more *steps*; each step is
+a SLURM array (or one job) running a function `run(ctx: TaskContext)` on its
+tasks. Every stage declares itself in a light module `jobs/<pkg>/spec.py`
+(no torch imports there) as `STAGES = [StageSpec(...)]`; the stage's code
+proper lives beside it and is imported only on the compute node.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dcslurm.errors import UserError
+from dcslurm.shards import UnitSet
+
+if TYPE_CHECKING:
+    from dcslurm.config import RunConfig
+    from dcslurm.plan import StepPlan
+
+LAYOUTS = ("array", "single", "distributed")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Planned cost of a step: GPU-hours (A100-equivalent) and bytes written."""
+
+    gpu_hours: float = 0.0
+    bytes_written: float = 0.0
+    basis: str = ""
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What planning knows about the world: the pool, listed once (I/O done before)."""
+
+    metadata_files: tuple[str, ...] = ()  # pool parquet URLs, sorted
+    shards: UnitSet | None = None  # existing webdataset shards (bring your own)
+
+
+@dataclass
+class PlanContext:
+    """Handed to a step's `units` and the stage's `estimate`: pure data, no I/O."""
+
+    config: RunConfig
+    inputs: PlanInputs
+    steps: dict[str, StepPlan]  # steps planned so far in this run, by name
+    params: Any  # the stage's params dataclass instance
+
+    @property
+    def scale(self):
+        return self.config.scale
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One array (or single job) of a stage."""
+
+    name: str  # "run" for one-step stages; else e.g. "map", "reduce", "apply"
+    entry: str  # "module:function" taking a TaskContext, run on the compute node
+    units: Callable[[PlanContext], UnitSet]
+    layout: str = "array"
+    default_units_per_task: int = 1
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    description: str
+    steps: tuple[StepSpec, ...]
+    order: int  # position in the pipeline: download 10, embed 20, ...
+    params: type | None = None  # dataclass of the stage's [stages.NAME] keys
+    gpu: bool = False
+    default_resources: dict = field(default_factory=dict)
+    estimate: Callable[[PlanContext, dict[str, UnitSet]], Estimate] | None = None
+    test_only: bool = False  # registered for the test suite; not in `stages = "all"`
+
+    def step_name(self, step: StepSpec) -> str:
+        return self.name if len(self.steps) == 1 else f"{self.name}.{step.name}"
+
+
+_REGISTRY: dict[str, StageSpec] | None = None
+
+
+def registry() -> dict[str, StageSpec]:
+    """All stages declared under jobs/*/spec.py, by name, in pipeline order."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        import jobs
+
+        found: list[StageSpec] = []
+        for mod in pkgutil.iter_modules(jobs.__path__):
+            if not mod.ispkg:
+                continue
+            try:
+                spec_module = importlib.import_module(f"jobs.{mod.name}.spec")
+            except ModuleNotFoundError as exc:
+                if exc.name == f"jobs.{mod.name}.spec":
+                    continue
+                raise
+            found.extend(getattr(spec_module, "STAGES", []))
+        found.sort(key=lambda s: (s.order, s.name))
+        _REGISTRY = {s.name: s for s in found}
+    return _REGISTRY
+
+
+def get_stage(name: str) -> StageSpec:
+    stages = registry()
+    if name not in stages:
+        known = ", ".join(n for n, s in stages.items() if not s.test_only)
+        raise UserError(f"unknown stage {name!r}: choose from {known}")
+    return stages[name]
+
+
+def pipeline_stages() -> list[str]:
+    """The stages `stages = "all"` selects, in order."""
+    return [n for n, s in registry().items() if not s.test_only]

@@ -1,0 +1,326 @@
+"""All reads, writes, listings and commits go through `DataFolder`.
+
+A `DataFolder` is a URL (`/local/path`, `file:///...`, `s3://bucket/prefix`)
+plus fsspec storage options. It is the one place that knows:
+
+- how a URL becomes a filesystem (s3fs for `s3://`, the local one otherwise);
+- how an output is committed: written under a temporary name and renamed
+  (locally: `os.replace`, atomic on POSIX) or uploaded as one object (S3: an
+  object appears only when its PUT or multipart upload completes, so a crash
+  never leaves a partial object under the final key);
+- which errors are transient and retried, and how a storage failure becomes
+  a one-line error naming the URL.
+
+Credentials are never passed here: s3fs/botocore take them from the
+environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import fsspec
+
+from dcslurm.errors import StorageError
+
+T = TypeVar("T")
+
+# Exceptions worth a retry: connection drops and throttling. botocore's
+# EndpointConnectionError is not an OSError, so it is matched by name.
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ResponseStreamingError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "SlowDown",
+}
+
+
+def is_remote(url: str) -> bool:
+    """True for object-store URLs (anything with a scheme other than file://)."""
+    return "://" in url and not url.startswith("file://")
+
+
+def normalize_url(url: str) -> str:
+    """Absolute local paths (without file://), object-store URLs unchanged."""
+    url = str(url)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if is_remote(url):
+        return url.rstrip("/")
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def join_url(base: str, *parts: str) -> str:
+    """`base/part/...` for local paths and URLs alike."""
+    clean = [p.strip("/") for p in parts if p not in ("", None)]
+    if not clean:
+        return base
+    return posixpath.join(base.rstrip("/") if base != "/" else base, *clean)
+
+
+def s3fs_options(endpoint_url: str | None = None, profile: str | None = None,
+                 max_attempts: int | None = None, connect_timeout: float | None = None) -> dict:
+    """fsspec storage options for s3fs from the run config's `[storage]` table.
+
+    `region_name` is left out on purpose: with it, bucket creation sends a
+    LocationConstraint that S3-compatible servers reject.
+    """
+    options: dict[str, Any] = {}
+    if endpoint_url:
+        options["client_kwargs"] = {"endpoint_url": endpoint_url}
+    if profile:
+        options["profile"] = profile
+    config_kwargs: dict[str, Any] = {}
+    if max_attempts is not None:
+        config_kwargs["retries"] = {"max_attempts": max_attempts}
+    if connect_timeout is not None:
+        config_kwargs["connect_timeout"] = connect_timeout
+    if config_kwargs:
+        options["config_kwargs"] = config_kwargs
+    return options
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    names = {type(e).__name__ for e in _exception_chain(exc)}
+    return bool(names & _TRANSIENT_NAMES)
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
+    """Call `fn`, retrying transient storage errors with jittered backoff.
+
+    Non-transient errors and the last transient one become a StorageError
+    naming `what` (a URL); FileNotFoundError passes through unchanged.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if is_transient(exc) and attempt < attempts:
+                time.sleep(base_delay * (2 ** (attempt - 1)) * (0.5 + random.random()))
+                continue
+            raise StorageError(f"{what}: {_describe(exc)}") from exc
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class DataFolder:
+    """A folder on local disk or object storage, addressed by URL."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = normalize_url(url)
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"DataFolder({self.url!r})"
+
+    def __reduce__(self):  # picklable without the live filesystem
+        return (DataFolder, (self.url, self.storage_options))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            if is_remote(self.url):
+                protocol = self.url.split("://", 1)[0]
+                self._fs = fsspec.filesystem(protocol, **self.storage_options)
+            else:
+                self._fs = fsspec.filesystem("file")
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return not is_remote(self.url)
+
+    # -- paths ------------------------------------------------------------
+    def url_of(self, rel: str = "") -> str:
+        return join_url(self.url, rel)
+
+    def _path(self, rel: str = "") -> str:
+        """The filesystem path fsspec wants (no scheme for s3fs)."""
+        url = self.url_of(rel)
+        return url.split("://", 1)[1] if is_remote(url) else url
+
+    def child(self, rel: str) -> DataFolder:
+        sub = DataFolder(self.url_of(rel), self.storage_options)
+        sub._fs = self._fs
+        return sub
+
+    def local_path(self, rel: str = "") -> str | None:
+        """A path on this machine's filesystem, or None for object storage."""
+        return self.url_of(rel) if self.is_local else None
+
+    # -- reads ------------------------------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        return retry(lambda: self.fs.exists(self._path(rel)), self.url_of(rel))
+
+    def open(self, rel: str, mode: str = "rb", **kwargs):
+        """Open a file for reading (writes go through `writer`)."""
+        if "r" not in mode:
+            raise ValueError("DataFolder.open is for reading; use writer() to write")
+        return retry(lambda: self.fs.open(self._path(rel), mode, **kwargs), self.url_of(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return retry(lambda: self.fs.cat_file(self._path(rel)), self.url_of(rel))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def read_json(self, rel: str) -> Any:
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{self.url_of(rel)}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+    def list(self, rel: str = "", suffix: str | None = None) -> list[str]:
+        """Names (not paths) of the files directly under `rel`, sorted; [] if missing."""
+        path = self._path(rel)
+
+        def _ls() -> list[str]:
+            if self.is_local:
+                try:
+                    with os.scandir(path) as it:  # scandir: fast on 100k-entry folders
+                        return [e.name for e in it if e.is_file()]
+                except FileNotFoundError:
+                    return []
+            try:
+                entries = self.fs.ls(path, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+            return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"]
+
+        names = retry(_ls, self.url_of(rel))
+        if suffix is not None:
+            names = [n for n in names if n.endswith(suffix)]
+        return sorted(n for n in names if not n.startswith(".tmp-"))
+
+    def size(self, rel: str) -> int:
+        return retry(lambda: self.fs.size(self._path(rel)), self.url_of(rel))
+
+    # -- commits ----------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self, rel: str, mode: str = "wb") -> Iterator[Any]:
+        """Write `rel` under a temporary name; commit it only if the block succeeds.
+
+        Locally: a hidden `.tmp-` file in the same folder, fsync'd, then
+        `os.replace`d onto the final name. On S3: the object itself, which
+        becomes visible only when its upload completes; on error the upload
+        is aborted (s3fs discards unfinished multipart uploads).
+        """
+        final = self._path(rel)
+        if self.is_local:
+            folder = os.path.dirname(final)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(final)}")
+            try:
+                with open(tmp, mode) as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            return
+        # Object storage: buffer, then one PUT (small) or a multipart upload
+        # that completes at close; both are atomic for readers.
+        f = retry(lambda: self.fs.open(final, mode), self.url_of(rel))
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard() if hasattr(f, "discard") else None
+            raise
+        retry(f.close, self.url_of(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Commit `data` as `rel` atomically."""
+        if self.is_local:
+            with self.writer(rel) as f:
+                f.write(data)
+        else:
+            retry(lambda: self.fs.pipe_file(self._path(rel), data), self.url_of(rel))
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Commit a local file as `rel` (copy + atomic rename, or one upload)."""
+        if self.is_local:
+            with open(local_path, "rb") as src, self.writer(rel) as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+        else:
+            retry(lambda: self.fs.put_file(local_path, self._path(rel)), self.url_of(rel))
+
+    def remove(self, rel: str) -> None:
+        def _rm() -> None:
+            try:
+                self.fs.rm_file(self._path(rel))
+            except FileNotFoundError:
+                pass
+
+        retry(_rm, self.url_of(rel))
+
+    def makedirs(self, rel: str = "") -> None:
+        if self.is_local:
+            os.makedirs(self._path(rel), exist_ok=True)
+
+    def check_reachable(self) -> None:
+        """Raise a one-line StorageError if the folder's storage cannot be reached."""
+        try:
+            if self.is_local:
+                parent = self.url
+                while not os.path.exists(parent):
+                    parent = os.path.dirname(parent)
+                if not os.access(parent, os.W_OK):
+                    raise StorageError(f"{self.url}: not writable ({parent} is read-only for this user)")
+                return
+            bucket = self._path().split("/", 1)[0]
+            retry(lambda: self.fs.ls(bucket, refresh=True), self.url, attempts=2)
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}: bucket does not exist") from None
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"{self.url}: {_describe(exc)}") from exc
+
+
+def read_bytes_url(url: str, storage_options: dict | None = None) -> bytes:
+    """Read a whole file given its full URL."""
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    return DataFolder(parent, storage_options).read_bytes(name)

@@ -1,0 +1,63 @@
+"""Test-only stage code (see spec.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+
+from dcslurm.task import TaskContext, TaskResult
+
+
+def synth_bytes(seed: int, unit: int, size: int) -> bytes:
+    """The deterministic content of test shard `unit`."""
+    out = bytearray()
+    block = f"{seed}:{unit}".encode()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out.extend(block)
+    return bytes(out[:size])
+
+
+def _record_execution(ctx: TaskContext) -> None:
+    # One file per execution, so tests can prove no task ran after its marker existed.
+    ctx.output.write_json(f"_executions/{ctx.index:06d}-{uuid.uuid4().hex}.json",
+                          {"index": ctx.index, "time": time.time()})
+
+
+def synth(ctx: TaskContext) -> TaskResult:
+    _record_execution(ctx)
+    time.sleep(float(ctx.params.get("sleep", 0.0)))
+    size = int(ctx.params.get("bytes_per_unit", 4096))
+    outputs = []
+    for unit in ctx.shards:
+        rel = f"shard-{unit:08d}.bin"
+        ctx.output.write_bytes(rel, synth_bytes(ctx.seed, unit, size))
+        outputs.append(f"{ctx.step.stage}/{rel}")
+    return TaskResult(outputs=outputs, stats={"units": len(ctx.shards), "bytes": size * len(ctx.shards)})
+
+
+def digest(ctx: TaskContext) -> TaskResult:
+    _record_execution(ctx)
+    time.sleep(float(ctx.params.get("sleep", 0.0)))
+    lines = []
+    for url in ctx.input_names():
+        parent, name = url.rsplit("/", 1)
+        lines.append(f"{hashlib.sha256(ctx.folder(parent).read_bytes(name)).hexdigest()}  {name}\n")
+    rel = f"digest-{ctx.index:06d}.txt"
+    ctx.output.write_text(rel, "".join(lines))
+    return TaskResult(outputs=[f"{ctx.step.stage}/{rel}"], stats={"files": len(lines)})
+
+
+def summary(ctx: TaskContext) -> TaskResult:
+    _record_execution(ctx)
+    parts = []
+    for url in ctx.upstream_outputs("digest"):
+        parent, name = url.rsplit("/", 1)
+        parts.append(ctx.folder(parent).read_text(name))
+    text = "".join(parts)
+    ctx.output.write_text("summary.txt", text)
+    ctx.output.write_json("summary.json", {"files": text.count("\n"),
+                                           "sha256": hashlib.sha256(text.encode()).hexdigest()})
+    return TaskResult(outputs=["summary/summary.txt", "summary/summary.json"], stats={"files": text.count("\n")})
