@@ -119,3 +119,27 @@ def get_stage(name: str) -> StageSpec:
 def pipeline_stages() -> list[str]:
     """The stages `stages = "all"` selects, in order."""
     return [n for n, s in registry().items() if not s.test_only]
+
+
+# -- where a stage's inputs come from (shared by the stages) ------------------
+
+def shard_units(ctx: PlanContext) -> UnitSet:
+    """Webdataset shards: the download stage's outputs when it is in the run,
+    else the pool's own shards ([pool] shards)."""
+    up = ctx.steps.get("download")
+    if up is not None:
+        return UnitSet(count=up.n_tasks, upstream="download", label="download tasks")
+    if ctx.inputs.shards is not None:
+        return ctx.inputs.shards
+    raise UserError(f"{ctx.config.path}: no image shards: add the download stage or set [pool] shards")
+
+
+def metadata_units(ctx: PlanContext) -> UnitSet:
+    """Metadata parquet files (with .npz embeddings beside them): the embed
+    stage's outputs when it is in the run, else the pool's ([pool] metadata)."""
+    up = ctx.steps.get("embed")
+    if up is not None:
+        return UnitSet(count=up.n_tasks, upstream="embed", label="embed tasks")
+    if ctx.inputs.metadata_files:
+        return UnitSet(count=len(ctx.inputs.metadata_files), names=ctx.inputs.metadata_files, label="parquet files")
+    raise UserError(f"{ctx.config.path}: no metadata: add the embed stage or set [pool] metadata")
