@@ -192,11 +192,11 @@ def status(
             for s in steps]}, indent=1))
         return
     table = Table(title=f"Status of {plan_.run_url}")
-    for col in ("step", "tasks", "done", "running", "pending", "failed", "not submitted"):
+    for col in ("step", "tasks", "done", "running", "pending", "failed", "not started"):
         table.add_column(col, justify="left" if col == "step" else "right")
     for s in steps:
         table.add_row(s.name, f"{s.n_tasks:,}", *(f"{s.counts[k]:,}" for k in
-                                                   ("done", "running", "pending", "failed", "not submitted")))
+                                                   ("done", "running", "pending", "failed", "not started")))
     console.print(table)
     for s in steps:
         for f in s.failed[:20]:
@@ -260,7 +260,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        err.print(f"dcslurm: error: {exc}", markup=False, highlight=False)
+        print(f"dcslurm: error: {exc}", file=sys.stderr)  # one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("dcslurm: interrupted")

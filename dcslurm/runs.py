@@ -86,10 +86,14 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
     run.write_text(PLAN_FILE, plan.to_json())
     pending = pending_tasks(run, plan)
     sub = executor.submit(plan, pending, dry_run=False, script_dir=script_dir, progress=progress)
-    save_submission(run, sub)
+    record = save_submission(run, sub)
     result = SubmitResult(plan, sub, pending, script_dir=script_dir or "")
     if executor.kind == "local":
-        result.failed = executor.run(plan, sub, progress=progress)
+        try:
+            result.failed = executor.run(plan, sub, progress=progress)
+        finally:
+            sub.finished = time.time()
+            save_submission(run, sub, record)
     return result
 
 
@@ -126,7 +130,7 @@ class StepStatus:
 
 def run_status(run_url: str, storage_options: dict | None = None, config: RunConfig | None = None,
                with_logs: bool = True) -> tuple[Plan, list[StepStatus]]:
-    """Per step: tasks done / running / pending / failed / not submitted."""
+    """Per step: tasks done / running / pending / failed / not started."""
     run = DataFolder(run_url, storage_options)
     plan = read_plan(run)
     subs = load_submissions(run)
@@ -175,10 +179,10 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
                 state = TaskState.DONE
             elif (step.name, i) in active:
                 state = active[(step.name, i)]
-            elif i in submitted or i in failures:
+            elif i in failures or (i in submitted and _started(submitted[i][0])):
                 state = TaskState.FAILED
             else:
-                state = TaskState.NOT_SUBMITTED
+                state = TaskState.NOT_STARTED
             counts[state.value] += 1
             if state is TaskState.FAILED and with_logs:
                 rec = read_failure(run, step.name, i) if i in failures else None
@@ -190,6 +194,11 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
                 failed.append(TaskStatus(i, state, log, error))
         out.append(StepStatus(step.name, step.n_tasks, counts, failed))
     return plan, out
+
+
+def _started(log_path: str) -> bool:
+    """A task that left a log started; one cancelled while queued did not."""
+    return bool(log_path) and os.path.exists(log_path)
 
 
 def _last_error_line(log_path: str) -> str:

@@ -39,6 +39,7 @@ class Submission:
     steps: dict[str, StepSubmission] = field(default_factory=dict)
     pid: int = 0  # local executor: the process running the tasks
     host: str = ""
+    finished: float = 0.0  # local executor: when the foreground run ended
 
     def job_ids(self) -> list[str]:
         return [c.job_id for s in self.steps.values() for c in s.chunks if c.job_id]
@@ -54,10 +55,14 @@ class Submission:
             for name, s in d["steps"].items()
         }
         return cls(executor=d["executor"], time=d["time"], steps=steps, pid=d.get("pid", 0),
-                   host=d.get("host", ""))
+                   host=d.get("host", ""), finished=d.get("finished", 0.0))
 
 
-def save_submission(run: DataFolder, sub: Submission) -> str:
+def save_submission(run: DataFolder, sub: Submission, rel: str | None = None) -> str:
+    """Write a new submission record (or rewrite `rel`); returns its path."""
+    if rel is not None:
+        run.write_json(rel, sub.to_dict())
+        return rel
     existing = run.list(SUBMISSIONS_DIR, suffix=".json")
     number = max((int(n.split(".")[0]) for n in existing if n.split(".")[0].isdigit()), default=0) + 1
     rel = f"{SUBMISSIONS_DIR}/{number:04d}.json"

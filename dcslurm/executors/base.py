@@ -19,7 +19,7 @@ class TaskState(str, Enum):
     RUNNING = "running"
     PENDING = "pending"
     FAILED = "failed"
-    NOT_SUBMITTED = "not submitted"
+    NOT_STARTED = "not started"  # never submitted, cancelled while queued, or after a failed step
 
 
 class Executor(ABC):

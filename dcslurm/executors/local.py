@@ -133,7 +133,7 @@ class LocalExecutor(Executor):
         return failed
 
     def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
-        if not _alive(sub.pid) or sub.host != socket.gethostname():
+        if sub.finished or not _alive(sub.pid) or sub.host != socket.gethostname():
             return {}
         # The local run is still going: its unfinished tasks are running or waiting.
         return {(name, i): TaskState.PENDING for name, s in sub.steps.items() for c in s.chunks for i in c.indexes}

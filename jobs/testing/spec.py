@@ -8,7 +8,7 @@ summary: one task; combines every digest into one file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dcslurm.shards import UnitSet
 from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
@@ -19,6 +19,7 @@ class SynthParams:
     units: int = 100
     bytes_per_unit: int = 4096
     sleep: float = 0.0  # seconds per task, so tests can kill tasks mid-run
+    fail_tasks: list[int] = field(default_factory=list)  # tasks that raise, to test failure reports
 
     def validate(self) -> None:
         if self.units < 0:

@@ -29,6 +29,8 @@ def _record_execution(ctx: TaskContext) -> None:
 def synth(ctx: TaskContext) -> TaskResult:
     _record_execution(ctx)
     time.sleep(float(ctx.params.get("sleep", 0.0)))
+    if ctx.index in ctx.params.get("fail_tasks", []):
+        raise RuntimeError(f"planted failure in task {ctx.index}")
     size = int(ctx.params.get("bytes_per_unit", 4096))
     outputs = []
     for unit in ctx.shards:
