@@ -69,6 +69,7 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
                progress=None) -> SubmitResult:
     """Plan the run, then queue (slurm) or run (local) every unfinished task."""
     plan = plan_run(config)
+    _preflight(config, plan)
     run = config.folder()
     executor = make_executor(config.executor.kind, config)
     if dry_run:
@@ -95,6 +96,16 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
             sub.finished = time.time()
             save_submission(run, sub, record)
     return result
+
+
+def _preflight(config: RunConfig, plan: Plan) -> None:
+    """Each planned stage's own input checks (e.g. download validates the pool) before anything is queued."""
+    from dcslurm.stages import get_stage
+
+    for stage in dict.fromkeys(s.stage for s in plan.steps):
+        check = get_stage(stage).preflight
+        if check is not None:
+            check(config)
 
 
 def _refuse_if_active(run: DataFolder, config: RunConfig) -> None:

@@ -78,6 +78,7 @@ class StageSpec:
     default_resources: dict = field(default_factory=dict)
     estimate: Callable[[PlanContext, dict[str, UnitSet]], Estimate] | None = None
     test_only: bool = False  # registered for the test suite; not in `stages = "all"`
+    preflight: Callable[[RunConfig], None] | None = None  # input checks at submit (I/O allowed); raises UserError
 
     def step_name(self, step: StepSpec) -> str:
         return self.name if len(self.steps) == 1 else f"{self.name}.{step.name}"
