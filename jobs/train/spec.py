@@ -1,0 +1,128 @@
+"""The training stage, as the planner sees it (light: no torch import here).
+
+One step, layout "distributed": a single job of nodes x tasks_per_node ranks
+(srun on SLURM, N local processes with the local executor). Hyperparameters
+come from the run's scale (dcslurm.scales); the params below only override
+them for tests and small experiments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcslurm.scales import ScaleConfig, estimate_train_gpu_hours
+from dcslurm.shards import UnitSet
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+
+
+@dataclass
+class TrainParams:
+    data: str = ""  # input shards when reshard is not in the run: a folder or a {a..b}.tar pattern
+    model: str = ""  # open_clip model name; "" = the scale's model
+    batch_size: int = 0  # global batch; 0 = the scale's
+    samples: int = 0  # samples seen; 0 = the scale's
+    lr: float = 0.0  # 0 = the scale's
+    warmup: int = -1  # warmup steps; -1 = the scale's
+    accum: int = 0  # gradient accumulation steps; 0 = the fewest that fit micro_batch
+    micro_batch: int = 0  # samples per rank per forward; 0 = global batch / world (no accumulation)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = True
+    compile: bool = False
+    workers: int = 2  # DataLoader workers per rank
+    data_streams: int = 0  # independent sample streams; 0 = 8 x world (must divide by the world size)
+    shuffle_buffer: int = 256  # samples shuffled within a shard
+    log_every: int = 10  # steps between metrics lines
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept (older ones are removed)
+    export: bool = True  # write RUN/train/model.pt (plain open_clip state_dict) at the end
+    resume: str = ""  # a checkpoint folder to start from (default: the run's latest complete one)
+    timeout_s: int = 600  # collective timeout: a dead rank fails the job after this long
+    stop_after: int = 0  # tests: stop (as if preempted) after this many steps; 0 = never
+    step_sleep: float = 0.0  # tests: seconds to sleep per step, so a test can preempt mid-run
+
+    def validate(self) -> None:
+        if self.batch_size < 0:
+            raise ValueError("batch_size: must be >= 0")
+        if self.samples < 0:
+            raise ValueError("samples: must be >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("log_every / checkpoint_every: must be >= 1")
+        if self.workers < 0 or self.accum < 0 or self.micro_batch < 0 or self.data_streams < 0:
+            raise ValueError("workers / accum / micro_batch / data_streams: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The resolved hyperparameters of a training run (scale + overrides)."""
+
+    model: str
+    batch_size: int
+    samples: int
+    lr: float
+    warmup: int
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+
+def resolve_hyper(scale: ScaleConfig, params: dict) -> Hyper:
+    """The scale's hyperparameters with any non-default params applied."""
+    warmup = int(params.get("warmup", -1))
+    return Hyper(
+        model=params.get("model") or scale.model,
+        batch_size=int(params.get("batch_size") or scale.batch_size),
+        samples=int(params.get("samples") or scale.samples_seen),
+        lr=float(params.get("lr") or scale.lr),
+        warmup=scale.warmup if warmup < 0 else warmup,
+        beta1=scale.beta1, beta2=scale.beta2, eps=scale.eps, weight_decay=scale.weight_decay,
+    )
+
+
+def reshard_step(steps: dict) -> str | None:
+    """The last step of the reshard stage in this run, if it is there."""
+    names = [name for name, step in steps.items() if step.stage == "reshard"]
+    return names[-1] if names else None
+
+
+def _units(ctx: PlanContext) -> UnitSet:
+    up = reshard_step(ctx.steps)
+    if up is not None:
+        return UnitSet(count=ctx.steps[up].n_tasks, upstream=up, label="reshard tasks")
+    if not ctx.params.data:
+        raise ValueError("train needs the reshard stage earlier in the run, or [stages.train] data")
+    return UnitSet(count=1, label="dataset")
+
+
+def _estimate(ctx: PlanContext, units: dict) -> Estimate:
+    from dataclasses import asdict
+
+    import dataclasses
+
+    hp = resolve_hyper(ctx.scale, asdict(ctx.params) if dataclasses.is_dataclass(ctx.params) else {})
+    res = ctx.config.resources_for("train", {})
+    world = res.nodes * res.tasks_per_node
+    per_rank = hp.batch_size // world if hp.batch_size % world == 0 else hp.batch_size / world
+    # GPU-hours scale with samples seen: the table's figure is for the scale's own samples.
+    hours = estimate_train_gpu_hours(ctx.scale) * hp.samples / ctx.scale.samples_seen
+    basis = (f"{hp.model}, {hp.samples:,} samples, global batch {hp.batch_size:,} "
+             f"= {res.nodes} nodes x {res.tasks_per_node} tasks x {per_rank:,} per rank, {hp.steps:,} steps, "
+             f"lr {hp.lr:g}, warmup {hp.warmup:,}, AdamW b1 {hp.beta1:g} b2 {hp.beta2:g} eps {hp.eps:g} "
+             f"wd {hp.weight_decay:g}, cosine; A100-h from DataComp Table 2 ({ctx.scale.name})")
+    return Estimate(gpu_hours=hours, basis=basis)
+
+
+STAGES = [
+    StageSpec(
+        name="train", description="FSDP2 CLIP training at the scale's hyperparameters", order=50,
+        params=TrainParams, gpu=True, estimate=_estimate,
+        default_resources={"requeue": True},
+        steps=(StepSpec("run", "jobs.train.train:run", _units, layout="distributed"),),
+    ),
+]
