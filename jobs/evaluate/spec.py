@@ -1,0 +1,100 @@
+"""Evaluation stage: DataComp's 38-task suite on a trained checkpoint.
+
+eval.run    : array over the selected tasks (a task per array element by
+              default); each writes RUN/eval/tasks/<key>.json atomically.
+eval.gather : one task; writes RUN/eval/results.jsonl in DataComp's format,
+              one `{"key", "dataset", "metrics": {..., "main_metric"}}` line
+              per task.
+
+Eval sets are clip_benchmark-layout webdatasets under `evalsets` (a local
+folder or s3:// prefix; `dcslurm evalsets prepare` mirrors the published ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dcslurm.errors import UserError
+from dcslurm.shards import UnitSet
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+
+
+@dataclass
+class EvalParams:
+    tasks: list[str] | str = "scored"  # "scored" (38), "all" (40), "extra", or task keys / names
+    evalsets: str = ""  # root URL holding wds_<task>_test folders
+    batch_size: int = 64
+    checkpoint: str = ""  # default: RUN/train/model.pt
+    model: str = ""  # open_clip model name; default: the scale's model
+    num_workers: int = 2  # image decoding threads
+    device: str = ""  # default: cuda if available, else cpu
+    extra_tasks: list[dict] = field(default_factory=list)  # tasks beyond DataComp's (e.g. the demo's)
+
+    def validate(self) -> None:
+        from dcslurm.tasks import register_task, select_tasks, task_from_dict
+
+        if not self.evalsets:
+            raise ValueError("evalsets: set the folder or s3:// prefix holding the eval sets "
+                             "(dcslurm evalsets prepare --out URL makes one)")
+        if self.batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
+        try:
+            for d in self.extra_tasks:
+                register_task(task_from_dict(d))
+            select_tasks(self.tasks)
+        except UserError as exc:
+            raise ValueError(f"tasks: {exc}") from None
+
+
+def selected_tasks(params) -> list:
+    """The tasks a params object (dataclass or plan dict) selects, extras registered first."""
+    from dcslurm.tasks import register_task, select_tasks, task_from_dict
+
+    get = params.get if isinstance(params, dict) else lambda k, d=None: getattr(params, k, d)
+    for d in get("extra_tasks", []) or []:
+        register_task(task_from_dict(d))
+    return select_tasks(get("tasks", "scored"))
+
+
+def _task_units(ctx: PlanContext) -> UnitSet:
+    keys = tuple(t.key for t in selected_tasks(ctx.params))
+    return UnitSet(count=len(keys), names=keys, label="eval tasks")
+
+
+def _single(ctx: PlanContext) -> UnitSet:
+    return UnitSet(count=1, label="task")
+
+
+def _estimate(ctx: PlanContext, units: dict) -> Estimate:
+    # DataComp's tasklist gives seconds per task on one A100 for a ViT-B/32 ("time").
+    tasks = selected_tasks(ctx.params)
+    seconds = sum(_task_seconds(t.key) for t in tasks)
+    return Estimate(gpu_hours=seconds / 3600, bytes_written=2_000 * len(tasks),
+                    basis="DataComp tasklist.yml per-task eval times (A100)")
+
+
+def _task_seconds(key: str) -> float:
+    import yaml
+
+    from dcslurm.tasks import TASKLIST_FILE
+
+    global _TIMES
+    if _TIMES is None:
+        with open(TASKLIST_FILE) as f:
+            _TIMES = {k: float((v or {}).get("time", 0)) for k, v in yaml.safe_load(f).items()}
+    return _TIMES.get(key, 0.0)
+
+
+_TIMES: dict[str, float] | None = None
+
+STAGES = [
+    StageSpec(
+        name="eval", description="zero-shot evaluation on DataComp's 38 tasks; results.jsonl", order=60,
+        params=EvalParams, gpu=True, estimate=_estimate,
+        default_resources={"gpus_per_node": 1, "cpus_per_task": 4, "time": "04:00:00"},
+        steps=(
+            StepSpec("run", "jobs.evaluate.stage:evaluate_tasks", _task_units, default_units_per_task=1),
+            StepSpec("gather", "jobs.evaluate.stage:gather", _single, layout="single"),
+        ),
+    ),
+]
