@@ -93,8 +93,12 @@ class ContainerSection:
     enabled: bool = False
     cpu_image: str = ""
     gpu_image: str = ""
-    binds: list[str] = field(default_factory=list)
+    binds: list[str] = field(default_factory=list)  # extra apptainer --bind specs
     apptainer: str = "apptainer"
+    image_dir: str = ""  # where built/pulled images are; default $DCSLURM_IMAGE_DIR or ~/.cache/dcslurm/images
+    scratch: str = "/tmp"  # host folder bound as the task's /tmp (node-local disk); "" = apptainer's own
+    model_cache: str = ""  # host folder for torch/Hugging Face caches (XDG_CACHE_HOME inside)
+    python: str = "python3"  # the interpreter inside the images
 
 
 @dataclass

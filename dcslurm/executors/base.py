@@ -52,4 +52,11 @@ class Executor(ABC):
         return os.path.abspath(os.path.join("dcslurm-logs", self.config.run_name))
 
     def launcher(self, step_gpu: bool = False) -> TaskLauncher:
+        """How a task starts: this interpreter, or `apptainer exec IMAGE python3`
+        when [container] enabled (the GPU image with --nv for GPU steps)."""
+        if self.config.container.enabled:
+            from dcslurm.containers import exec_prefix
+
+            prefix, env = exec_prefix(self.config, step_gpu)
+            return TaskLauncher(python=self.config.container.python, prefix=prefix, env=env)
         return TaskLauncher(python=self.config.slurm.python or sys.executable)
