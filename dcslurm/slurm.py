@@ -62,18 +62,7 @@ def squeue(job_ids: list[str]) -> list[QueuedTask]:
         if len(parts) < 3:
             continue
         jid, state, reason = parts[0], parts[1], parts[2]
-        if "_" in jid:
-            base, arr = jid.split("_", 1)
-            if arr.isdigit():
-                out.append(QueuedTask(base, int(arr), state, reason))
-                continue
-            # An unexpanded range such as 12_[3-9%2]: expand it.
-            from dcslurm.shards import expand_indexes
-
-            for a in expand_indexes(arr.strip("[]")):
-                out.append(QueuedTask(base, a, state, reason))
-        else:
-            out.append(QueuedTask(jid, None, state, reason))
+        out.extend(QueuedTask(base, arr, state, reason) for base, arr in _split_job_id(jid))
     return out
 
 
@@ -93,13 +82,21 @@ def sacct_states(job_ids: list[str]) -> dict[tuple[str, int | None], str] | None
         if len(parts) < 2:
             continue
         jid, state = parts[0], parts[1].split()[0] if parts[1] else ""
-        if "_" in jid:
-            base, arr = jid.split("_", 1)
-            if arr.isdigit():
-                out[(base, int(arr))] = state
-        else:
-            out[(jid, None)] = state
+        for key in _split_job_id(jid):
+            out[key] = state
     return out
+
+
+def _split_job_id(jid: str) -> list[tuple[str, int | None]]:
+    """`12` -> [(12, None)]; `12_3` -> [(12, 3)]; `12_[3-5%2]` -> [(12, 3), (12, 4), (12, 5)]."""
+    from dcslurm.shards import expand_indexes
+
+    if "_" not in jid:
+        return [(jid, None)]
+    base, arr = jid.split("_", 1)
+    if arr.isdigit():
+        return [(base, int(arr))]
+    return [(base, a) for a in expand_indexes(arr.strip("[]"))]
 
 
 def scancel(job_ids: list[str]) -> None:

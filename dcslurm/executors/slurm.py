@@ -93,7 +93,9 @@ class SlurmExecutor(Executor):
         for (jid, arr), state in states.items():
             if jid in by_job:
                 name, chunk = by_job[jid]
-                out[(name, (arr + chunk.offset) if (chunk.array and arr is not None) else 0)] = state
+                if chunk.array and arr is None:
+                    continue  # the array as a whole, not one of its tasks
+                out[(name, arr + chunk.offset if chunk.array else 0)] = state
         return out
 
     def cancel(self, sub: Submission) -> None:
