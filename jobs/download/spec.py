@@ -1,0 +1,98 @@
+"""The download stage: img2dataset over the pool's parquet files, one array task
+per group of files, writing RUN/download/{shard:08d}.tar + .parquet + _stats.json.
+
+Light on purpose (imported on login nodes): the work is in jobs/download/stage.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcslurm.errors import UserError
+from dcslurm.pool import BYTES_PER_SAMPLE
+from dcslurm.shards import UnitSet
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+
+
+@dataclass
+class DownloadParams:
+    """[stages.download]: DataComp's img2dataset settings (SPEC section 6) by default."""
+
+    samples_per_shard: int = 10_000
+    image_size: int = 512
+    resize_mode: str = "keep_ratio_largest"
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    retries: int = 2
+    timeout: int = 10  # seconds per request
+    processes: int = 0  # img2dataset processes per task; 0 = the step's cpus_per_task
+    threads: int = 64  # download threads per process
+    blur_faces: bool = True  # blur `face_bboxes` when the pool has that column
+    # `submit` reads every uid of pools up to this many rows (format, duplicates);
+    # bigger pools get footers checked at submit and uids checked by each task.
+    preflight_uid_rows: int = 20_000_000
+
+    def validate(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError("samples_per_shard: must be >= 1")
+        if self.image_size < 1:
+            raise ValueError("image_size: must be >= 1")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode: expected one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.encode_format not in ("jpg", "png", "webp"):
+            raise ValueError(f"encode_format: expected jpg, png or webp, got {self.encode_format!r}")
+        if self.retries < 0 or self.timeout < 1:
+            raise ValueError("retries: must be >= 0 and timeout >= 1")
+        if self.processes < 0 or self.threads < 1:
+            raise ValueError("processes: must be >= 0 (0 = cpus_per_task) and threads >= 1")
+
+
+def _units(ctx: PlanContext) -> UnitSet:
+    files = ctx.inputs.metadata_files
+    if not files:
+        raise UserError(f"{ctx.config.path}: the download stage needs [pool] metadata (a folder of parquet files)")
+    return UnitSet(count=len(files), names=files, label="parquet files")
+
+
+def _estimate(ctx: PlanContext, units: dict[str, UnitSet]) -> Estimate:
+    # Planning reads no footers, so the estimate uses the scale's pool size.
+    samples = ctx.scale.pool_size
+    return Estimate(bytes_written=samples * BYTES_PER_SAMPLE,
+                    basis=f"{samples:,} samples ({ctx.scale.name} pool) x {BYTES_PER_SAMPLE // 1000} KB")
+
+
+def preflight(config) -> None:
+    """Reject a bad pool before anything is queued: one-line UserError naming the file.
+
+    Reads every parquet footer (readable, `uid`/`url`/`text` present); reads
+    the uid columns too (32 hex characters, no duplicates) when the pool has at
+    most `preflight_uid_rows` rows. Called by `dcslurm submit` (runs.submit_run).
+    """
+    from dcslurm.pool import inspect_pool
+
+    if not config.pool.metadata:
+        return  # _units reports the missing [pool] metadata at plan time
+    section = config.stages.get("download")
+    params = section.params if section is not None and section.params is not None else DownloadParams()
+    report = inspect_pool(config.pool.metadata, config.storage_options, uids=False)
+    report.raise_first()
+    if report.rows <= params.preflight_uid_rows:
+        report = inspect_pool(config.pool.metadata, config.storage_options, uids=True)
+        report.raise_first()
+
+
+STAGES = [
+    StageSpec(
+        name="download",
+        description="img2dataset over the pool's parquet files: webdataset shards + per-shard parquet and stats",
+        order=10,
+        params=DownloadParams,
+        default_resources={"cpus_per_task": 2, "time": "12:00:00"},
+        estimate=_estimate,
+        steps=(StepSpec("run", "jobs.download.stage:run", _units, default_units_per_task=1),),
+        preflight=preflight,
+    ),
+]

@@ -1,0 +1,226 @@
+"""The download task: img2dataset over this task's parquet files.
+
+Shard ids. img2dataset numbers shards per input file: a file of R rows gives
+ceil(R / samples_per_shard) shards, and a folder's files are numbered one after
+another. A task here gets a contiguous group of the pool's files, so its first
+shard id is the sum of that count over the pool's files before its group (read
+from their parquet footers: cheap, and a pure function of the pool). The result is
+exactly the layout one img2dataset call over the whole pool writes (as DataComp's
+download_upstream.py does), whatever the split into tasks, and no two tasks collide.
+
+Why not `img2dataset.download()` itself: it has no first-shard-id argument, it
+creates and deletes one shared `OUTPUT/_tmp` folder per call (concurrent tasks
+would delete each other's), and it lists the whole output folder to find finished
+shards. So the task assembles img2dataset's own parts the way download() does
+(Reader per file, Resizer, BoundingBoxBlurrer, Downloader, WebDatasetSampleWriter,
+multiprocessing_distributor) with three differences: the shard ids above, the
+temporary feather files in the task's local scratch, and finished shards found by
+checking only this task's shard ids.
+
+Commit. img2dataset writes a shard's .tar and .parquet, then its _stats.json; a
+shard is done iff its _stats.json exists and parses (img2dataset's incremental
+rule), so a killed task's rerun redoes only the shards without one, overwriting
+their partial files. The task fails (no marker) unless every shard of its files
+is done, so a resubmit finishes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations calls home on import otherwise
+
+import fsspec.config  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from img2dataset.blurrer import BoundingBoxBlurrer  # noqa: E402
+from img2dataset.distributor import multiprocessing_distributor  # noqa: E402
+from img2dataset.downloader import Downloader  # noqa: E402
+from img2dataset.reader import Reader  # noqa: E402
+from img2dataset.resizer import Resizer  # noqa: E402
+from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
+
+from dcslurm.demo_pool import DemoPoolServer, read_serve_info  # noqa: E402
+from dcslurm.errors import UserError  # noqa: E402
+from dcslurm.pool import check_uids, read_footer  # noqa: E402
+from dcslurm.storage import DataFolder, is_remote  # noqa: E402
+from dcslurm.task import TaskContext, TaskResult  # noqa: E402
+from jobs.download.stats import OOM_SHARD_COUNT, DownloadTotals, read_stats, shard_name  # noqa: E402
+
+
+def shards_of(rows: int, samples_per_shard: int) -> int:
+    """How many shards img2dataset makes of a file of `rows` rows."""
+    return math.ceil(rows / samples_per_shard)
+
+
+def first_shard_ids(rows: list[int], samples_per_shard: int) -> list[int]:
+    """The first shard id of each file, numbering files one after another."""
+    out, next_id = [], 0
+    for r in rows:
+        out.append(next_id)
+        next_id += shards_of(r, samples_per_shard)
+    return out
+
+
+def _footer_rows(folder_cache: dict, url: str, storage_options: dict) -> int:
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    folder = folder_cache.setdefault(parent, DataFolder(parent, storage_options))
+    f = read_footer(folder, name)
+    if f.problems:
+        raise UserError(f.problems[0])
+    return f.rows
+
+
+@contextlib.contextmanager
+def _fsspec_env(storage_options: dict):
+    """img2dataset builds its own filesystems (also in its worker processes): hand
+    them the run's storage options through fsspec's FSSPEC_S3 variable."""
+    key = "FSSPEC_S3"
+    old_env, old_conf = os.environ.get(key), fsspec.config.conf.get("s3")
+    if storage_options:
+        os.environ[key] = json.dumps(storage_options)  # for the spawned workers
+        fsspec.config.conf["s3"] = {**(old_conf or {}), **storage_options}  # for this process
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old_env
+        if old_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = old_conf
+
+
+class PoolDownloader(Downloader):
+    """img2dataset's Downloader, fetching http:// through `proxy` when set (the demo
+    pool's server). It sets urllib's opener only: s3fs traffic is untouched."""
+
+    proxy: str = ""
+
+    def __call__(self, row):
+        if self.proxy:
+            urllib.request.install_opener(urllib.request.build_opener(
+                urllib.request.ProxyHandler({"http": self.proxy})))
+        return super().__call__(row)
+
+
+def run(ctx: TaskContext) -> TaskResult:
+    p = ctx.params
+    per_shard = int(p.get("samples_per_shard", 10_000))
+    units = ctx.step.units
+    all_files = list(units.names or ())
+    mine = list(ctx.shards)
+    storage = ctx.plan.storage_options
+    cache: dict = {}
+
+    # Rows of every file up to the last of ours: footers only, in parallel.
+    upto = mine[-1] + 1 if mine else 0
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        rows = list(pool.map(lambda u: _footer_rows(cache, u, storage), all_files[:upto]))
+    firsts = first_shard_ids(rows, per_shard)
+    out = ctx.output
+    out.makedirs()
+    plan = []  # (file url, first shard id, shard count)
+    for i in mine:
+        plan.append((all_files[i], firsts[i], shards_of(rows[i], per_shard)))
+    expected = [sid for _u, first, n in plan for sid in range(first, first + n)]
+    done_before = {sid for sid in expected if read_stats(out, sid) is not None}
+    ctx.log.info("download: %d files, shards %s, %d already done", len(plan),
+                 f"{expected[0]}..{expected[-1]}" if expected else "none", len(done_before))
+
+    started = time.time()
+    todo_files = [(u, first, n) for u, first, n in plan if any(s not in done_before for s in range(first, first + n))]
+    if todo_files:
+        _download(ctx, todo_files, done_before, per_shard)
+
+    missing = [sid for sid in expected if read_stats(out, sid) is None]
+    if missing:
+        raise RuntimeError(f"{out.url}: {len(missing)} of {len(expected)} shards were not completed "
+                           f"(first: {shard_name(missing[0])}); resubmit to retry them")
+    stats = _task_stats(out, expected, done_before, time.time() - started)
+    outputs = [f"{ctx.step.stage}/{shard_name(s)}.tar" for s in expected]
+    return TaskResult(outputs=outputs, stats=stats)
+
+
+def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int], per_shard: int) -> None:
+    p = ctx.params
+    storage = ctx.plan.storage_options
+    out = ctx.output
+    output_folder = out.url  # img2dataset takes a URL (local path or s3://)
+
+    # The pool's own folder: a demo pool asks to be served (serve.json beside its parquet).
+    pool_url = files[0][0].rstrip("/").rsplit("/", 1)[0]
+    pool = DataFolder(pool_url, storage)
+    serve = read_serve_info(pool)
+
+    with DataFolder(files[0][0].rsplit("/", 1)[0], storage).open(files[0][0].rsplit("/", 1)[1]) as fh:
+        columns = pq.ParquetFile(fh).schema_arrow.names
+    bbox_col = "face_bboxes" if p.get("blur_faces", True) and "face_bboxes" in columns else None
+    # As img2dataset.download does: the bbox column is saved with the additional columns.
+    additional = ["uid"] + ([bbox_col] if bbox_col else [])
+
+    feather_dir = os.path.join(ctx.scratch, "feather")
+    os.makedirs(feather_dir, exist_ok=True)
+
+    def reader_for(url: str, first: int) -> Reader:
+        # Each task's uids are checked here too (pools too big for the submit-time check).
+        parent, name = url.rsplit("/", 1)
+        with DataFolder(parent, storage).open(name) as fh:
+            uids = pq.read_table(fh, columns=["uid"]).column("uid").to_pylist()
+        problem = check_uids(url, uids)
+        if problem:
+            raise UserError(problem)
+        return Reader(url if is_remote(url) else os.path.abspath(url), "parquet", "url", "text", None, None,
+                      list(additional), per_shard, done, feather_dir, first)
+
+    readers = [reader_for(u, first) for u, first, _n in files]
+    resizer = Resizer(
+        image_size=int(p.get("image_size", 512)), resize_mode=p.get("resize_mode", "keep_ratio_largest"),
+        resize_only_if_bigger=bool(p.get("resize_only_if_bigger", True)),
+        encode_quality=int(p.get("encode_quality", 95)), encode_format=p.get("encode_format", "jpg"),
+        blurrer=BoundingBoxBlurrer() if bbox_col else None,
+    )
+    downloader = PoolDownloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=int(p.get("threads", 64)),
+        save_caption=True, extract_exif=True, output_folder=output_folder, column_list=readers[0].column_list,
+        timeout=int(p.get("timeout", 10)), number_sample_per_shard=per_shard, oom_shard_count=OOM_SHARD_COUNT,
+        compute_hash="sha256", verify_hash_type=None, encode_format=p.get("encode_format", "jpg"),
+        retries=int(p.get("retries", 2)), user_agent_token=None,
+        disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"], blurring_bbox_col=bbox_col,
+    )
+    processes = int(p.get("processes", 0)) or max(1, ctx.step.resources.cpus_per_task)
+    server = DemoPoolServer(pool, serve["host"]) if serve else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_fsspec_env(storage))
+        if server is not None:
+            stack.enter_context(server)
+            downloader.proxy = server.proxy_url
+            ctx.log.info("serving demo pool %s on %s", pool.url, server.proxy_url)
+        multiprocessing_distributor(processes, downloader, itertools.chain(*readers), None, 1)
+    if server is not None:
+        ctx.log.info("demo pool server answered %d requests", server.requests)
+
+
+def _task_stats(out: DataFolder, shard_ids: list[int], done_before: set[int], seconds: float) -> dict:
+    """Sum of the shards' _stats.json: what the marker (and `status`) records."""
+    totals = DownloadTotals()
+    tar_bytes = 0
+    for sid in shard_ids:
+        totals.add(read_stats(out, sid) or {})
+        tar_bytes += out.size(f"{shard_name(sid)}.tar")
+    fresh = len([s for s in shard_ids if s not in done_before])
+    return {
+        "shards": len(shard_ids), "shards_downloaded": fresh, "shards_resumed": len(shard_ids) - fresh,
+        "samples": totals.samples, "successes": totals.successes,
+        "failed_to_download": totals.failed_to_download, "failed_to_resize": totals.failed_to_resize,
+        "success_rate": round(totals.success_rate, 4), "failures": dict(sorted(totals.failures.items())),
+        "bytes": tar_bytes, "download_seconds": round(seconds, 3),
+    }

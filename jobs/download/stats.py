@@ -1,0 +1,106 @@
+"""Reading the download stage's per-shard `_stats.json` files (img2dataset's
+format: count, successes, failed_to_download, failed_to_resize, duration,
+start_time, end_time, status_dict). Light: used by the stage and by
+`dcslurm report download` / `status` on login nodes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dcslurm.storage import DataFolder
+
+OOM_SHARD_COUNT = 8  # shard names {:08d} (DataComp's setting)
+STATS_SUFFIX = "_stats.json"
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
+
+
+def read_stats(folder: DataFolder, shard_id: int) -> dict | None:
+    """A shard's _stats.json if it is committed (exists and parses), else None."""
+    return read_stats_file(folder, f"{shard_name(shard_id)}{STATS_SUFFIX}")
+
+
+def read_stats_file(folder: DataFolder, name: str) -> dict | None:
+    try:
+        stats = json.loads(folder.read_bytes(name))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None  # a torn write of a killed task: the shard is redone
+    return stats if isinstance(stats, dict) and "count" in stats else None
+
+
+def failure_reason(message: str) -> str:
+    """A short reason for one of img2dataset's error messages (status_dict keys)."""
+    m = message.lower()
+    if m.startswith("http error "):
+        return "http " + m.split()[2].rstrip(":")
+    if "timed out" in m or "timeout" in m:
+        return "timeout"
+    if "refused" in m:
+        return "connection refused"
+    if "decompression bomb" in m or "image area too large" in m:
+        return "decompression bomb"
+    if "image decoding error" in m or "cannot identify" in m:
+        return "not an image"
+    if "truncated" in m or "premature end" in m:
+        return "truncated image"
+    if "name or service not known" in m or "nodename nor servname" in m or "getaddrinfo" in m:
+        return "dns failure"
+    if "hash mismatch" in m:
+        return "hash mismatch"
+    if "x-robots-tag" in m:
+        return "disallowed by x-robots-tag"
+    if "remote end closed" in m or "connection reset" in m or "incompleteread" in m:
+        return "connection dropped"
+    return "other: " + message[:80]
+
+
+@dataclass
+class DownloadTotals:
+    """The sum of some shards' stats."""
+
+    shards: int = 0
+    samples: int = 0
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    failures: Counter = field(default_factory=Counter)  # short reason -> samples
+    messages: Counter = field(default_factory=Counter)  # img2dataset's message -> samples
+    shard_seconds: float = 0.0  # sum of per-shard durations
+    start: float = 0.0
+    end: float = 0.0
+
+    def add(self, stats: dict) -> None:
+        self.shards += 1
+        self.samples += int(stats.get("count", 0))
+        self.successes += int(stats.get("successes", 0))
+        self.failed_to_download += int(stats.get("failed_to_download", 0))
+        self.failed_to_resize += int(stats.get("failed_to_resize", 0))
+        self.shard_seconds += float(stats.get("duration", 0.0))
+        for msg, n in (stats.get("status_dict") or {}).items():
+            if msg != "success":
+                self.failures[failure_reason(msg)] += int(n)
+                self.messages[msg] += int(n)
+        s, e = float(stats.get("start_time", 0.0)), float(stats.get("end_time", 0.0))
+        if s and (not self.start or s < self.start):
+            self.start = s
+        if e > self.end:
+            self.end = e
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.samples if self.samples else 0.0
+
+    @property
+    def wall_seconds(self) -> float:
+        return max(0.0, self.end - self.start)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Samples tried per second of wall time, first shard start to last shard end."""
+        return self.samples / self.wall_seconds if self.wall_seconds else 0.0
