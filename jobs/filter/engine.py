@@ -1,0 +1,565 @@
+"""The filter as map-reduce over metadata files (parquet + npz beside each).
+
+    prepare (1 task)  pool centroids / target centroid ids for image_based
+    map     (array)   per file: uids, every row-local rule's mask, the scores
+                      and MetaCLIP matches global rules need -> _parts/ID.npz
+    reduce  (1 task)  global parameters, term by term in spec order, streaming
+                      the parts one file at a time: exact fraction thresholds
+                      (select.py), MetaCLIP counts, VAS S, VAS-D rounds
+    apply   (array)   per file: the final mask -> sorted uids _kept/ID.npy
+    write   (1 task)  merge into subset.npy (sorted, by uid-range partitions)
+                      and stats.json
+
+Every file is processed whole by one task and every random draw is a
+function of (uid, seed), so the subset does not depend on the task count.
+All paths are inside a work folder (RUN/filter/ in a run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from dcslurm.errors import UserError
+from dcslurm.storage import DataFolder
+from jobs.filter import rules
+from jobs.filter.filterspec import FilterSpec, Term, parse_spec
+from jobs.filter.select import exact_descending_value, fraction_index, keep_at_threshold
+
+SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
+SUBSET = "subset.npy"
+STATS = "stats.json"
+PARAMS = "_params/params.json"
+PARTITION_BYTES = 256 << 20  # rows of the subset sorted in memory at once in `write`
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One metadata parquet (its npz beside it); `pid` orders and names it whatever the task split."""
+
+    pid: str
+    url: str
+
+    @property
+    def npz_url(self) -> str:
+        return self.url[: -len(".parquet")] + ".npz"
+
+
+def _split(url: str) -> tuple[str, str]:
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    return parent, name
+
+
+class Reader:
+    """Reads inputs (parquet columns, npz keys) with one-line errors naming file and column/key."""
+
+    def __init__(self, storage_options: dict | None = None):
+        self.storage_options = storage_options or {}
+
+    def folder(self, url: str) -> DataFolder:
+        return DataFolder(_split(url)[0], self.storage_options)
+
+    def table(self, f: InputFile, columns: list[str]) -> dict:
+        import pyarrow.parquet as pq
+
+        parent, name = _split(f.url)
+        folder = DataFolder(parent, self.storage_options)
+        try:
+            with folder.open(name) as fh:
+                pf = pq.ParquetFile(fh)
+                have = set(pf.schema_arrow.names)
+                for c in columns:
+                    if c not in have:
+                        raise UserError(f"{f.url}: missing column {c!r}")
+                table = pf.read(columns=columns)
+        except FileNotFoundError:
+            raise UserError(f"{f.url}: metadata file not found") from None
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt parquet is bad input
+            raise UserError(f"{f.url}: cannot read parquet ({type(exc).__name__}: {exc})") from None
+        return {c: table.column(c) for c in columns}
+
+    def embeddings(self, f: InputFile, key: str, rows: int) -> np.ndarray:
+        parent, name = _split(f.npz_url)
+        folder = DataFolder(parent, self.storage_options)
+        try:
+            data = folder.read_bytes(name)
+        except FileNotFoundError:
+            raise UserError(f"{f.npz_url}: embeddings file not found (needed for key {key!r})") from None
+        try:
+            with np.load(io.BytesIO(data)) as z:
+                if key not in z.files:
+                    raise UserError(f"{f.npz_url}: missing key {key!r} (has {', '.join(z.files)})")
+                arr = z[key]
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{f.npz_url}: cannot read npz ({type(exc).__name__})") from None
+        if arr.ndim != 2 or arr.shape[0] != rows:
+            raise UserError(f"{f.npz_url}: key {key!r} has shape {arr.shape}, but its parquet has {rows} rows")
+        return arr
+
+
+def _texts(col, f: InputFile, stats: dict) -> list[str]:
+    values = col.to_pylist()
+    nulls = sum(1 for v in values if v is None)
+    if nulls:
+        stats["null_text"] = stats.get("null_text", 0) + nulls
+    return [v if isinstance(v, str) else "" for v in values]
+
+
+def _floats(col, f: InputFile, name: str) -> np.ndarray:
+    import pyarrow as pa
+
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        raise UserError(f"{f.url}: column {name!r} has type {col.type}, expected numbers")
+    return col.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+
+
+def score_column(term: Term) -> str:
+    kw = term.kw
+    return kw["score"] or SCORE_COLUMNS[kw["arch"]]
+
+
+def needed_columns(spec: FilterSpec) -> list[str]:
+    cols = {"uid"}
+    for _, _, term in spec.terms():
+        if term.name in ("basic", "laion2b", "text_based", "image_based", "metaclip"):
+            cols.add("text")
+        if term.name == "basic":
+            cols |= {"original_width", "original_height"}
+        if term.name == "laion2b":
+            cols.add(SCORE_COLUMNS["b32"])
+        if term.name == "clip_score":
+            cols.add(score_column(term))
+    return sorted(cols)
+
+
+# -- prepare ------------------------------------------------------------------
+
+def prepare(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: Reader, seed: int) -> dict:
+    """Centroids and target centroid ids of every image_based term -> _prepared/imageT.npz."""
+    stats: dict = {}
+    for t, _, term in spec.terms():
+        if term.name != "image_based":
+            continue
+        kw = term.kw
+        targets = rules.load_matrix(kw["targets"], "image_based targets")
+        if kw["centroids"]:
+            centroids = rules.load_matrix(kw["centroids"], "image_based centroids")
+        else:
+            centroids = _pool_kmeans(term, inputs, reader, seed)
+        if centroids.shape[1] != targets.shape[1]:
+            raise UserError(f"{kw['targets']}: targets have dimension {targets.shape[1]}, centroids {centroids.shape[1]}")
+        target_ids = np.unique(rules.nearest_centroid(targets, centroids))
+        buf = io.BytesIO()
+        np.savez(buf, centroids=centroids, target_ids=target_ids)
+        work.write_bytes(f"_prepared/image{t}.npz", buf.getvalue())
+        stats[f"image{t}"] = {"centroids": int(len(centroids)), "target_centroids": int(len(target_ids))}
+    return stats
+
+
+def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int) -> np.ndarray:
+    """faiss k-means (niter from the spec, no sub-sampling inside faiss) over caption-filtered pool rows."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    kw = term.kw
+    total = 0
+    for f in inputs:
+        with reader.folder(f.url).open(_split(f.url)[1]) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    rate = min(1.0, kw["max_points"] / max(total, 1))
+    chunks = []
+    for f in inputs:
+        cols = reader.table(f, ["uid", "text"])
+        hi, lo = rules.parse_uids(cols["uid"].to_pylist(), f.url)
+        mask = rules.image_caption_mask(_texts(cols["text"], f, {}), kw["lid_model"])
+        if rate < 1.0:
+            mask &= rules.uniform_by_uid(hi, lo, seed, stream=7) < rate
+        emb = reader.embeddings(f, kw["key"], len(hi))
+        chunks.append(np.asarray(emb[mask], dtype=np.float32))
+    x = np.ascontiguousarray(np.concatenate(chunks)) if chunks else np.zeros((0, 1), np.float32)
+    if len(x) < kw["k"]:
+        raise UserError(f"image_based(k={kw['k']}): only {len(x)} caption-filtered pool rows to cluster; lower k")
+    km = faiss.Kmeans(x.shape[1], kw["k"], niter=kw["iterations"], seed=seed, max_points_per_centroid=10_000_000,
+                      verbose=False)
+    km.train(x)
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+# -- map ----------------------------------------------------------------------
+
+def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -> dict:
+    """Row-local work for one file -> _parts/PID.npz; returns its stats."""
+    cols = reader.table(f, needed_columns(spec))
+    stats: dict = {"rows": 0}
+    hi, lo = rules.parse_uids(cols["uid"].to_pylist(), f.url)
+    n = len(hi)
+    stats["rows"] = n
+    texts = _texts(cols["text"], f, stats) if "text" in cols else None
+    out: dict[str, np.ndarray] = {"hi": hi, "lo": lo}
+    for t, _, term in spec.terms():
+        kw = term.kw
+        if term.name == "no_filter":
+            out[f"m{t}"] = np.ones(n, bool)
+        elif term.name == "basic":
+            out[f"m{t}"] = rules.basic_mask(texts, _floats(cols["original_width"], f, "original_width"),
+                                            _floats(cols["original_height"], f, "original_height"), kw["lid_model"])
+        elif term.name == "laion2b":
+            out[f"m{t}"] = rules.laion2b_mask(texts, _floats(cols[SCORE_COLUMNS["b32"]], f, SCORE_COLUMNS["b32"]))
+        elif term.name == "text_based":
+            ids = rules.read_synset_ids(kw["synsets"])
+            out[f"m{t}"] = rules.text_entity_mask(texts, ids, kw["wordnet"], kw["lid_model"])
+        elif term.name == "image_based":
+            with np.load(io.BytesIO(work.read_bytes(f"_prepared/image{t}.npz"))) as z:
+                centroids, target_ids = z["centroids"], z["target_ids"]
+            caption = rules.image_caption_mask(texts, kw["lid_model"])
+            emb = reader.embeddings(f, kw["key"], n)
+            near = np.full(n, -1, np.int64)
+            near[caption] = rules.nearest_centroid(emb[caption], centroids)
+            out[f"m{t}"] = caption & np.isin(near, target_ids)
+        elif term.name == "clip_score":
+            scores = _floats(cols[score_column(term)], f, score_column(term))
+            if kw["fraction"] is None:
+                out[f"m{t}"] = keep_at_threshold(scores, kw["threshold"])
+            else:
+                out[f"s{t}"] = scores
+        elif term.name == "metaclip":
+            out[f"p{t}"], out[f"e{t}"] = rules.metaclip_matches(texts, kw["entries"])
+        elif term.name in ("vas", "vas_d"):
+            reader.embeddings(f, kw["key"], n)  # bad npz fails here, in the map, naming the file
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    work.write_bytes(f"_parts/{f.pid}.npz", buf.getvalue())
+    return stats
+
+
+def load_parts(work: DataFolder, pid: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(work.read_bytes(f"_parts/{pid}.npz"))) as z:
+        return {k: z[k] for k in z.files}
+
+
+# -- evaluation with fixed parameters ----------------------------------------
+
+class Evaluator:
+    """Term masks of one file's parts, given the global parameters fixed so far."""
+
+    def __init__(self, spec: FilterSpec, work: DataFolder, reader: Reader, params: dict, seed: int):
+        self.spec, self.work, self.reader, self.params, self.seed = spec, work, reader, params, seed
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _array(self, rel: str) -> np.ndarray:
+        if rel not in self._cache:
+            self._cache[rel] = np.load(io.BytesIO(self.work.read_bytes(rel)))
+        return self._cache[rel]
+
+    def term_mask(self, t: int, term: Term, parts: dict, f: InputFile) -> np.ndarray:
+        if f"m{t}" in parts:
+            return parts[f"m{t}"]
+        p = self.params[str(t)]
+        if term.name == "clip_score":
+            return keep_at_threshold(parts[f"s{t}"], p["threshold"])
+        if term.name == "metaclip":
+            counts = self._array(f"_params/metaclip{t}.npy")
+            prob = rules.metaclip_keep_probability(parts[f"p{t}"], parts[f"e{t}"], counts, term.kw["t"])
+            return rules.uniform_by_uid(parts["hi"], parts["lo"], self.seed, stream=t) < prob
+        if term.name == "vas":
+            s = self._array(f"_params/vas{t}.npy")
+            scores = rules.vas_scores(self.reader.embeddings(f, term.kw["key"], len(parts["hi"])), s)
+            return keep_at_threshold(scores, p["threshold"])
+        if term.name == "vas_d":
+            return np.load(io.BytesIO(self.work.read_bytes(f"_params/vasd{t}/{f.pid}.npy")))
+        raise AssertionError(term.name)
+
+    def alive(self, parts: dict, f: InputFile, before_group: int) -> np.ndarray:
+        """Rows every group before `before_group` keeps."""
+        mask = np.ones(len(parts["hi"]), bool)
+        for t, g, term in self.spec.terms():
+            if g < before_group:
+                mask &= self.term_mask(t, term, parts, f)
+        return mask
+
+
+# -- reduce -------------------------------------------------------------------
+
+def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: Reader, seed: int,
+           scratch: str) -> dict:
+    """Fix every global parameter in spec order; writes _params/ and returns params.json's content."""
+    n_pool = 0
+    for f in inputs:
+        n_pool += len(load_parts(work, f.pid)["hi"])
+    params: dict = {"n_pool": n_pool}
+    ev = Evaluator(spec, work, reader, params, seed)
+
+    def candidates(g: int) -> Iterator[tuple[InputFile, dict, np.ndarray]]:
+        for f in inputs:
+            parts = load_parts(work, f.pid)
+            yield f, parts, ev.alive(parts, f, g)
+
+    for t, g, term in spec.terms():
+        if not term.is_global:
+            continue
+        kw = term.kw
+        if term.name == "clip_score":
+            n = fraction_index(n_pool, kw["fraction"])
+            thr, info = exact_descending_value(lambda: (p[f"s{t}"][a] for _, p, a in candidates(g)), n)
+            params[str(t)] = {"filter": term.text(), "threshold": thr, "column": score_column(term), **info}
+        elif term.name == "metaclip":
+            counts = None
+            for _, p, a in candidates(g):
+                ptr, ids = p[f"p{t}"], p[f"e{t}"]
+                row_of = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+                c = np.bincount(ids[a[row_of]], minlength=len(rules.read_entries(kw["entries"])))
+                counts = c if counts is None else counts + c
+            counts = counts if counts is not None else np.zeros(0, np.int64)
+            _save_npy(work, f"_params/metaclip{t}.npy", counts.astype(np.int64))
+            params[str(t)] = {"filter": term.text(), "t": kw["t"], "entries_matched": int((counts > 0).sum()),
+                              "entries_over_t": int((counts > kw["t"]).sum())}
+        elif term.name == "vas":
+            s = _vas_target(term, candidates(g), reader)
+            _save_npy(work, f"_params/vas{t}.npy", s)
+            ev._cache.pop(f"_params/vas{t}.npy", None)
+            n = fraction_index(n_pool, kw["fraction"])
+
+            def vas_stream():
+                for f, p, a in candidates(g):
+                    yield rules.vas_scores(reader.embeddings(f, kw["key"], len(p["hi"])), s)[a]
+
+            thr, info = exact_descending_value(vas_stream, n)
+            params[str(t)] = {"filter": term.text(), "threshold": thr, "target": kw["target"], **info}
+        elif term.name == "vas_d":
+            params[str(t)] = _vas_d(t, term, inputs, work, reader, candidates(g), n_pool, scratch)
+    work.write_json(PARAMS, params)
+    return params
+
+
+def _save_npy(work: DataFolder, rel: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    work.write_bytes(rel, buf.getvalue())
+
+
+def _second_moment(rows: Iterator[np.ndarray]) -> np.ndarray:
+    s, n = None, 0
+    for f in rows:
+        f = rules.normalized(f)
+        s = f.T @ f if s is None else s + f.T @ f
+        n += len(f)
+    if s is None or n == 0:
+        raise UserError("vas: no candidate rows to build the target second moment from")
+    return s / n
+
+
+def _vas_target(term: Term, cands, reader: Reader) -> np.ndarray:
+    kw = term.kw
+    if kw["target"] == "pool":
+        return _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]))[a] for f, p, a in cands)
+    m = rules.load_matrix(kw["target"], "vas target")
+    if m.shape[0] == m.shape[1] and np.allclose(m, m.T):
+        return m.astype(np.float64)  # already S
+    return _second_moment(iter([m]))
+
+
+def _vas_d(t: int, term: Term, inputs: list[InputFile], work: DataFolder, reader: Reader, cands,
+           n_pool: int, scratch: str) -> dict:
+    """VAS-D: survivors start as the candidates; each round recomputes S from the survivors and
+    keeps exactly its target count, the highest VAS first (ties: smaller uid first)."""
+    kw = term.kw
+    alive_dir = os.path.join(scratch, f"vasd{t}")
+    os.makedirs(alive_dir, exist_ok=True)
+    n0 = 0
+    for f, p, a in cands:
+        np.save(os.path.join(alive_dir, f"{f.pid}.npy"), a)
+        n0 += int(a.sum())
+    n_final = min(fraction_index(n_pool, kw["fraction"]), n0)
+    rounds = kw["iterations"] if n0 > n_final else 0
+    sizes = []
+    for i in range(1, rounds + 1):
+        target = n0 - round(i * (n0 - n_final) / rounds)
+
+        def survivors():
+            for f in inputs:
+                a = np.load(os.path.join(alive_dir, f"{f.pid}.npy"))
+                yield f, a
+
+        def emb(f, a):
+            return reader.embeddings(f, kw["key"], len(a))
+
+        s = _second_moment(emb(f, a)[a] for f, a in survivors())
+
+        def scores(f, a):
+            sc = rules.vas_scores(emb(f, a), s)
+            return np.where(np.isnan(sc), -np.inf, sc)
+
+        _keep_top_exactly(target, survivors, scores, work, alive_dir)
+        sizes.append(target)
+    for f in inputs:
+        a = np.load(os.path.join(alive_dir, f"{f.pid}.npy"))
+        _save_npy(work, f"_params/vasd{t}/{f.pid}.npy", a)
+    return {"filter": term.text(), "candidates": n0, "target": n_final, "rounds": rounds,
+            "first_sizes": sizes[:3], "last_size": sizes[-1] if sizes else n0}
+
+
+def _keep_top_exactly(target: int, survivors, scores, work: DataFolder, alive_dir: str) -> None:
+    """Keep exactly `target` survivors: highest score first, ties by ascending uid."""
+    if target <= 0:
+        for f, a in list(survivors()):
+            np.save(os.path.join(alive_dir, f"{f.pid}.npy"), np.zeros_like(a))
+        return
+    cache = {}
+
+    def stream():
+        for f, a in survivors():
+            if f.pid not in cache:
+                cache[f.pid] = scores(f, a)
+            yield cache[f.pid][a]
+
+    v, _ = exact_descending_value(stream, target - 1)
+    above = sum(int((sc > v).sum()) for sc in stream())
+    need = target - above
+    ties = []
+    for f, a in survivors():
+        parts = load_parts(work, f.pid)
+        sel = a & (cache[f.pid] == v)
+        ties.append(rules.uid_array(parts["hi"][sel], parts["lo"][sel]))
+    tie_uids = np.sort(np.concatenate(ties))
+    cut_hi, cut_lo = tie_uids[need - 1]
+    for f, a in survivors():
+        parts = load_parts(work, f.pid)
+        hi, lo = parts["hi"], parts["lo"]
+        uid_le_cut = (hi < cut_hi) | ((hi == cut_hi) & (lo <= cut_lo))
+        sc = cache[f.pid]
+        keep = a & ((sc > v) | ((sc == v) & uid_le_cut))
+        np.save(os.path.join(alive_dir, f"{f.pid}.npy"), keep)
+
+
+# -- apply & write ------------------------------------------------------------
+
+def apply_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader, params: dict, seed: int) -> dict:
+    """The final mask of one file -> sorted uids in _kept/PID.npy; returns per-term kept counts."""
+    parts = load_parts(work, f.pid)
+    ev = Evaluator(spec, work, reader, params, seed)
+    n = len(parts["hi"])
+    kept = np.ones(n, bool)
+    counts: dict[str, int] = {}
+    terms = spec.terms()
+    for g in range(len(spec.groups)):
+        candidates, group_keep = kept, np.ones(n, bool)
+        for t, _, term in (x for x in terms if x[1] == g):
+            m = ev.term_mask(t, term, parts, f)
+            counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
+            group_keep &= m
+        kept = candidates & group_keep
+    uids = np.sort(rules.uid_array(parts["hi"][kept], parts["lo"][kept]))
+    _save_npy(work, f"_kept/{f.pid}.npy", uids)
+    return {"rows": n, "kept": int(kept.sum()), "term_kept": counts}
+
+
+def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out_name: str = SUBSET,
+                 partition_bytes: int = PARTITION_BYTES) -> int:
+    """Merge every _kept/PID.npy into one sorted subset file, `partition_bytes` of uids sorted at a time."""
+    sizes = {}
+    for f in inputs:
+        sizes[f.pid] = _npy_rows(work, f"_kept/{f.pid}.npy")
+    total = sum(sizes.values())
+    n_parts = max(1, -(-total * 16 // partition_bytes))
+    bounds = [(i << 64) // n_parts for i in range(n_parts + 1)]  # uid ranges on the upper 64 bits
+    dtype = np.dtype("u8,u8")
+    with out.writer(out_name) as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": (total,)})
+        written = 0
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            chunk = []
+            for f in inputs:
+                if not sizes[f.pid]:
+                    continue
+                arr = np.load(io.BytesIO(work.read_bytes(f"_kept/{f.pid}.npy")))
+                a = int(np.searchsorted(arr["f0"], np.uint64(lo)))
+                b = len(arr) if hi == 1 << 64 else int(np.searchsorted(arr["f0"], np.uint64(hi)))
+                chunk.append(arr[a:b])
+            part = np.sort(np.concatenate(chunk)) if chunk else np.zeros(0, dtype)
+            fh.write(part.tobytes())
+            written += len(part)
+    assert written == total, (written, total)
+    return total
+
+
+def _npy_rows(work: DataFolder, rel: str) -> int:
+    with work.open(rel) as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(fh)
+    return int(shape[0])
+
+
+def summary(spec: FilterSpec, apply_stats: list[dict], map_stats: list[dict], params: dict, seed: int) -> dict:
+    """stats.json: input rows, kept rows, per-filter kept counts, thresholds used, seed."""
+    term_kept: dict[str, int] = {}
+    for s in apply_stats:
+        for k, v in s["term_kept"].items():
+            term_kept[k] = term_kept.get(k, 0) + v
+    return {
+        "spec": spec.text(), "seed": seed,
+        "input_rows": sum(s["rows"] for s in apply_stats),
+        "kept_rows": sum(s["kept"] for s in apply_stats),
+        "per_filter_kept": term_kept,
+        "null_text_rows": sum(s.get("null_text", 0) for s in map_stats),
+        "parameters": {k: v for k, v in params.items() if k != "n_pool"},
+    }
+
+
+def json_safe(obj):
+    """Floats NaN/inf as strings so stats.json stays valid JSON."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+# -- one machine --------------------------------------------------------------
+
+def list_inputs(pool: str, storage_options: dict | None = None) -> list[InputFile]:
+    folder = DataFolder(pool, storage_options)
+    names = folder.list(suffix=".parquet")
+    if not names:
+        raise UserError(f"{folder.url}: no .parquet files")
+    return [InputFile(f"{i:08d}", folder.url_of(n)) for i, n in enumerate(names)]
+
+
+def run_local(spec_text: str, inputs: list[InputFile], work: DataFolder, out_url: str, seed: int = 0,
+              scratch: str | None = None, storage_options: dict | None = None) -> dict:
+    """The whole filter in this process (what `dcslurm filter run` does); returns stats.json's content."""
+    import tempfile
+
+    try:
+        spec = parse_spec(spec_text)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    reader = Reader(storage_options)
+    scratch = scratch or tempfile.mkdtemp(prefix="dcslurm-filter-")
+    prepare(spec, inputs, work, reader, seed)
+    map_stats = [map_file(spec, f, work, reader) for f in inputs]
+    params = reduce(spec, inputs, work, reader, seed, scratch)
+    apply_stats = [apply_file(spec, f, work, reader, params, seed) for f in inputs]
+    parent, name = out_url.rstrip("/").rsplit("/", 1) if "/" in out_url else (".", out_url)
+    out = DataFolder(parent, storage_options)
+    write_subset(inputs, work, out, name)
+    stats = json_safe(summary(spec, apply_stats, map_stats, params, seed))
+    out.write_json(posixpath.splitext(name)[0] + "_stats.json", stats)
+    return stats
+
+
+def stats_json(stats: dict) -> str:
+    return json.dumps(stats, indent=1, sort_keys=True)

