@@ -51,7 +51,64 @@ def create_model(name: str, pretrained: str = "", device: str = "cpu", seed: int
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
+        if pretrained and not os.path.exists(pretrained):
+            raise UserError(f"{name} / {pretrained}: weights not found: {_tag_location(name, pretrained)} is not in "
+                            "the local cache and cannot be downloaded here; copy it there, or set pretrained to a "
+                            "local checkpoint file") from None
         raise UserError(f"{name} / {pretrained or 'random init'}: cannot load weights: "
                         f"{str(exc).splitlines()[0][:300]}") from None
     return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
+
+
+def _tag_location(name: str, tag: str) -> str:
+    """Where open_clip looks for the weights of (name, tag), in words."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"].rstrip("/")) if not cfg["hf_hub"].endswith("/") else (
+            cfg["hf_hub"].rstrip("/"), "open_clip_pytorch_model.bin")
+        hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+        return f"{filename} of Hugging Face repo {repo} (cache {hub})"
+    if cfg.get("url"):
+        return f"{os.path.expanduser('~/.cache/clip')}/{os.path.basename(cfg['url'])}"
+    return f"the weights of tag {tag!r}"
+
+
+def model_preprocess(model):
+    """open_clip's eval preprocessing settings of a built model (a `PreprocessCfg`:
+    size, mean, std, interpolation, resize_mode, fill_color)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    return PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), open_clip.get_model_preprocess_cfg(model)))
+
+
+def text_settings(name: str, model=None) -> tuple[int, str]:
+    """(context length, tokenizer identity) of open_clip model `name`: two models
+    with the same identity tokenize any caption to the same tokens."""
+    import json
+
+    import open_clip
+
+    register_configs()
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    context_length = text_cfg.get("context_length", 77)
+    if model is not None:
+        context_length = open_clip.get_model_tokenize_cfg(model).get("context_length", context_length)
+    identity = json.dumps({"hf": text_cfg.get("hf_tokenizer_name", ""), "kwargs": text_cfg.get("tokenizer_kwargs", {}),
+                           "context_length": context_length}, sort_keys=True)
+    return context_length, identity
+
+
+def embed_dim(name: str) -> int:
+    """Width of the joint embedding space of open_clip model `name`."""
+    import open_clip
+
+    register_configs()
+    cfg = open_clip.get_model_config(name)
+    if not cfg or "embed_dim" not in cfg:
+        raise UserError(f"open_clip model {name!r} has no embed_dim in its config")
+    return int(cfg["embed_dim"])

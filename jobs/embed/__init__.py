@@ -1,0 +1,1 @@
+"""Embed stage: CLIP image/text embeddings and similarity scores per shard (DataComp layout)."""
