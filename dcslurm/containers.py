@@ -360,6 +360,17 @@ def image_for(config, gpu: bool) -> str:
     return path
 
 
+def check_host(config) -> None:
+    """One-line UserError unless apptainer and the images the run's stages need are here."""
+    from dcslurm.stages import get_stage
+
+    find_apptainer(config.container.apptainer)
+    for gpu in sorted({get_stage(s).gpu for s in config.selected_stages()}):
+        image = image_for(config, gpu)
+        if not os.path.exists(image):
+            raise UserError(f"{image}: [container] {'gpu' if gpu else 'cpu'}_image does not exist")
+
+
 def _bind_args(path: str, target: str | None = None) -> list[str]:
     """--bind for plain paths; --mount (CSV-quoted) for paths with ',' or ':' that --bind cannot express."""
     target = target or path

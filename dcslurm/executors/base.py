@@ -27,6 +27,10 @@ class Executor(ABC):
 
     def __init__(self, config: RunConfig):
         self.config = config
+        if config.container.enabled:
+            from dcslurm.containers import check_host
+
+            check_host(config)  # before anything is queued or written: apptainer and images present
 
     @abstractmethod
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,

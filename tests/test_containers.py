@@ -1,0 +1,362 @@
+"""Containers without building real images (seconds): image naming, build
+reuse, push/pull, the exec prefix the executors use, rendered sbatch scripts
+(quoting, no credentials, run through bash), and the missing-apptainer error.
+
+A stand-in `apptainer` (a script that records its arguments and environment)
+takes the place of the real one here; tests/test_containers_apptainer.py
+builds and runs real images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dcslurm import containers
+from dcslurm.config import load_config
+from dcslurm.errors import UserError
+from dcslurm.executors import make_executor
+from dcslurm.render_cli import render_run
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "SeCrEt-value-that-must-never-be-written-7f3a"
+KEY_ID = "AKIA-key-id-that-must-never-be-written-91c2"
+
+# Records argv (after the program name) and the APPTAINERENV_* variables as one
+# JSON line per call; `build` writes the definition's text as the "image".
+FAKE_APPTAINER = textwrap.dedent(f"""\
+    #!{sys.executable}
+    import json, os, sys
+    record = os.environ["FAKE_APPTAINER_RECORD"]
+    env = {{k: v for k, v in os.environ.items() if k.startswith("APPTAINERENV_")}}
+    with open(record, "a") as f:
+        f.write(json.dumps({{"argv": sys.argv[1:], "env": env, "cwd": os.getcwd()}}) + "\\n")
+    if sys.argv[1] == "build":
+        out, definition = sys.argv[-2], sys.argv[-1]
+        with open(definition, "rb") as src, open(out, "wb") as dst:
+            dst.write(b"SIF:" + src.read())
+    """)
+
+
+def make_fake_apptainer(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "apptainer"
+    path.write_text(FAKE_APPTAINER)
+    path.chmod(0o755)
+    return path
+
+
+def calls(record: Path) -> list[dict]:
+    if not record.exists():
+        return []
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    record = tmp_path / "apptainer-calls.jsonl"
+    monkeypatch.setenv("FAKE_APPTAINER_RECORD", str(record))
+    return make_fake_apptainer(tmp_path / "fakebin"), record
+
+
+@pytest.fixture
+def defs(tmp_path, monkeypatch) -> Path:
+    """A private copy of containers/ (tests edit it)."""
+    d = tmp_path / "containers"
+    shutil.copytree(REPO / "containers", d)
+    monkeypatch.setenv(containers.CONTAINERS_DIR_ENV, str(d))
+    return d
+
+
+# -- naming -------------------------------------------------------------------------
+
+def test_tag_is_stable_and_changes_with_definition_lock_and_kind(defs):
+    cpu = containers.image_spec("cpu")
+    assert cpu.tag == containers.image_spec("cpu").tag
+    assert cpu.filename == f"dcslurm-cpu-{cpu.tag}.sif"
+    gpu = containers.image_spec("gpu")
+    assert gpu.tag != cpu.tag
+
+    (defs / "cpu.def").write_text((defs / "cpu.def").read_text().replace("%post\n", "%post\n    true\n", 1))
+    changed_def = containers.image_spec("cpu")
+    assert changed_def.tag != cpu.tag
+    assert containers.image_spec("gpu").tag == gpu.tag  # the other image is untouched
+
+    with open(defs / "cpu.lock", "a") as f:
+        f.write("# a comment is a change too\n")
+    assert containers.image_spec("cpu").tag not in (cpu.tag, changed_def.tag)
+
+
+def test_header_swap_keeps_every_section_and_names_a_different_image(defs):
+    shipped = containers.image_spec("cpu")
+    swapped = containers.image_spec("cpu", header="debootstrap")
+    assert shipped.definition.count("Bootstrap: docker") == 1
+    assert swapped.definition.startswith("Bootstrap: debootstrap\nOSVersion: bookworm\n")
+    body = shipped.definition[shipped.definition.index("\n%"):]
+    assert swapped.definition.endswith(body)
+    assert swapped.tag != shipped.tag
+
+
+# -- build ----------------------------------------------------------------------------
+
+def test_build_twice_builds_once_and_a_changed_definition_builds_a_new_tag(tmp_path, fake, defs):
+    apptainer, record = fake
+    images = tmp_path / "images"
+    first = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None)
+    assert first.built and os.path.basename(first.path) == containers.image_spec("cpu").filename
+    again = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None)
+    assert not again.built and again.path == first.path
+    assert len(calls(record)) == 1
+
+    (defs / "cpu.def").write_text((defs / "cpu.def").read_text() + "\n%labels\n    changed yes\n")
+    third = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None)
+    assert third.built and third.path != first.path
+    assert len(calls(record)) == 2
+    # The build context held the wheel and lock; the image is what apptainer wrote.
+    build_call = calls(record)[0]
+    assert build_call["argv"][:2] == ["build", "--force"]
+    assert Path(first.path).read_bytes().startswith(b"SIF:")
+    assert {p.name for p in images.glob("*.sif")} == {os.path.basename(first.path), os.path.basename(third.path)}
+
+
+def test_build_command_trusts_the_host_ca_bundle(monkeypatch, tmp_path):
+    bundle = tmp_path / "certs" / "ca.pem"
+    bundle.parent.mkdir()
+    bundle.write_text("x")
+    monkeypatch.setenv("PIP_CERT", str(bundle))
+    argv, env = containers.build_command("apptainer", "out.sif", "cpu.def")
+    assert argv == ["apptainer", "build", "--force", "--bind", f"{bundle.parent}:/mnt", "out.sif", "cpu.def"]
+    assert env["APPTAINERENV_PIP_CERT"] == "/mnt/ca.pem"
+
+
+# -- push / pull ------------------------------------------------------------------------
+
+def _fake_image(folder: Path, kind: str = "cpu", payload: bytes = b"image bytes " * 1000) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(payload).hexdigest()[:16]
+    path = folder / f"dcslurm-{kind}-{tag}.sif"
+    path.write_bytes(payload)
+    return path
+
+
+def _push_pull_roundtrip(url: str, tmp_path: Path, storage_options: dict | None = None) -> None:
+    image = _fake_image(tmp_path / "built", payload=os.urandom(3 << 20))  # several MB: multipart on S3
+    assert containers.push_image(str(image), url, storage_options)
+    assert not containers.push_image(str(image), url, storage_options)  # already there
+    pulled_dir = tmp_path / "pulled"
+    got = containers.pull_images(url, str(pulled_dir), storage_options)
+    assert got == [(str(pulled_dir / image.name), True)]
+    assert (pulled_dir / image.name).read_bytes() == image.read_bytes()
+    assert containers.pull_images(url, str(pulled_dir), storage_options) == [(str(pulled_dir / image.name), False)]
+    assert containers.pull_images(url, str(tmp_path / "gpu-only"), storage_options, kinds=["gpu"]) == []
+    assert [i.path for i in containers.list_images(str(pulled_dir))] == [str(pulled_dir / image.name)]
+
+
+def test_push_pull_through_a_shared_folder_gives_the_same_bytes(tmp_path):
+    _push_pull_roundtrip(str(tmp_path / "shared images"), tmp_path)
+
+
+@pytest.mark.s3
+def test_push_pull_through_s3_gives_the_same_bytes(tmp_path, s3_server, s3_bucket):
+    _push_pull_roundtrip(f"{s3_bucket}/images/", tmp_path, s3_server.storage_options())
+
+
+def test_pull_refuses_an_image_whose_bytes_do_not_match(tmp_path):
+    remote = tmp_path / "remote"
+    image = _fake_image(tmp_path / "built")
+    containers.push_image(str(image), str(remote))
+    (remote / image.name).write_bytes(b"tampered")
+    with pytest.raises(UserError, match="does not match"):
+        containers.pull_images(str(remote), str(tmp_path / "pulled"))
+    assert not list((tmp_path / "pulled").iterdir())  # nothing half-written left behind
+
+
+# -- the exec prefix ----------------------------------------------------------------------
+
+def _config(tmp_path: Path, folder: str, container: str, stages=("synth", "digest", "summary"),
+            executor: str = "slurm", extra: str = "") -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(f"""
+[run]
+folder = {json.dumps(folder)}
+stages = {json.dumps(list(stages))}
+
+[executor]
+kind = "{executor}"
+
+[container]
+{container}
+
+[stages.synth]
+units = 3
+{extra}
+""")
+    return str(path)
+
+
+def test_disabled_containers_run_the_plain_interpreter(tmp_path):
+    cfg = load_config(_config(tmp_path, str(tmp_path / "run"), "enabled = false"))
+    launcher = make_executor("local", cfg).launcher(step_gpu=True)
+    assert launcher.prefix == [] and launcher.python == sys.executable
+
+
+def test_enabled_containers_exec_in_the_image_with_only_the_needed_binds(tmp_path, fake, monkeypatch):
+    apptainer, _ = fake
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    cpu, gpu = _fake_image(tmp_path / "img", "cpu"), _fake_image(tmp_path / "img", "gpu", b"gpu")
+    metadata = tmp_path / "pool meta"
+    metadata.mkdir()
+    cfg = load_config(_config(
+        tmp_path, str(tmp_path / "run"),
+        f"enabled = true\napptainer = {json.dumps(str(apptainer))}\ncpu_image = {json.dumps(str(cpu))}\n"
+        f"gpu_image = {json.dumps(str(gpu))}\nmodel_cache = {json.dumps(str(tmp_path / 'models'))}",
+        extra=f"\n[pool]\nmetadata = {json.dumps(str(metadata))}\n"))
+    executor = make_executor("slurm", cfg)
+    cpu_launcher, gpu_launcher = executor.launcher(False), executor.launcher(True)
+    for launcher, image in ((cpu_launcher, cpu), (gpu_launcher, gpu)):
+        p = launcher.prefix
+        assert p[:3] == ["bash", "-c", containers._FORWARD_SNIPPET]
+        assert p[4:8] == [str(apptainer), "exec", "--cleanenv", "--contain"]
+        assert p[-1] == str(image) and launcher.python == "python3"
+        binds = [p[i + 1] for i, w in enumerate(p) if w == "--bind"]
+        assert binds == [str(tmp_path / "run"), str(metadata), "/tmp", str(tmp_path / "models")]
+        assert launcher.env == {"APPTAINERENV_XDG_CACHE_HOME": str(tmp_path / "models")}
+        assert SECRET not in json.dumps([p, launcher.env])
+    assert "--nv" in gpu_launcher.prefix and "--nv" not in cpu_launcher.prefix
+
+
+def test_paths_that_bind_cannot_express_use_mount():
+    assert containers._bind_args("/a b/c") == ["--bind", "/a b/c"]
+    assert containers._bind_args("/data", "/tmp") == ["--bind", "/data:/tmp"]
+    assert containers._bind_args('/x,y:"z"') == [
+        "--mount", '"type=bind","source=/x,y:""z""","destination=/x,y:""z"""']
+
+
+def test_missing_apptainer_is_one_line_error_saying_how_to_run_without(tmp_path):
+    cfg_path = _config(tmp_path, str(tmp_path / "run"),
+                       'enabled = true\napptainer = "dcslurm-no-such-apptainer"', executor="local")
+    with pytest.raises(UserError) as err:
+        make_executor("local", load_config(cfg_path)).launcher(False)
+    assert "\n" not in str(err.value) and "[container] enabled = false" in str(err.value)
+    # The same through the command line: one line on stderr, exit 2, nothing run.
+    proc = subprocess.run([sys.executable, "-m", "dcslurm", "submit", "--config", cfg_path],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "%" not in l and "━" not in l]
+    assert len(lines) == 1 and "dcslurm-no-such-apptainer" in lines[0] and "enabled = false" in lines[0]
+    assert not (tmp_path / "run" / "synth").exists()
+
+
+def test_missing_image_says_how_to_get_one(tmp_path, fake, monkeypatch):
+    apptainer, _ = fake
+    monkeypatch.setenv(containers.IMAGE_DIR_ENV, str(tmp_path / "empty"))
+    cfg = load_config(_config(tmp_path, str(tmp_path / "run"), f"enabled = true\napptainer = {json.dumps(str(apptainer))}"))
+    with pytest.raises(UserError, match="containers build"):
+        make_executor("slurm", cfg).launcher(False)
+
+
+# -- rendered scripts --------------------------------------------------------------------
+
+HOSTILE = "we ird 'q' $(touch PWNED) `touch PWNED2` ;&|<>"
+CACHE_NAME = 'cache, with: comma "dq"'  # --bind cannot hold it: goes through --mount
+
+
+def _hostile_setup(tmp_path: Path, fake, stages=("synth", "digest", "summary"), extra: str = ""):
+    apptainer, record = fake
+    root = tmp_path / HOSTILE
+    root.mkdir()
+    weird_bin = root / 'bin "dq" $(x)'
+    weird_app = make_fake_apptainer(weird_bin)
+    image = _fake_image(root / 'images "dq"')
+    cache = root / CACHE_NAME
+    cfg_path = _config(
+        root, str(root / "run folder"),
+        f"enabled = true\napptainer = {json.dumps(str(weird_app))}\ncpu_image = {json.dumps(str(image))}\n"
+        f"gpu_image = {json.dumps(str(image))}\n"
+        f"model_cache = {json.dumps(str(cache))}",
+        stages=stages, extra=extra)
+    return root, cfg_path, weird_app, image, record
+
+
+def test_render_scripts_pass_bash_n_quote_everything_and_hold_no_credentials(tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    root, cfg_path, weird_app, image, record = _hostile_setup(tmp_path, fake)
+    out = root / "scripts out"
+    # Through the command line, as a user would.
+    proc = subprocess.run([sys.executable, "-m", "dcslurm", "render", "--config", cfg_path, "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    names = sorted(os.listdir(out))
+    assert names == ["digest.0000.sbatch", "submit.sh", "summary.sbatch", "synth.0000.sbatch"]
+    for name in names:
+        text = (out / name).read_text()
+        check = subprocess.run(["bash", "-n", str(out / name)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{name}: {check.stderr}"
+        assert SECRET not in text and KEY_ID not in text
+    synth = (out / "synth.0000.sbatch").read_text()
+    assert "--cleanenv" in synth and "exec bash -c" in synth
+    assert "#SBATCH --array=0-2" in synth
+    # The script body, run by bash as SLURM would run it (array task 1 of job 77),
+    # starts the container with exactly the words we meant, whatever the paths hold.
+    env = {**os.environ, "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "78",
+           "FAKE_APPTAINER_RECORD": str(record)}
+    run = subprocess.run(["bash", str(out / "synth.0000.sbatch")], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (call,) = calls(record)
+    run_folder = str(root / "run folder")
+    cache = str(root / CACHE_NAME)
+    mount_cache = ",".join('"' + f.replace('"', '""') + '"' for f in
+                           ("type=bind", f"source={cache}", f"destination={cache}"))
+    assert call["argv"] == [
+        "exec", "--cleanenv", "--contain", "--bind", run_folder, "--bind", "/tmp", "--mount", mount_cache,
+        "--pwd", "/tmp", str(image), "python3", "-m", "dcslurm.runner", run_folder, "synth", "1",
+        "--log", f"{run_folder}/logs/synth/77_1.log"]
+    # Credentials and the task's SLURM variables reach the container from the environment at run time.
+    assert call["env"]["APPTAINERENV_AWS_SECRET_ACCESS_KEY"] == SECRET
+    assert call["env"]["APPTAINERENV_AWS_ACCESS_KEY_ID"] == KEY_ID
+    assert call["env"]["APPTAINERENV_SLURM_ARRAY_TASK_ID"] == "1"
+    assert json.loads(call["env"]["APPTAINERENV_DCSLURM_STORAGE"]) == {}
+    assert call["env"]["APPTAINERENV_XDG_CACHE_HOME"] == cache
+    # Nothing in any path was executed.
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_render_multi_node_training_runs_srun_inside_the_allocation_and_each_rank_in_the_gpu_image(
+        tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    extra = ('\n[stages.train]\ndata = "s3://bucket/shards/{00000000..00000007}.tar"\n'
+             "[stages.train.resources]\nnodes = 2\ntasks_per_node = 4\ngpus_per_node = 4\n")
+    root, cfg_path, weird_app, image, record = _hostile_setup(tmp_path, fake, stages=("train",), extra=extra)
+    text = Path(cfg_path).read_text().replace("[stages.synth]\nunits = 3\n", "")
+    Path(cfg_path).write_text(text)
+    out = root / "sbatch"
+    names = render_run(cfg_path, str(out))
+    assert names == ["train.sbatch", "submit.sh"]
+    script = (out / "train.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(out / "train.sbatch")]).returncode == 0
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert "#SBATCH --gpus-per-node=4" in script and SECRET not in script
+    # srun starts one containerized rank per task; a fake srun runs two ranks here.
+    fake_srun = root / "fakebin2"
+    fake_srun.mkdir()
+    (fake_srun / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                    'for r in 0 1; do SLURM_PROCID=$r "$@" || exit; done\n')
+    (fake_srun / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_srun}:{os.environ['PATH']}", "SLURM_JOB_ID": "90",
+           "SLURM_NTASKS": "8", "FAKE_APPTAINER_RECORD": str(record)}
+    run = subprocess.run(["bash", str(out / "train.sbatch")], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ranks = calls(record)
+    assert [c["env"]["APPTAINERENV_SLURM_PROCID"] for c in ranks] == ["0", "1"]
+    for c in ranks:
+        assert c["argv"][:4] == ["exec", "--cleanenv", "--contain", "--nv"]
+        assert c["argv"][-8:-2] == ["python3", "-m", "dcslurm.runner", str(root / "run folder"), "train", "0"]
