@@ -43,12 +43,11 @@ def failure_reason(message: str) -> str:
         return "timeout"
     if "refused" in m:
         return "connection refused"
-    if "decompression bomb" in m or "image area too large" in m:
+    if "decompression bomb" in m or "cv_io_max_image_pixels" in m or "image area too large" in m:
         return "decompression bomb"
     if "image decoding error" in m or "cannot identify" in m:
-        return "not an image"
-    if "truncated" in m or "premature end" in m:
-        return "truncated image"
+        # img2dataset's one message for bytes OpenCV cannot decode: HTML pages, truncated or corrupt files
+        return "undecodable image"
     if "name or service not known" in m or "nodename nor servname" in m or "getaddrinfo" in m:
         return "dns failure"
     if "hash mismatch" in m:
