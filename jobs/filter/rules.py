@@ -16,6 +16,7 @@ import gzip
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 
@@ -165,8 +166,15 @@ def wordnet_reader(db_dir: str = "/usr/share/wordnet"):
 
     if not os.path.exists(os.path.join(db_dir, "data.noun")):
         raise UserError(f"{db_dir}: no WordNet database (data.noun); install Debian's wordnet-base")
-    cache = os.path.join(os.path.expanduser(os.environ.get("DCSLURM_CACHE", "~/.cache/dcslurm")),
-                         "wordnet-" + re.sub(r"[^A-Za-z0-9]+", "_", os.path.abspath(db_dir)))
+    import nltk
+
+    # nltk reads corpora only under its data path, and only real copies (no symlinks).
+    nltk_root = os.path.join(os.path.expanduser(os.environ.get("DCSLURM_CACHE", "~/.cache/dcslurm")), "nltk_data",
+                             re.sub(r"[^A-Za-z0-9]+", "_", os.path.abspath(db_dir)))
+    cache = os.path.join(nltk_root, "corpora", "wordnet")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    if nltk_root not in nltk.data.path:
+        nltk.data.path.append(nltk_root)
     if not os.path.exists(os.path.join(cache, "lexnames")):
         tmp = f"{cache}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +186,13 @@ def wordnet_reader(db_dir: str = "/usr/share/wordnet"):
             os.replace(tmp, cache)
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
-    return WordNetCorpusReader(cache, None)
+    class EnglishWordNet(WordNetCorpusReader):
+        def map_wn(self, version="wordnet"):
+            return {}  # the WordNet-3.0 map serves only multilingual (OMW) lookups; costs ~20 s to build
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions are not available": English only here
+        return EnglishWordNet(cache, None)
 
 
 def read_synset_ids(path: str) -> frozenset[int]:
@@ -262,15 +276,17 @@ def metaclip_matches(texts: list[str], entries_path: str) -> tuple[np.ndarray, n
 
 def metaclip_keep_probability(ptr: np.ndarray, ids: np.ndarray, counts: np.ndarray, t: int) -> np.ndarray:
     """1 - prod_e (1 - min(1, t / count_e)) over each row's matched entries; 0 for no match."""
-    with np.errstate(divide="ignore"):
-        p_entry = np.minimum(1.0, t / np.maximum(counts, 1).astype(np.float64))
-    log_miss = np.log1p(-np.minimum(p_entry[ids], 1.0)) if ids.size else np.zeros(0)
-    # A matched entry with p = 1 makes the row certain: log1p(-1) = -inf -> keep prob 1.
-    sums = np.add.reduceat(log_miss, ptr[:-1]) if ids.size else np.zeros(len(ptr) - 1)
+    p_entry = np.minimum(1.0, t / np.maximum(counts, 1).astype(np.float64))
+    n_rows = len(ptr) - 1
     n_match = np.diff(ptr)
-    with np.errstate(invalid="ignore"):
-        prob = -np.expm1(sums)
-    return np.where(n_match > 0, prob, 0.0)
+    width = int(n_match.max()) if n_rows else 0
+    # (1 - p_e) of each row's entries in a padded row-major matrix; product left to right.
+    miss = np.ones((n_rows, max(width, 1)), dtype=np.float64)
+    if ids.size:
+        rows = np.repeat(np.arange(n_rows), n_match)
+        cols = np.arange(ids.size) - np.repeat(ptr[:-1], n_match)
+        miss[rows, cols] = 1.0 - p_entry[ids]
+    return np.where(n_match > 0, 1.0 - np.prod(miss, axis=1), 0.0)
 
 
 def uniform_by_uid(hi: np.ndarray, lo: np.ndarray, seed: int, stream: int) -> np.ndarray:
