@@ -1,0 +1,329 @@
+"""Reshard steps (see spec.py for the plan): count, index, write, finalize.
+
+The global order of output samples is: input shards in unit order (or a
+seeded permutation of them when shuffling), samples in tar order, the c
+repeats of a sample one after the other. Global sample g goes to output shard
+g // samples_per_shard, so shard names and contents depend only on the
+inputs, the subset and the params, never on the number of tasks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from dcslurm.errors import UserError
+from dcslurm.shards import split_evenly
+from dcslurm.storage import DataFolder
+from dcslurm.task import TaskContext, TaskResult
+from jobs.reshard.spec import filter_in_run
+from jobs.reshard.subset import SubsetFile, load_subset
+from jobs.reshard.tario import Member, ReadCounters, Sample, TarSampleReader, TarShardWriter, open_tar
+
+COUNTS_DIR = "_counts"
+INDEX_FILE = "_index.json"
+SIZES_FILE = "sizes.json"
+STATS_FILE = "stats.json"
+_HEX_UID = re.compile(r"[0-9a-fA-F]{32}")
+# Per-sample problems that make a sample unmatchable (counted, never raised).
+SAMPLE_PROBLEMS = ("samples_without_json", "samples_bad_json", "samples_without_uid", "samples_bad_uid")
+_PROBLEM_KEY = {"no_json": "samples_without_json", "bad_json": "samples_bad_json",
+                "no_uid": "samples_without_uid", "bad_uid": "samples_bad_uid"}
+
+
+# -- inputs ---------------------------------------------------------------------
+
+def subset_url(ctx: TaskContext) -> str:
+    """The subset this run reshards: the filter stage's output, or params `subset`."""
+    if filter_in_run(ctx.plan.steps):
+        return ctx.run.url_of("filter/subset.npy")
+    return ctx.params["subset"]
+
+
+def load_run_subset(ctx: TaskContext) -> SubsetFile:
+    """Load and validate the run's subset (copied to scratch first when remote)."""
+    url = subset_url(ctx)
+    folder, name = split_url(ctx, url)
+    local = folder.local_path(name)
+    if local is None:
+        local = os.path.join(ctx.scratch, "subset.npy")
+        try:
+            with folder.open(name, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except FileNotFoundError:
+            raise UserError(f"{url}: subset file does not exist") from None
+    return load_subset(local, url)
+
+
+def split_url(ctx: TaskContext, url: str) -> tuple[DataFolder, str]:
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    return ctx.folder(parent), name
+
+
+def multiplicity(sample: Sample, subset: SubsetFile) -> tuple[int, int, str]:
+    """(times the subset keeps `sample`, its uid's first subset row, problem key or "")."""
+    uid, problem = sample.uid()
+    if uid is None:
+        return 0, -1, _PROBLEM_KEY[problem]
+    if not isinstance(uid, str) or not _HEX_UID.fullmatch(uid):
+        return 0, -1, "samples_bad_uid"
+    pos, count = subset.lookup(int(uid[:16], 16), int(uid[16:], 16))
+    return count, pos, ""
+
+
+def _open_reader(ctx: TaskContext, url: str) -> tuple[TarSampleReader, object] | None:
+    folder, name = split_url(ctx, url)
+    try:
+        f, size = open_tar(folder, name)
+    except FileNotFoundError:
+        return None
+    return TarSampleReader(f, size, url), f
+
+
+# -- step 1: count ----------------------------------------------------------------
+
+def count(ctx: TaskContext) -> TaskResult:
+    """Per input shard of this task: samples scanned, samples the subset keeps (with repeats)."""
+    subset = load_run_subset(ctx)
+    shards, positions = [], []
+    for url in ctx.input_names():
+        if not url.endswith(".tar"):
+            continue  # upstream outputs beside the tars (parquet, stats)
+        record = {"url": url, "missing": False, "scanned": 0, "kept": 0, "matched": 0,
+                  **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
+        opened = _open_reader(ctx, url)
+        if opened is None:
+            ctx.log.warning("%s: input shard does not exist: counted as missing", url)
+            record["missing"] = True
+            shards.append(record)
+            continue
+        reader, f = opened
+        with f:
+            for sample in reader:
+                record["scanned"] += 1
+                c, pos, problem = multiplicity(sample, subset)
+                if problem:
+                    record[problem] += 1
+                elif c:
+                    record["kept"] += c
+                    record["matched"] += 1
+                    positions.append(pos)
+        record.update(dataclasses.asdict(reader.counters))
+        shards.append(record)
+    rel = f"{COUNTS_DIR}/{ctx.index:06d}"
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(positions, dtype=np.int64))
+    ctx.output.write_bytes(f"{rel}.npy", buf.getvalue())
+    ctx.output.write_json(f"{rel}.json", {"subset": subset.url, "subset_rows": len(subset), "shards": shards})
+    totals = _sum_records(shards)
+    return TaskResult(outputs=[f"{ctx.step.stage}/{rel}.json", f"{ctx.step.stage}/{rel}.npy"], stats=totals)
+
+
+def _sum_records(records: list[dict]) -> dict:
+    totals: Counter = Counter()
+    for r in records:
+        totals["input_shards"] += 1
+        totals["input_shards_missing"] += int(r["missing"])
+        for k, v in r.items():
+            if k not in ("url", "missing"):
+                totals[k] += v
+    out = dict(totals)
+    out["input_samples_scanned"] = out.pop("scanned", 0)
+    out["samples_matched"] = out.pop("matched", 0)
+    out["samples_to_write"] = out.pop("kept", 0)
+    return out
+
+
+# -- step 2: index ------------------------------------------------------------------
+
+def index(ctx: TaskContext) -> TaskResult:
+    """The global layout: where each input shard's kept samples start; uids found/missing."""
+    subset = load_run_subset(ctx)
+    samples_per_shard = int(ctx.params["samples_per_shard"])
+    found = np.zeros(len(subset), dtype=bool)
+    records = []
+    for i in range(ctx.plan.step(f"{ctx.step.stage}.count").n_tasks):
+        rel = f"{COUNTS_DIR}/{i:06d}"
+        counted = ctx.output.read_json(f"{rel}.json")
+        if counted["subset"] != subset.url or counted["subset_rows"] != len(subset):
+            raise UserError(f"{subset.url}: the subset changed since count task {i} ran "
+                            f"({counted['subset_rows']} rows then, {len(subset)} now); use a new run folder")
+        found[np.load(io.BytesIO(ctx.output.read_bytes(f"{rel}.npy")))] = True
+        records.extend(counted["shards"])
+    stats = _sum_records(records)
+    if records and stats["input_shards_missing"] == len(records):
+        raise UserError(f"{records[0]['url']}: none of the {len(records)} input shards exists")
+    unique_uids = len(subset.unique_starts())
+    stats.update(subset_rows=len(subset), subset_uids=unique_uids, uids_found=int(found.sum()),
+                 uids_missing=unique_uids - int(found.sum()))
+    kept = [r for r in records if r["kept"] > 0]
+    if ctx.params.get("shuffle"):
+        order = np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 0]).permutation(len(kept))
+        kept = [kept[j] for j in order]
+    inputs, start = [], 0
+    for r in kept:
+        inputs.append({"url": r["url"], "start": start, "kept": r["kept"]})
+        start += r["kept"]
+    if start == 0:
+        raise UserError(f"{subset.url}: no uid of the subset occurs in the {len(records)} input shards "
+                        f"({stats['input_samples_scanned']} samples scanned)")
+    n_shards = -(-start // samples_per_shard)
+    ctx.output.write_json(INDEX_FILE, {"subset": subset.url, "samples_per_shard": samples_per_shard,
+                                       "total": start, "n_shards": n_shards, "inputs": inputs})
+    stats.update(output_shards=n_shards)
+    ctx.log.info("%d samples to write in %d shards from %d input shards", start, n_shards, len(inputs))
+    return TaskResult(outputs=[f"{ctx.step.stage}/{INDEX_FILE}"], stats=stats)
+
+
+# -- step 3: write ------------------------------------------------------------------
+
+def shard_name(shard: int) -> str:
+    return f"{shard:08d}.tar"
+
+
+def shard_stats_name(shard: int) -> str:
+    return f"{shard:08d}_stats.json"
+
+
+def repeat_key(key: str, repeat: int) -> str:
+    """The key of a sample's `repeat`-th copy: the original key first, then key_r1, key_r2, ..."""
+    return key if repeat == 0 else f"{key}_r{repeat}"
+
+
+def write(ctx: TaskContext) -> TaskResult:
+    """Write the output shards of this task's parts; skip shards already committed."""
+    layout = ctx.output.read_json(INDEX_FILE)
+    subset = load_run_subset(ctx)
+    n_parts = ctx.step.units.count
+    shards = [s for part in ctx.shards for s in split_evenly(layout["n_shards"], n_parts, part)]
+    _remove_stale_temporaries(ctx.output, shards)
+    outputs, stats = [], Counter()
+    for shard in shards:
+        if ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)):
+            stats["shards_resumed"] += 1
+        else:
+            written = _write_shard(ctx, layout, subset, shard)
+            for k in ("samples", "bytes", "repeats"):
+                stats[k] += written[k]
+            stats["shards_written"] += 1
+        outputs.append(f"{ctx.step.stage}/{shard_name(shard)}")
+    out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **stats}
+    return TaskResult(outputs=outputs, stats=out)
+
+
+def _remove_stale_temporaries(folder: DataFolder, shards: list[int]) -> None:
+    """Delete what a killed attempt left under temporary names (local folders only)."""
+    path = folder.local_path()
+    if path is None or not os.path.isdir(path):
+        return  # on S3 an unfinished upload never becomes an object
+    ours = {shard_name(s) for s in shards} | {shard_stats_name(s) for s in shards}
+    with os.scandir(path) as entries:
+        for e in entries:
+            if e.name.startswith(".tmp-") and e.name.split("-", 2)[-1] in ours:
+                os.unlink(e.path)
+
+
+def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int) -> dict:
+    per_shard = layout["samples_per_shard"]
+    lo, hi = shard * per_shard, min((shard + 1) * per_shard, layout["total"])
+    inputs = layout["inputs"]
+    i = bisect.bisect_right([e["start"] for e in inputs], lo) - 1
+    shuffle = bool(ctx.params.get("shuffle"))
+    collected: list[tuple[str, list[Member]]] = []
+    used: list[str] = []
+    stats = {"samples": 0, "bytes": 0, "repeats": 0}
+
+    with ctx.output.writer(shard_name(shard)) as f:
+        writer = TarShardWriter(f)
+
+        def emit(key: str, members: list[Member]) -> None:
+            if shuffle:
+                collected.append((key, members))
+            else:
+                _add_sample(writer, key, members)
+
+        while i < len(inputs) and inputs[i]["start"] < hi:
+            used.append(inputs[i]["url"])
+            _copy_range(ctx, inputs[i], subset, lo, hi, emit, stats)
+            i += 1
+        if shuffle:
+            for j in np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard]).permutation(len(collected)):
+                _add_sample(writer, *collected[j])
+        writer.close()
+        stats["bytes"] = writer.bytes
+    if stats["samples"] != hi - lo:
+        raise RuntimeError(f"{shard_name(shard)}: wrote {stats['samples']} samples, expected {hi - lo}: "
+                           "the input shards changed since they were counted")
+    ctx.output.write_json(shard_stats_name(shard), {
+        "shard": shard, "name": shard_name(shard), "samples": stats["samples"], "bytes": stats["bytes"],
+        "repeats": stats["repeats"], "first_sample": lo, "inputs": used,
+    })
+    return stats
+
+
+def _add_sample(writer: TarShardWriter, key: str, members: list[Member]) -> None:
+    for m in members:
+        writer.add(f"{key}.{m.ext}", m.data)
+
+
+def _copy_range(ctx: TaskContext, entry: dict, subset: SubsetFile, lo: int, hi: int,
+                emit: Callable[[str, list[Member]], None], stats: dict) -> None:
+    """Emit the kept samples of input shard `entry` whose global indexes fall in [lo, hi)."""
+    url = entry["url"]
+    opened = _open_reader(ctx, url)
+    if opened is None:
+        raise RuntimeError(f"{url}: input shard disappeared since it was counted")
+    reader, f = opened
+    g = entry["start"]
+    with f:
+        for sample in reader:
+            c, _, _ = multiplicity(sample, subset)
+            if c == 0:
+                continue
+            if g >= hi:
+                return
+            if g + c > lo:
+                members = sample.load()
+                for r in range(max(0, lo - g), min(c, hi - g)):
+                    emit(repeat_key(sample.key, r), members)
+                    stats["samples"] += 1
+                    stats["repeats"] += int(r > 0)
+            g += c
+    if g != entry["start"] + entry["kept"]:
+        raise RuntimeError(f"{url}: has {g - entry['start']} subset samples now, {entry['kept']} when counted: "
+                           "the input changed during the run")
+
+
+# -- step 4: finalize ---------------------------------------------------------------
+
+def finalize(ctx: TaskContext) -> TaskResult:
+    """sizes.json ({shard name: samples}, what training reads) and stats.json (run totals)."""
+    layout = ctx.output.read_json(INDEX_FILE)
+    sizes, total_bytes, repeats = {}, 0, 0
+    for shard in range(layout["n_shards"]):
+        st = ctx.output.read_json(shard_stats_name(shard))
+        sizes[shard_name(shard)] = st["samples"]
+        total_bytes += st["bytes"]
+        repeats += st["repeats"]
+    written = sum(sizes.values())
+    if written != layout["total"]:
+        raise RuntimeError(f"{ctx.output.url}: shards hold {written} samples, the index planned {layout['total']}")
+    stats = dict(ctx.upstream_stats(f"{ctx.step.stage}.index")[0])
+    stats.pop("seconds", None)
+    stats.pop("samples_to_write", None)
+    stats.update(samples_written=written, output_shards=len(sizes), bytes_written=total_bytes,
+                 repeated_samples_written=repeats, samples_per_shard=layout["samples_per_shard"],
+                 subset=layout["subset"], shuffle=bool(ctx.params.get("shuffle")))
+    ctx.output.write_json(SIZES_FILE, sizes)
+    ctx.output.write_json(STATS_FILE, stats)
+    ctx.log.info("reshard: %s", json.dumps(stats, sort_keys=True))
+    return TaskResult(outputs=[f"{ctx.step.stage}/{shard_name(s)}" for s in range(len(sizes))], stats=stats)

@@ -1,0 +1,379 @@
+"""Webdataset tar shards, read and written without tarfile's per-member cost.
+
+Reading: `TarSampleReader` walks a tar's 512-byte headers (ustar, GNU long
+names, PAX `path`/`size`), groups consecutive members by webdataset key
+(the basename up to its first dot), reads each sample's `.json` at once and
+leaves the other members in place until `Sample.load()` asks for them, so a
+pass that only needs uids skips the image bytes. Damage is counted, never
+raised: a corrupt header is skipped by resynchronising on the next valid
+header, a truncated tar ends the shard; the sample open at the damage (and
+the first one after a resync) is dropped because it may be missing members.
+
+Writing: `TarShardWriter` writes POSIX ustar members with fixed metadata
+(mode 0644, uid/gid 0, no user names, mtime 0) so the same samples always
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar's record size: archives are padded to a multiple of it
+_ZERO_BLOCK = bytes(BLOCK)
+# webdataset's split of a member name into (key, extension): key = up to the basename's first dot.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class _Corrupt(Exception):
+    """A header that fails its checksum or cannot be parsed."""
+
+
+@dataclass
+class ReadCounters:
+    """Damage seen while reading (summed into the task's stats)."""
+
+    corrupt_headers: int = 0  # headers failing their checksum (skipped by resync)
+    truncated_tars: int = 0  # tars ending without the end-of-archive block
+    damaged_samples: int = 0  # samples dropped because damage hit them
+    members_without_key: int = 0  # members whose name has no extension (not a sample field)
+
+    def add(self, other: ReadCounters) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Member:
+    name: str
+    key: str
+    ext: str
+    offset: int  # byte offset of the data in the tar
+    size: int
+    data: bytes | None = None  # None until loaded
+    truncated: bool = False  # the tar ends inside this member's data
+
+
+@dataclass
+class Sample:
+    key: str
+    members: list[Member] = field(default_factory=list)
+    _source: _Source | None = None
+
+    def member(self, ext: str) -> Member | None:
+        for m in self.members:
+            if m.ext == ext:
+                return m
+        return None
+
+    def load(self) -> list[Member]:
+        """Every member with its data (reads what the walk skipped)."""
+        for m in self.members:
+            if m.data is None:
+                m.data = self._source.read_at(m.offset, m.size)
+        return self.members
+
+    def uid(self) -> tuple[str | None, str]:
+        """(uid, problem): the `uid` in the sample's json, or None and why not."""
+        m = self.member("json")
+        if m is None:
+            return None, "no_json"
+        try:
+            meta = json.loads(m.data)
+        except (ValueError, UnicodeDecodeError):
+            return None, "bad_json"
+        uid = meta.get("uid") if isinstance(meta, dict) else None
+        if uid is None:
+            return None, "no_uid"
+        return uid, ""
+
+
+class _Source:
+    """A seekable binary stream with a known size (local file or fsspec file)."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f = f
+        self.size = size
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> bool:
+        """Move forward n bytes; False if that passes the end of the file."""
+        if self.pos + n > self.size:
+            self.pos = self.size
+            self.f.seek(self.size)
+            return False
+        self.pos += n
+        self.f.seek(self.pos)
+        return True
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        here = self.pos
+        self.f.seek(offset)
+        data = self.f.read(n)
+        self.f.seek(here)
+        if len(data) != n:
+            raise OSError(f"short read at {offset} ({len(data)} of {n} bytes): file changed while reading")
+        return data
+
+
+def _octal(field_bytes: bytes) -> int:
+    if field_bytes and field_bytes[0] & 0x80:  # GNU base-256 for big values
+        value = int.from_bytes(field_bytes[1:], "big")
+        return value
+    text = field_bytes.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise _Corrupt(f"bad number {field_bytes!r}") from None
+
+
+def _check_header(block: bytes) -> None:
+    stored = _octal(block[148:156])
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored == unsigned:
+        return
+    signed = sum((b - 256 if b > 127 else b) for b in block) - sum(
+        (b - 256 if b > 127 else b) for b in block[148:156]) + 8 * 32
+    if stored != signed:
+        raise _Corrupt("checksum mismatch")
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    out = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        record = data[space + 1: pos + length - 1]  # drop the trailing newline
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+class TarSampleReader:
+    """Iterate a tar's samples; see the module docstring for damage handling."""
+
+    def __init__(self, f: BinaryIO, size: int, name: str = ""):
+        self.source = _Source(f, size)
+        self.name = name
+        self.counters = ReadCounters()
+
+    def _members(self) -> Iterator[Member | None]:
+        """Members in order; None marks damage (a corrupt header or truncation)."""
+        src = self.source
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            block = src.read(BLOCK)
+            if len(block) < BLOCK:
+                self.counters.truncated_tars += 1  # no end-of-archive block
+                yield None
+                return
+            if block == _ZERO_BLOCK:
+                return
+            try:
+                _check_header(block)
+                size = _octal(block[124:136])
+            except _Corrupt:
+                self.counters.corrupt_headers += 1
+                yield None
+                if not self._resync():
+                    return
+                long_name, pax = None, {}
+                continue
+            typeflag = block[156:157]
+            padded = -(-size // BLOCK) * BLOCK
+            if typeflag in (b"L", b"x", b"g"):
+                data = src.read(padded)
+                if len(data) < padded:
+                    self.counters.truncated_tars += 1
+                    yield None
+                    return
+                if typeflag == b"L":
+                    long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                elif typeflag == b"x":
+                    pax = _parse_pax(data[:size])
+                continue
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if block[257:263] == b"ustar\x00":  # POSIX ustar: name may have a prefix
+                prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if prefix:
+                    name = f"{prefix}/{name}"
+            name = pax.get("path", long_name or name)
+            if "size" in pax:
+                size = int(pax["size"])
+                padded = -(-size // BLOCK) * BLOCK
+            long_name, pax = None, {}
+            offset = src.pos
+            m = _KEY_EXT.match(name)
+            if typeflag not in (b"0", b"\0", b"7") or m is None:  # directories, links, no extension
+                self.counters.members_without_key += typeflag in (b"0", b"\0", b"7")
+                if not src.skip(padded):
+                    self.counters.truncated_tars += 1
+                    yield None
+                    return
+                continue
+            member = Member(name=name, key=m.group(1), ext=m.group(2), offset=offset, size=size)
+            if member.ext == "json":
+                data = src.read(padded)
+                member.data = data[:size]
+                member.truncated = len(data) < size
+            else:
+                member.truncated = not src.skip(padded) and src.size - offset < size
+            if member.truncated:
+                self.counters.truncated_tars += 1
+                yield member  # a known key: the previous sample is complete
+                return
+            yield member
+
+    def _resync(self) -> bool:
+        """Advance to the next block that is a valid header; False at end of file."""
+        src = self.source
+        while True:
+            start = src.pos
+            block = src.read(BLOCK)
+            if len(block) < BLOCK:
+                self.counters.truncated_tars += 1
+                return False
+            if block == _ZERO_BLOCK:  # the end-of-archive marker
+                return False
+            if block[257:262] == b"ustar":
+                try:
+                    _check_header(block)
+                except _Corrupt:
+                    continue
+                src.f.seek(start)
+                src.pos = start
+                return True
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Complete samples, in tar order. Damaged ones are counted and left out."""
+        current: Sample | None = None
+        damaged = False  # the current sample was hit by damage
+        after_damage = False  # the next sample starts right after a resync
+        lost_key = None  # the sample dropped at the last damage (its tail after a resync is the same sample)
+
+        def drop(sample: Sample) -> None:
+            if sample.key != lost_key:
+                self.counters.damaged_samples += 1
+
+        for member in self._members():
+            if member is None:
+                if current is not None:
+                    drop(current)
+                    lost_key = current.key
+                    current = None
+                after_damage = True
+                damaged = False
+                continue
+            key = member.key
+            if current is not None and key == current.key:
+                current.members.append(member)
+                damaged = damaged or member.truncated
+                continue
+            if current is not None:
+                if damaged:
+                    drop(current)
+                else:
+                    yield current
+            current = Sample(key=key, members=[member], _source=self.source)
+            damaged, after_damage = after_damage or member.truncated, False
+        if current is not None:
+            if damaged:
+                drop(current)
+            else:
+                yield current
+
+
+def open_tar(folder, name: str) -> tuple[BinaryIO, int]:
+    """A binary stream over `name` in DataFolder `folder`, and its size."""
+    local = folder.local_path(name)
+    if local is not None:
+        f = open(local, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the caller
+        return f, os.fstat(f.fileno()).st_size
+    f = folder.open(name, "rb", block_size=8 << 20, cache_type="readahead")
+    return f, f.size
+
+
+def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
+    prefix = b""
+    if len(name) > 100:  # fits the ustar name+prefix split only at a slash
+        cut = name.rfind(b"/", 0, 156)
+        if cut <= 0 or len(name) - cut - 1 > 100:
+            raise ValueError("name too long for ustar")
+        prefix, name = name[:cut], name[cut + 1:]
+    header = bytearray(BLOCK)
+    header[0:len(name)] = name
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"  # mtime 0: the bytes depend only on the samples
+    header[148:156] = b" " * 8
+    header[156:157] = typeflag
+    header[257:265] = b"ustar\x0000"
+    header[345:345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header block(s) of a regular member: ustar, or PAX for long/non-ASCII names."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if size < 8 ** 11:
+        try:
+            if raw.isascii():
+                return _ustar_header(raw, size)
+        except ValueError:
+            pass
+    records = {"path": name, "size": str(size)}
+    body = b""
+    for key, value in records.items():
+        payload = f" {key}={value}\n".encode("utf-8", "surrogateescape")
+        length = len(payload) + 1
+        while len(str(length).encode()) + len(payload) != length:
+            length = len(str(length).encode()) + len(payload)
+        body += str(length).encode() + payload
+    pad = -len(body) % BLOCK
+    short = raw[:100] if raw.isascii() else b"pax-named-member"
+    return (_ustar_header(b"././@PaxHeader", len(body), b"x") + body + bytes(pad)
+            + _ustar_header(short, min(size, 8 ** 11 - 1)))
+
+
+class TarShardWriter:
+    """Write members to a binary stream as a deterministic tar."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.bytes = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        header = member_header(name, len(data))
+        pad = -len(data) % BLOCK
+        self.f.write(header)
+        self.f.write(data)
+        if pad:
+            self.f.write(bytes(pad))
+        self.bytes += len(header) + len(data) + pad
+
+    def close(self) -> None:
+        """End-of-archive blocks, padded to a whole record as tar does."""
+        end = 2 * BLOCK
+        end += -(self.bytes + end) % RECORD
+        self.f.write(bytes(end))
+        self.bytes += end

@@ -1,0 +1,434 @@
+"""Reshard stage: the subset's multiset in new shards, deterministic whatever the task count."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcslurm.config import load_config
+from dcslurm.errors import UserError
+from dcslurm.markers import done_indexes, read_failure
+from dcslurm.runs import submit_run
+from jobs.reshard.subset import SUBSET_DTYPE, load_subset, pair_to_uid, uid_to_pair, uids_to_array
+from jobs.reshard.tario import TarSampleReader, TarShardWriter
+
+SAMPLES_PER_SHARD = 16
+
+
+# -- fixtures: a small img2dataset-like pool ----------------------------------------
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    pixels = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _uid(rng: np.random.Generator) -> str:
+    return "".join(f"{x:02x}" for x in rng.integers(0, 256, size=16))
+
+
+def write_shard(path: str, samples: list[dict]) -> None:
+    """A webdataset tar as img2dataset writes one (tarfile, members jpg, txt, json)."""
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            for ext in ("jpg", "txt", "json"):
+                if ext not in s:
+                    continue
+                data = s[ext] if isinstance(s[ext], bytes) else s[ext].encode()
+                info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                info.size = len(data)
+                info.mtime = 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_pool(folder, n_shards: int = 6, per_shard: int = 25, seed: int = 0) -> list[dict]:
+    """Shards {:08d}.tar with jpg/txt/json; a few samples without json or uid. Returns all samples."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    every = []
+    for shard in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            key = f"{shard:04d}{i:05d}"
+            uid = _uid(rng)
+            s = {"key": key, "uid": uid, "jpg": _jpeg(rng), "txt": f"caption {shard}/{i} {uid[:6]}",
+                 "json": json.dumps({"uid": uid, "key": key, "status": "success"})}
+            if shard == 1 and i == 3:
+                del s["json"]  # no json: cannot be matched
+            if shard == 2 and i == 4:
+                s["json"] = json.dumps({"key": key})  # json without uid
+            if shard == 2 and i == 5:
+                s["json"] = json.dumps({"uid": "not-a-uid"})
+            samples.append(s)
+        write_shard(os.path.join(folder, f"{shard:08d}.tar"), samples)
+        every.extend(samples)
+    return every
+
+
+def make_subset(path: str, samples: list[dict], seed: int = 1, missing: int = 7) -> list[str]:
+    """About 60% of the pool's uids (some 2-3 times) plus `missing` uids not in the pool."""
+    rng = np.random.default_rng(seed)
+    uids = []
+    for s in samples:
+        r = rng.random()
+        if r < 0.6:
+            uids.extend([s["uid"]] * (1 + (r < 0.1) + (r < 0.05)))
+    uids.extend(_uid(rng) for _ in range(missing))
+    np.save(path, uids_to_array(uids))
+    return uids
+
+
+def expected_multiset(samples: list[dict], subset_uids: list[str]) -> collections.Counter:
+    times = collections.Counter(subset_uids)
+    out = collections.Counter()
+    for s in samples:
+        if "json" in s and json.loads(s["json"]).get("uid") == s["uid"]:
+            for _ in range(times[s["uid"]]):
+                out[(s["uid"], s["txt"], hashlib.sha256(s["jpg"]).hexdigest())] += 1
+    return out
+
+
+def read_output(folder: str) -> tuple[collections.Counter, list[str], dict[str, int]]:
+    """(multiset of (uid, caption, sha256 of jpg), all keys, samples per shard) read with tarfile."""
+    multiset, keys, per_shard = collections.Counter(), [], {}
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".tar")):
+        samples = collections.defaultdict(dict)
+        with tarfile.open(os.path.join(folder, name)) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                samples[key][ext] = tar.extractfile(m).read()
+        for key, s in samples.items():
+            multiset[(json.loads(s["json"])["uid"], s["txt"].decode(), hashlib.sha256(s["jpg"]).hexdigest())] += 1
+            keys.append(key)
+        per_shard[name] = len(samples)
+    return multiset, keys, per_shard
+
+
+def write_toml(path, run_folder: str, pool: str, subset: str, tasks: int, extra: str = "",
+               executor: str = "local", storage: str = "") -> str:
+    with open(path, "w") as f:
+        f.write(f"""
+[run]
+folder = {json.dumps(run_folder)}
+scale = "tiny"
+stages = ["reshard"]
+
+[pool]
+shards = {json.dumps(pool)}
+
+[executor]
+kind = "{executor}"
+max_parallel = 2
+
+[stages.reshard]
+subset = {json.dumps(subset)}
+samples_per_shard = {SAMPLES_PER_SHARD}
+tasks = {tasks}
+{extra}
+{storage}
+""")
+    return str(path)
+
+
+def shard_digests(folder: str) -> dict[str, str]:
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(folder)) if n.endswith(".tar") or n == "sizes.json"}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    samples = make_pool(str(root / "shards"))
+    uids = make_subset(str(root / "subset.npy"), samples)
+    return {"root": root, "shards": str(root / "shards"), "subset": str(root / "subset.npy"),
+            "samples": samples, "uids": uids}
+
+
+@pytest.fixture(scope="module")
+def one_task_run(pool, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    cfg = write_toml(tmp / "run.toml", str(tmp / "run"), pool["shards"], pool["subset"], tasks=1)
+    assert not submit_run(load_config(cfg)).failed
+    return str(tmp / "run")
+
+
+# -- subset files -------------------------------------------------------------------
+
+def test_uid_pairs_roundtrip():
+    uid = "0123456789abcdeffedcba9876543210"
+    assert uid_to_pair(uid) == (0x0123456789ABCDEF, 0xFEDCBA9876543210)
+    assert pair_to_uid(*uid_to_pair(uid)) == uid
+    with pytest.raises(ValueError):
+        uid_to_pair("abc")
+
+
+def test_datacomp_format_subset_is_accepted_as_is(tmp_path):
+    # What DataComp's baselines write: np.array of (int(uid[:16],16), int(uid[16:],16)) pairs,
+    # dtype np.dtype("u8,u8"), sorted, np.save.
+    uids = ["ff" * 16, "00" * 15 + "01", "0123456789abcdef" * 2, "0123456789abcdef" * 2]
+    arr = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], np.dtype("u8,u8"))
+    arr.sort()
+    np.save(tmp_path / "s.npy", arr)
+    sub = load_subset(str(tmp_path / "s.npy"))
+    assert len(sub) == 4 and sub.rows.dtype == SUBSET_DTYPE
+    assert sub.count_uid("0123456789abcdef" * 2) == 2
+    assert sub.count_uid("ff" * 16) == 1 and sub.count_uid("ee" * 16) == 0
+    assert len(sub.unique_starts()) == 3
+    # the same data big-endian (numpy writes '>u8' fields on such machines) is accepted too
+    np.save(tmp_path / "be.npy", arr.astype(np.dtype(">u8,>u8")))
+    assert load_subset(str(tmp_path / "be.npy")).count_uid("0123456789abcdef" * 2) == 2
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: np.arange(4, dtype=np.uint64), "subset dtype is <u8"),
+    (lambda: np.zeros(3, np.dtype("i8,i8")), "expected numpy's np.dtype('u8,u8')"),
+    (lambda: np.zeros(3, np.dtype([("hi", "<u8"), ("lo", "<u8")])), "('hi', '<u8')"),
+    (lambda: np.array(["ab" * 16], dtype="<U32"), "subset dtype is <U32"),
+    (lambda: np.zeros((2, 2), np.uint64), "subset dtype is <u8"),
+    (lambda: np.array([(2, 0), (1, 5)], np.dtype("u8,u8")), "not sorted: row 1"),
+    (lambda: np.array([(1, 5), (1, 4)], np.dtype("u8,u8")), "not sorted: row 1"),
+])
+def test_bad_subset_files_give_one_line_errors_naming_the_file(tmp_path, make, fragment):
+    path = str(tmp_path / "bad.npy")
+    np.save(path, make())
+    with pytest.raises(UserError) as err:
+        load_subset(path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(path) and fragment in msg, msg
+
+
+def test_not_an_npy_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "subset.npy"
+    path.write_bytes(b"uid\n0123\n")
+    with pytest.raises(UserError, match=r"subset.npy: not a readable .npy"):
+        load_subset(str(path))
+
+
+# -- tar reading and writing ----------------------------------------------------------
+
+def _tar_bytes(samples: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for s in samples:
+            for ext in ("jpg", "txt", "json"):
+                data = s[ext].encode() if isinstance(s[ext], str) else s[ext]
+                info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _simple_samples(n: int) -> list[dict]:
+    rng = np.random.default_rng(5)
+    return [{"key": f"k{i:03d}", "jpg": rng.bytes(700 + 37 * i), "txt": f"t{i}",
+             "json": json.dumps({"uid": f"{i:032x}"})} for i in range(n)]
+
+
+def _read_keys(data: bytes) -> tuple[list[str], TarSampleReader]:
+    reader = TarSampleReader(io.BytesIO(data), len(data))
+    keys = []
+    for sample in reader:
+        members = sample.load()
+        assert [m.ext for m in members] == ["jpg", "txt", "json"]
+        keys.append(sample.key)
+    return keys, reader
+
+
+def test_reader_reads_what_tarfile_wrote_including_long_names():
+    samples = _simple_samples(5)
+    samples[2]["key"] = "d/" * 70 + "long"  # > 100 characters: GNU/PAX long names
+    data = _tar_bytes(samples)
+    keys, reader = _read_keys(data)
+    assert keys == [s["key"] for s in samples]
+    assert reader.counters.truncated_tars == 0 and reader.counters.corrupt_headers == 0
+
+
+def test_writer_output_is_readable_by_tarfile_and_deterministic():
+    def build() -> bytes:
+        buf = io.BytesIO()
+        w = TarShardWriter(buf)
+        w.add("a.jpg", b"x" * 1000)
+        w.add("b" * 120 + ".txt", "é".encode())
+        w.add("dir/" + "c" * 150 + ".json", b"{}")  # needs PAX
+        w.add("ünï.txt", b"u")
+        w.close()
+        assert w.bytes == len(buf.getvalue()) and w.bytes % 10240 == 0
+        return buf.getvalue()
+
+    data = build()
+    assert data == build()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = [(m.name, m.size, m.mtime, m.uid) for m in tar]
+    assert names == [("a.jpg", 1000, 0, 0), ("b" * 120 + ".txt", 2, 0, 0),
+                     ("dir/" + "c" * 150 + ".json", 2, 0, 0), ("ünï.txt", 1, 0, 0)]
+    assert _read_keys_any(data) == ["a", "b" * 120, "dir/" + "c" * 150, "ünï"]
+
+
+def _read_keys_any(data: bytes) -> list[str]:
+    return [s.key for s in TarSampleReader(io.BytesIO(data), len(data))]
+
+
+def test_truncated_tar_keeps_the_samples_before_the_cut():
+    data = _tar_bytes(_simple_samples(6))
+    offsets = [m.offset_data for m in tarfile.open(fileobj=io.BytesIO(data))]
+    cut = offsets[3 * 4] + 100  # inside sample 4's jpg
+    keys, reader = _read_keys(data[:cut])
+    assert keys == ["k000", "k001", "k002", "k003"]
+    assert reader.counters.truncated_tars == 1 and reader.counters.damaged_samples == 1
+
+
+def test_corrupt_header_is_skipped_and_the_rest_of_the_shard_kept():
+    data = bytearray(_tar_bytes(_simple_samples(6)))
+    headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(bytes(data)))]
+    data[headers[3 * 2 + 1] + 10] ^= 0xFF  # sample 2's txt header
+    keys, reader = _read_keys(bytes(data))
+    # sample 2 lost a member; its json (after the resync) starts a damaged sample: both dropped
+    assert keys == ["k000", "k001", "k003", "k004", "k005"]
+    assert reader.counters.corrupt_headers == 1 and reader.counters.damaged_samples == 1
+    assert reader.counters.truncated_tars == 0
+
+
+# -- the stage, end to end on the local executor ---------------------------------------
+
+def test_one_task_output_is_the_subset_multiset(pool, one_task_run):
+    out = os.path.join(one_task_run, "reshard")
+    multiset, keys, per_shard = read_output(out)
+    expected = expected_multiset(pool["samples"], pool["uids"])
+    assert multiset == expected
+    assert len(keys) == len(set(keys))  # repeats got their own keys
+    assert any(k.endswith("_r1") for k in keys) and any(k.endswith("_r2") for k in keys)
+    total = sum(expected.values())
+    sizes = json.load(open(os.path.join(out, "sizes.json")))
+    assert sizes == per_shard and sum(sizes.values()) == total
+    names = sorted(sizes)
+    assert names == [f"{i:08d}.tar" for i in range(-(-total // SAMPLES_PER_SHARD))]
+    assert all(sizes[n] == SAMPLES_PER_SHARD for n in names[:-1])
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    subset_unique = set(pool["uids"])
+    present = {s["uid"] for s in pool["samples"] if "json" in s and json.loads(s["json"]).get("uid") == s["uid"]}
+    assert stats["input_samples_scanned"] == len(pool["samples"])
+    assert stats["subset_rows"] == len(pool["uids"]) and stats["subset_uids"] == len(subset_unique)
+    assert stats["uids_found"] == len(subset_unique & present)
+    assert stats["uids_missing"] == len(subset_unique - present)
+    assert stats["samples_written"] == total and stats["output_shards"] == len(names)
+    assert (stats["samples_without_json"], stats["samples_without_uid"], stats["samples_bad_uid"]) == (1, 1, 1)
+    for n in names:  # per-shard stats beside every shard
+        st = json.load(open(os.path.join(out, n.replace(".tar", "_stats.json"))))
+        assert st["samples"] == sizes[n] and st["bytes"] == os.path.getsize(os.path.join(out, n))
+
+
+def test_eight_tasks_give_identical_shards(pool, one_task_run, tmp_path):
+    cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], pool["subset"], tasks=8)
+    assert not submit_run(load_config(cfg)).failed
+    assert len(done_indexes(load_config(cfg).folder(), "reshard.write")) == 8
+    assert shard_digests(str(tmp_path / "run" / "reshard")) == shard_digests(os.path.join(one_task_run, "reshard"))
+
+
+def test_shuffle_is_seeded_and_independent_of_task_count(pool, one_task_run, tmp_path):
+    digests = []
+    for tasks in (1, 8):
+        cfg = write_toml(tmp_path / f"run{tasks}.toml", str(tmp_path / f"run{tasks}"), pool["shards"],
+                         pool["subset"], tasks=tasks, extra="shuffle = true\nshuffle_seed = 3")
+        assert not submit_run(load_config(cfg)).failed
+        out = str(tmp_path / f"run{tasks}" / "reshard")
+        assert read_output(out)[0] == expected_multiset(pool["samples"], pool["uids"])
+        digests.append(shard_digests(out))
+    assert digests[0] == digests[1]
+    assert digests[0] != shard_digests(os.path.join(one_task_run, "reshard"))
+
+
+def test_killed_write_task_resubmits_to_identical_shards(pool, one_task_run, tmp_path):
+    cfg_path = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], pool["subset"], tasks=1)
+    cfg = load_config(cfg_path)
+    run = str(tmp_path / "run")
+    out = os.path.join(run, "reshard")
+    assert not submit_run(cfg).failed
+    # Undo the write and finalize steps (markers and shards), then run the write task by hand and kill it.
+    for step in ("reshard.write", "reshard.finalize"):
+        os.remove(os.path.join(run, "_markers", step, "000000.json"))
+    for n in os.listdir(out):
+        if n.endswith((".tar", "_stats.json")) or n in ("sizes.json", "stats.json"):
+            os.remove(os.path.join(out, n))
+    proc = subprocess.Popen([sys.executable, "-m", "dcslurm.runner", run, "reshard.write", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+
+    def committed() -> list[str]:
+        return [n for n in os.listdir(out) if n.endswith("_stats.json") and not n.startswith(".tmp-")]
+
+    while time.time() < deadline and not committed():
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = committed()
+    n_shards = len(json.load(open(os.path.join(one_task_run, "reshard", "sizes.json"))))
+    assert 1 <= len(written) < n_shards, "the write task was not killed mid-way"
+    assert done_indexes(cfg.folder(), "reshard.write") == set()
+    result = submit_run(cfg)
+    assert not result.failed and result.pending["reshard.write"] == [0]
+    marker = json.load(open(os.path.join(run, "_markers", "reshard.write", "000000.json")))
+    assert marker["stats"]["shards_resumed"] >= 1
+    assert shard_digests(out) == shard_digests(os.path.join(one_task_run, "reshard"))
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_damaged_input_shards_are_counted_and_the_rest_kept(pool, tmp_path):
+    shards = tmp_path / "shards"
+    os.makedirs(shards)
+    for n in sorted(os.listdir(pool["shards"])):
+        data = open(os.path.join(pool["shards"], n), "rb").read()
+        if n == "00000001.tar":  # truncated in the middle of a member
+            data = data[: len(data) // 2 + 100]
+        if n == "00000003.tar":  # a corrupt header in the middle
+            headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data))]
+            data = bytearray(data)
+            data[headers[len(headers) // 2] + 5] ^= 0xFF
+            data = bytes(data)
+        (shards / n).write_bytes(data)
+    cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), str(shards), pool["subset"], tasks=3)
+    assert not submit_run(load_config(cfg)).failed
+    out = str(tmp_path / "run" / "reshard")
+    multiset, _, _ = read_output(out)
+    # what survives: every sample the reader yields from each damaged tar, read independently
+    surviving = []
+    for n in sorted(os.listdir(shards)):
+        data = (shards / n).read_bytes()
+        keys = {s.key for s in TarSampleReader(io.BytesIO(data), len(data))}
+        surviving.extend(s for s in pool["samples"] if s["key"] in keys and s["key"][:4] == n[4:8])
+    assert len(surviving) < len(pool["samples"]) - 20
+    assert len(surviving) > len(pool["samples"]) - 25 - 3  # half of one shard and two samples lost
+    assert multiset == expected_multiset(surviving, pool["uids"])
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    assert stats["truncated_tars"] == 1 and stats["corrupt_headers"] == 1
+    assert stats["damaged_samples"] >= 2
+
+
+def test_unsorted_subset_fails_the_run_with_one_line(pool, tmp_path):
+    bad = np.load(pool["subset"])[::-1].copy()
+    np.save(tmp_path / "unsorted.npy", bad)
+    cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"],
+                     str(tmp_path / "unsorted.npy"), tasks=2)
+    result = submit_run(load_config(cfg))
+    assert result.failed.get("reshard.count")
+    failure = read_failure(load_config(cfg).folder(), "reshard.count", 0)
+    assert failure["error"].startswith(str(tmp_path / "unsorted.npy")) and "not sorted" in failure["error"]
+    assert "\n" not in failure["error"]
+
+
+def test_missing_subset_setting_is_a_config_error(pool, tmp_path):
+    cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], "", tasks=1)
+    with pytest.raises(UserError, match=r"\[stages.reshard\] subset: no subset"):
+        submit_run(load_config(cfg))
