@@ -153,7 +153,7 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
     final: dict[tuple[str, int], str] = {}
     from dcslurm.config import parse_config
 
-    cfg = config or parse_config({"run": {"folder": run_url}}, "status")
+    cfg = config or parse_config({"run": {"folder": run_url, "stages": []}}, "status")
     checked: set[int] = set()
     for sub in latest.values():
         if id(sub) in checked:
@@ -233,7 +233,7 @@ def cancel_run(run_url: str, storage_options: dict | None = None) -> list[str]:
 
     run = DataFolder(run_url, storage_options)
     read_plan(run)
-    cfg = parse_config({"run": {"folder": run_url}}, "cancel")
+    cfg = parse_config({"run": {"folder": run_url, "stages": []}}, "cancel")
     cancelled = []
     for sub in load_submissions(run):
         executor = make_executor(sub.executor, cfg)
