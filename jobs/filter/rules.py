@@ -306,7 +306,17 @@ def uniform_by_uid(hi: np.ndarray, lo: np.ndarray, seed: int, stream: int) -> np
 # -- embeddings ---------------------------------------------------------------
 
 def load_matrix(path: str, what: str) -> np.ndarray:
-    """A 2-d float array from .npy, .npz (first array, or 'image_features') or a torch .pt file."""
+    """A 2-d float array from .npy, .npz (first array, or 'image_features') or a torch .pt file.
+
+    A glob (e.g. `in1k_clip_vit_l14_*.pt`, DataComp's five parts) stacks its sorted matches.
+    """
+    if any(c in path for c in "*?["):
+        import glob
+
+        matches = sorted(glob.glob(os.path.expanduser(path)))
+        if not matches:
+            raise UserError(f"{path}: {what}: no file matches")
+        return np.concatenate([load_matrix(m, what) for m in matches])
     if not os.path.isfile(path):
         raise UserError(f"{path}: {what} not found")
     if path.endswith(".npy"):
