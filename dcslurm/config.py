@@ -99,6 +99,9 @@ class ContainerSection:
     scratch: str = "/tmp"  # host folder bound as the task's /tmp (node-local disk); "" = apptainer's own
     model_cache: str = ""  # host folder for torch/Hugging Face caches (XDG_CACHE_HOME inside)
     python: str = "python3"  # the interpreter inside the images
+    # Not a TOML key: `dcslurm render` writes scripts for another host, so it skips
+    # checking that apptainer and the images exist here.
+    check_host: bool = field(default=True, init=False, repr=False)
 
 
 @dataclass

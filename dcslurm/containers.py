@@ -237,14 +237,15 @@ def build_image(kind: str, image_dir: str | None = None, apptainer: str = "appta
         tmp_out = os.path.join(ctx, spec.filename)
         argv, extra_env = build_command(exe, tmp_out, f"{kind}.def")
         log(f"building {spec.filename}: {' '.join(argv)}")
-        proc = subprocess.run(argv, cwd=ctx, env={**os.environ, **extra_env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace")
-        with open(os.path.join(image_dir, f"{spec.filename}.build.log"), "w") as f:
-            f.write(proc.stdout)
+        log_path = os.path.join(image_dir, f"{spec.filename}.build.log")  # follow it with tail -f
+        with open(log_path, "wb") as build_log:
+            proc = subprocess.run(argv, cwd=ctx, env={**os.environ, **extra_env}, stdout=build_log,
+                                  stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-            raise UserError(f"apptainer build of {kind} failed (exit {proc.returncode}); log: "
-                            f"{os.path.join(image_dir, spec.filename)}.build.log\n{tail}")
+            with open(log_path, errors="replace") as f:
+                last = [line.strip() for line in f if line.strip()][-1:] or ["(empty log)"]
+            raise UserError(f"apptainer build of the {kind} image failed (exit {proc.returncode}): "
+                            f"{last[0][-300:]} (full log: {log_path})")
         os.replace(tmp_out, out)
     return BuildResult(kind, out, built=True, seconds=time.time() - started)
 
@@ -354,7 +355,7 @@ def image_for(config, gpu: bool) -> str:
         return os.path.join(base, os.path.expanduser(explicit))  # relative to the config file
     image_dir = c.image_dir or default_image_dir()
     path = os.path.join(image_dir, image_spec(kind).filename)
-    if not os.path.exists(path):
+    if not os.path.exists(path) and c.check_host:
         raise UserError(f"{path}: no {kind} image for this checkout; run `dcslurm containers build` "
                         f"(or `containers pull URL`), or set [container] {kind}_image")
     return path
@@ -412,7 +413,7 @@ def task_binds(config) -> list[list[str]]:
 def exec_prefix(config, gpu: bool) -> tuple[list[str], dict[str, str]]:
     """(prefix words, environment) that run a task's command inside its image."""
     c = config.container
-    apptainer = find_apptainer(c.apptainer)
+    apptainer = find_apptainer(c.apptainer) if c.check_host else c.apptainer
     words = ["bash", "-c", _FORWARD_SNIPPET, "dcslurm-container", apptainer, "exec", "--cleanenv", "--contain"]
     if gpu:
         words.append("--nv")

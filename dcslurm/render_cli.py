@@ -24,6 +24,7 @@ def render_run(config_path: str, out: str, scale: Optional[str] = None,
     from dcslurm.runs import submit_run
 
     cfg = load_config(config_path, scale=scale, stages=stages, executor="slurm")
+    cfg.container.check_host = False  # the scripts may be for another host: its apptainer, its images
     out = os.path.abspath(out)
     result = submit_run(cfg, dry_run=True, script_dir=out)
     names = [os.path.basename(c.script) for s in result.submission.steps.values() for c in s.chunks]

@@ -27,7 +27,7 @@ class Executor(ABC):
 
     def __init__(self, config: RunConfig):
         self.config = config
-        if config.container.enabled:
+        if config.container.enabled and config.container.check_host:
             from dcslurm.containers import check_host
 
             check_host(config)  # before anything is queued or written: apptainer and images present

@@ -1,0 +1,136 @@
+"""Real Apptainer: build the CPU image, run its %test, run stages inside it on
+the local executor and on the real SLURM cluster, push/pull it through S3.
+
+Docker Hub is unreachable here, so the CPU definition is built with its
+header swapped for `Bootstrap: debootstrap` (the same Debian 12 from the
+Debian mirror); every other section is built as shipped. Needs apptainer on
+PATH (scripts/apptainer-host.sh sets it up on Debian 12). The build takes a
+few minutes: the whole module is marked slow + apptainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dcslurm import containers
+from dcslurm.config import load_config
+from dcslurm.runs import submit_run
+from dcslurm.stages import registry
+from tests.core_helpers import tree_digest, wait_run_done
+
+pytestmark = [pytest.mark.apptainer, pytest.mark.slow]
+
+OUTPUT_DIRS = ("synth/", "digest/", "summary/")
+
+
+@pytest.fixture(scope="module")
+def apptainer() -> str:
+    path = shutil.which("apptainer")
+    if path is None:
+        pytest.fail("apptainer is not on PATH: run scripts/apptainer-host.sh (as root) first")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cpu_image(apptainer, tmp_path_factory) -> containers.BuildResult:
+    """The CPU image, built now from this checkout (debootstrap header)."""
+    image_dir = tmp_path_factory.mktemp("images")
+    result = containers.build_image("cpu", str(image_dir), apptainer=apptainer, header="debootstrap",
+                                    log=lambda s: None)
+    print(f"built {result.path} in {result.seconds:.0f} s, {os.path.getsize(result.path) / 1e6:.0f} MB")
+    return result
+
+
+def test_build_runs_its_test_and_a_second_build_reuses_it(apptainer, cpu_image):
+    assert cpu_image.built
+    assert os.path.basename(cpu_image.path) == containers.image_spec("cpu", header="debootstrap").filename
+    # The image's %test (it also ran at build time): every CPU stage imports inside the image.
+    proc = subprocess.run([apptainer, "test", cpu_image.path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu image: ok" in proc.stdout
+    for name, spec in registry().items():
+        if not spec.gpu:
+            assert f" {name}: " in proc.stdout
+    # The package inside is the one this checkout's tag names.
+    inside = subprocess.run([apptainer, "exec", "--cleanenv", cpu_image.path, "cat", "/opt/dcslurm/BUILD.json"],
+                            capture_output=True, text=True, timeout=120)
+    assert json.loads(inside.stdout)["source"] == containers.source_digest()
+    # Unchanged definition, lock and source: nothing is built again.
+    mtime = os.path.getmtime(cpu_image.path)
+    started = time.time()
+    again = containers.build_image("cpu", os.path.dirname(cpu_image.path), apptainer=apptainer,
+                                   header="debootstrap", log=lambda s: None)
+    assert not again.built and again.path == cpu_image.path
+    assert os.path.getmtime(cpu_image.path) == mtime and time.time() - started < 30
+
+
+def _run_toml(folder: Path, run: Path, executor: str, image: str | None, apptainer: str) -> str:
+    container = (f'enabled = true\napptainer = {json.dumps(apptainer)}\ncpu_image = {json.dumps(image)}\n'
+                 if image else "enabled = false\n")
+    path = folder / f"{run.name}.toml"
+    path.write_text(f"""
+[run]
+folder = {json.dumps(str(run))}
+stages = ["synth", "digest", "summary"]
+
+[executor]
+kind = "{executor}"
+
+[container]
+{container}
+[stages.synth]
+units = 4
+bytes_per_unit = 2048
+""")
+    return str(path)
+
+
+def _outputs(run: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_digest(str(run)).items() if k.startswith(OUTPUT_DIRS)}
+
+
+def test_host_python_cannot_run_tasks_so_success_means_the_image_ran_them(tmp_path):
+    # [container] python is "python3": on this host that interpreter lacks dcslurm
+    # (outside the repo folder), so a task that succeeds ran inside the image.
+    proc = subprocess.run(["python3", "-c", "import dcslurm"], cwd=tmp_path, capture_output=True)
+    assert proc.returncode != 0
+
+
+def test_stages_in_the_image_on_the_local_executor_match_a_run_without(apptainer, cpu_image, tmp_path):
+    plain = tmp_path / "plain run"
+    boxed = tmp_path / "container run"
+    assert not submit_run(load_config(_run_toml(tmp_path, plain, "local", None, apptainer))).failed
+    assert not submit_run(load_config(_run_toml(tmp_path, boxed, "local", cpu_image.path, apptainer))).failed
+    assert _outputs(plain) and _outputs(boxed) == _outputs(plain)
+
+
+@pytest.mark.slurm
+def test_stages_in_the_image_on_slurm_match_a_run_without(apptainer, cpu_image, slurm_cluster, tmp_path):
+    plain = tmp_path / "plain run"
+    boxed = tmp_path / "container run"
+    plain_cfg = _run_toml(tmp_path, plain, "slurm", None, apptainer)
+    boxed_cfg = _run_toml(tmp_path, boxed, "slurm", cpu_image.path, apptainer)
+    submit_run(load_config(plain_cfg))
+    submit_run(load_config(boxed_cfg))
+    wait_run_done(plain_cfg, timeout=300)
+    wait_run_done(boxed_cfg, timeout=300)
+    slurm_cluster.wait_jobs_done(60)
+    scripts = list((boxed / "logs" / "sbatch").glob("*.sbatch"))
+    assert scripts and all("--cleanenv" in s.read_text() for s in scripts)
+    assert _outputs(plain) and _outputs(boxed) == _outputs(plain)
+
+
+@pytest.mark.s3
+def test_push_then_pull_from_s3_gives_the_same_bytes(cpu_image, s3_server, s3_bucket, tmp_path):
+    url = f"{s3_bucket}/images/"
+    assert containers.push_image(cpu_image.path, url, s3_server.storage_options())
+    got = containers.pull_images(url, str(tmp_path / "pulled"), s3_server.storage_options())
+    assert [os.path.basename(p) for p, downloaded in got if downloaded] == [os.path.basename(cpu_image.path)]
+    assert containers._sha256_file(got[0][0]) == containers._sha256_file(cpu_image.path)
