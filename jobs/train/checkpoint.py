@@ -100,12 +100,18 @@ def read_marker(folder: DataFolder) -> dict:
     return parent.read_json(f"{name}.json")
 
 
-def load(folder: DataFolder, model, optimizer, model_name: str) -> dict:
-    """Load checkpoint `folder` into the (already sharded) model and optimizer; returns its marker."""
+def check_model(folder: DataFolder, model_name: str) -> dict:
+    """The marker of complete checkpoint `folder`; one-line error if it is of another model."""
     meta = read_marker(folder)
     if meta.get("model") != model_name:
         raise UserError(f"{folder.url}: checkpoint of model {meta.get('model')!r}, "
                         f"but this run trains {model_name!r}")
+    return meta
+
+
+def load(folder: DataFolder, model, optimizer, model_name: str) -> dict:
+    """Load checkpoint `folder` into the (already sharded) model and optimizer; returns its marker."""
+    meta = check_model(folder, model_name)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:

@@ -95,8 +95,15 @@ def check_shards(shards: list[Shard], where: str, storage_options: dict) -> None
         size = sizes[parent].get(name)
         if size is None:
             raise UserError(f"{shard.url}: training shard does not exist")
-        if shard.samples == 0 or size <= 1024:  # a tar with no members is at most 1 KiB of zeros
+        if shard.samples == 0 or size == 0 or (size <= 20480 and _no_members(shard.url, storage_options)):
             raise UserError(f"{shard.url}: training shard is empty")
+
+
+def _no_members(url: str, storage_options: dict) -> bool:
+    """True for a tar with no members (its first header block is zeros); read only for small files."""
+    parent, name = url.rsplit("/", 1)
+    with DataFolder(parent, storage_options).open(name) as f:
+        return not any(f.read(512))
 
 
 # -- raw samples ----------------------------------------------------------------

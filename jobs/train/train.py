@@ -161,8 +161,12 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
                  hp.model, total_steps, hp.batch_size, world_size, shape.accum, shape.micro_batch, hp.lr,
                  hp.warmup, "bf16" if bf16 else "fp32")
 
-    # Data first: bad input fails before any model is built.
+    # Bad input fails before any model is built: the data, and a resume checkpoint of another model.
     shards = training_shards(ctx, storage)
+    store = checkpoint.Checkpoints(ctx.output.child("checkpoints"), keep=params.keep_checkpoints)
+    source = ctx.folder(params.resume) if params.resume else store.latest()
+    if source is not None:
+        checkpoint.check_model(source, hp.model)
 
     # Model: same seed on every rank, so the replicated logit_scale starts identical.
     model, preprocess_train, _, tokenizer = create_model(hp.model, "", "cpu", seed=ctx.seed)
@@ -174,8 +178,6 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
     optimizer = make_optimizer(model, hp)
 
     # Resume: params `resume`, else the run's latest complete checkpoint.
-    store = checkpoint.Checkpoints(ctx.output.child("checkpoints"), keep=params.keep_checkpoints)
-    source = ctx.folder(params.resume) if params.resume else store.latest()
     start_step, positions = 0, {}
     if source is not None:
         meta = checkpoint.load(source, model, optimizer, hp.model)

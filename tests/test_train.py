@@ -1,0 +1,367 @@
+"""Training stage: equivalence across world sizes, exact resume after preemption,
+crash recovery, export to open_clip, scale configs, bad input.
+
+Runs the real trainer through the local executor (N processes with gloo, the
+same runner and markers as SLURM) on real images (scikit-learn's digits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dcslurm.config import ConfigError, load_config
+from dcslurm.errors import UserError
+from dcslurm.markers import read_marker
+from dcslurm.runs import submit_run
+from dcslurm.storage import DataFolder
+from tests.train_helpers import read_metrics, write_shards, write_train_toml
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("shards"))
+    write_shards(folder, n_shards=4, per_shard=24)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shards) -> str:
+    """One short 1-rank run (2 workers), shared by the export, status and refusal tests."""
+    tmp = tmp_path_factory.mktemp("trained")
+    folder, failed = run_train(tmp, "run", shards, samples=16 * 3, workers=2, checkpoint_every=2)
+    assert not failed
+    return folder
+
+
+def run_train(tmp_path, name: str, data: str, **kw) -> tuple[str, dict]:
+    folder = str(tmp_path / name)
+    cfg = load_config(write_train_toml(tmp_path / f"{name}.toml", folder, data, **kw))
+    result = submit_run(cfg)
+    return folder, result.failed
+
+
+def final_weights(folder: str) -> dict:
+    return torch.load(os.path.join(folder, "train", "model.pt"), weights_only=True)
+
+
+def assert_bit_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shards):
+    """2 ranks x 8 (gloo, FSDP2) == 1 rank x 2 accumulation steps x 8, within 1e-4 for 20 steps."""
+    two, failed = run_train(tmp_path, "two", shards, tasks_per_node=2, samples=16 * 20, checkpoint_every=100)
+    assert not failed
+    one, failed = run_train(tmp_path, "one", shards, tasks_per_node=1, samples=16 * 20, checkpoint_every=100,
+                            accum=2)
+    assert not failed
+    a, b = read_metrics(two), read_metrics(one)
+    assert [m["step"] for m in a] == list(range(1, 21)) == [m["step"] for m in b]
+    assert a[0]["world_size"] == 2 and b[0]["world_size"] == 1
+    diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+    assert max(diffs) < 1e-4, diffs
+    assert a[-1]["loss"] < a[0]["loss"]  # it learns
+    stats = read_marker(DataFolder(two), "train", 0)["stats"]
+    assert stats["world_size"] == 2 and stats["samples_seen"] == 320
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _wait_for_step(folder: str, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        try:
+            if read_metrics(folder) and read_metrics(folder)[-1]["step"] >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def _submit_cli(toml: str) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "dcslurm", "submit", "-c", toml], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_is_bit_exact(tmp_path, shards):
+    common = dict(tasks_per_node=2, samples=16 * 12, checkpoint_every=100, workers=1)
+    ref, failed = run_train(tmp_path, "ref", shards, **common)
+    assert not failed
+
+    folder = str(tmp_path / "preempted")
+    toml = write_train_toml(tmp_path / "preempted.toml", folder, shards, step_sleep=0.5, **common)
+    proc = _submit_cli(toml)
+    _wait_for_step(folder, 4, proc)
+    proc.send_signal(signal.SIGTERM)  # the local executor passes it to both ranks, as SLURM does
+    assert proc.wait(timeout=120) != 0
+    done = sorted(n for n in os.listdir(os.path.join(folder, "train", "checkpoints")) if n.endswith(".json"))
+    assert len(done) == 1
+    stopped_at = json.load(open(os.path.join(folder, "train", "checkpoints", done[0])))["step"]
+    assert 4 <= stopped_at < 12
+    assert not os.path.exists(os.path.join(folder, "train", "model.pt"))
+
+    assert submit_run(load_config(toml)).failed == {}
+    stats = read_marker(DataFolder(folder), "train", 0)["stats"]
+    assert stats["resumed_from_step"] == stopped_at
+    assert_bit_equal(final_weights(ref), final_weights(folder))
+    # The metrics file is continuous: steps 1..12 once each.
+    assert [m["step"] for m in read_metrics(folder)] == list(range(1, 13))
+
+
+def test_kill_9_of_one_rank_fails_the_job_and_resubmission_resumes(tmp_path, shards):
+    folder = str(tmp_path / "killed")
+    toml = write_train_toml(tmp_path / "killed.toml", folder, shards, tasks_per_node=2, samples=16 * 10,
+                            checkpoint_every=3, step_sleep=0.5, timeout_s=60)
+    proc = _submit_cli(toml)
+    _wait_for_step(folder, 7, proc)
+    ranks = [c for p in _children(proc.pid) for c in _children(p) if c] or _children(proc.pid)
+    # The executor's children are the runner processes (rank 0, rank 1).
+    runners = [p for p in _children(proc.pid)]
+    assert len(runners) == 2, runners
+    os.kill(runners[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    steps = sorted(int(n[5:13]) for n in os.listdir(os.path.join(folder, "train", "checkpoints"))
+                   if n.endswith(".json"))
+    assert steps and steps[-1] in (6, 9)
+    assert submit_run(load_config(toml)).failed == {}
+    stats = read_marker(DataFolder(folder), "train", 0)["stats"]
+    assert stats["resumed_from_step"] == steps[-1]
+    assert [m["step"] for m in read_metrics(folder)] == list(range(1, 11))
+    del ranks
+
+
+def test_exported_model_loads_in_stock_open_clip(trained):
+    import open_clip
+
+    from jobs.models import register_configs
+
+    folder = trained
+    register_configs()
+    path = os.path.join(folder, "train", "model.pt")
+    model, _, _ = open_clip.create_model_and_transforms("dcslurm-tiny-vit", pretrained=path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["logit_scale"].shape == torch.Size([])  # stock shape, not FSDP's
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    # Trained, not the initial weights.
+    fresh, _, _ = open_clip.create_model_and_transforms("dcslurm-tiny-vit")
+    assert not torch.equal(fresh.state_dict()["visual.conv1.weight"], saved["visual.conv1.weight"])
+    with open(os.path.join(folder, "train", "metrics.jsonl")) as f:
+        line = json.loads(f.readline())
+    assert {"loss", "lr", "samples_per_s", "samples_per_s_per_device", "mfu", "memory_gb"} <= line.keys()
+
+
+def test_status_section_prints_the_last_metrics_line(trained):
+    from rich.console import Console
+
+    from dcslurm.plan import read_plan
+    from dcslurm.train_status import status_section
+
+    folder = trained
+    console = Console(record=True, width=300)
+    status_section(read_plan(DataFolder(folder)), folder, console)
+    text = console.export_text()
+    assert "train: step 3, 48 samples, loss" in text and "checkpoint: step-00000003" in text
+
+
+# -- bad input -------------------------------------------------------------------
+
+def _failure(folder: str) -> str:
+    with open(os.path.join(folder, "_failures", "train", "000000.json")) as f:
+        return json.load(f)["error"]
+
+
+def test_missing_and_empty_shards_are_one_line_errors(tmp_path, shards):
+    import tarfile
+
+    from jobs.train import data
+
+    def error(source: str) -> str:
+        with pytest.raises(UserError) as exc:
+            data.check_shards(data.list_shards(source, {}), source, {})
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    assert error(str(tmp_path / "nowhere")).endswith("nowhere: training data folder does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert error(str(empty)).endswith("empty: no .tar training shards")
+    with tarfile.open(empty / "00000000.tar", "w"):
+        pass
+    assert error(str(empty)).endswith("00000000.tar: training shard is empty")
+    pattern = os.path.join(shards, "{00000000..00000009}.tar")
+    assert error(pattern).endswith("00000004.tar: training shard does not exist")
+    # End to end: the task fails with that line as its recorded error.
+    folder, failed = run_train(tmp_path, "emptytar", str(empty))
+    assert failed and _failure(folder).endswith("00000000.tar: training shard is empty")
+
+
+def test_resume_from_another_models_checkpoint_is_refused(tmp_path, shards, trained):
+    ckpt = os.path.join(trained, "train", "checkpoints", "step-00000002")
+    assert os.path.exists(ckpt + ".json")
+    folder, failed = run_train(tmp_path, "other", shards, samples=16 * 2, model="RN50", resume=ckpt)
+    assert failed
+    assert _failure(folder) == f"{ckpt}: checkpoint of model 'dcslurm-tiny-vit', but this run trains 'RN50'"
+    # An incomplete checkpoint (no marker) is refused too.
+    folder, failed = run_train(tmp_path, "incomplete", shards, samples=16 * 2, resume=str(tmp_path / "step-1"))
+    assert failed and _failure(folder).endswith("step-1: not a complete checkpoint (no step-1.json marker beside it)")
+
+
+def test_unknown_scale_is_a_one_line_error(tmp_path, shards):
+    toml = write_train_toml(tmp_path / "bad.toml", str(tmp_path / "r"), shards, scale="huge")
+    with pytest.raises(ConfigError, match=r"scale: unknown scale 'huge'; choose one of tiny, debug, small"):
+        load_config(toml)
+
+
+# -- scales and the plan ---------------------------------------------------------
+
+def test_small_scale_dry_run_shows_hyperparameters_and_job_shape(tmp_path):
+    from typer.testing import CliRunner
+
+    from dcslurm.cli import app
+
+    toml = tmp_path / "small.toml"
+    toml.write_text(f"""
+[run]
+folder = "{tmp_path / 'run'}"
+scale = "tiny"
+stages = ["train"]
+[executor]
+kind = "slurm"
+[slurm]
+nodes = 2
+tasks_per_node = 4
+gpus_per_node = 4
+[stages.train]
+data = "s3://bucket/shards/{{00000000..00001279}}.tar"
+""")
+    result = CliRunner().invoke(app, ["plan", "-c", str(toml), "--scale", "small", "--json"])
+    assert result.exit_code == 0, result.output
+    step = json.loads(result.output)["steps"][0]
+    basis = step["estimate_basis"]
+    for fact in ("ViT-B-32", "12,800,000 samples", "global batch 4,096 = 2 nodes x 4 tasks x 512 per rank",
+                 "3,125 steps", "lr 0.0005", "warmup 500", "b2 0.98", "eps 1e-06", "wd 0.2"):
+        assert fact in basis, (fact, basis)
+    assert step["layout"] == "distributed" and step["tasks"] == 1
+    assert step["gpu_hours"] == pytest.approx(4.0)
+    assert step["resources"]["nodes"] == 2 and step["resources"]["tasks_per_node"] == 4
+    result = CliRunner().invoke(app, ["plan", "-c", str(toml), "--scale", "small"])
+    assert "global batch 4,096" in result.output.replace("\n", " ") or "4,096" in result.output
+
+
+def test_scale_hyperparameters_are_the_papers():
+    from dcslurm.scales import SCALES
+    from jobs.train.spec import resolve_hyper
+
+    small = resolve_hyper(SCALES["small"], {})
+    assert (small.model, small.batch_size, small.lr, small.warmup, small.samples) == \
+        ("ViT-B-32", 4096, 5e-4, 500, 12_800_000)
+    assert (small.beta1, small.beta2, small.eps, small.weight_decay) == (0.9, 0.98, 1e-6, 0.2)
+    xl = resolve_hyper(SCALES["xlarge"], {})
+    assert (xl.model, xl.batch_size, xl.lr, xl.warmup, xl.beta2) == ("ViT-L-14", 90112, 1e-3, 10_000, 0.95)
+    assert resolve_hyper(SCALES["tiny"], {"batch_size": 16, "warmup": 0}).batch_size == 16
+
+
+# -- units ----------------------------------------------------------------------
+
+def test_cosine_schedule_is_open_clips():
+    from open_clip_train.scheduler import cosine_lr as reference
+
+    from jobs.train.train import cosine_lr
+
+    class Opt:
+        param_groups = [{"lr": 0.0}]
+
+    opt = Opt()
+    ref = reference(opt, 5e-4, 500, 3125)
+    for step in (0, 1, 250, 499, 500, 501, 2000, 3124):
+        assert cosine_lr(step, 5e-4, 500, 3125) == pytest.approx(ref(step), rel=1e-12, abs=1e-15)
+
+
+def test_batch_shape_preserves_the_global_batch():
+    from jobs.train.train import batch_shape
+
+    assert batch_shape(4096, 8, 0, 0) == batch_shape(4096, 8, 1, 0)
+    s = batch_shape(4096, 1, 0, 512)
+    assert (s.accum, s.micro_batch) == (8, 512)
+    s = batch_shape(90112, 512, 0, 0)
+    assert (s.accum, s.micro_batch, s.per_rank) == (1, 176, 176)
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
+        batch_shape(4096, 3, 0, 0)
+
+
+def test_global_batch_is_the_same_set_whatever_the_world_and_workers(shards):
+    """The data of a step does not depend on world size or workers; positions resume exactly."""
+    import open_clip
+
+    from jobs.models import register_configs
+    from jobs.train import data
+
+    register_configs()
+    _, transform, _ = open_clip.create_model_and_transforms("dcslurm-tiny-vit")
+    tokenizer = open_clip.get_tokenizer("dcslurm-tiny-vit")
+    found = data.list_shards(shards, {})
+
+    def steps(world: int, workers: int, n: int, positions=None):
+        out = [[] for _ in range(n)]
+        final = {}
+        for rank in range(world):
+            layout = data.make_layout(16, 4, rank, world)
+            ds = data.StepBatches(found, layout, positions or {}, 0, 8, transform, tokenizer, {})
+            rb = data.RankBatches(ds, workers)
+            it = iter(rb)
+            for i in range(n):
+                images, texts = next(it)
+                out[i] += [(images[j].sum().item(), tuple(texts[j].tolist())) for j in range(len(images))]
+            final.update(rb.positions)
+        return [sorted(x) for x in out], final
+
+    one, pos = steps(1, 0, 3)
+    two, _ = steps(2, 2, 3)
+    assert one == two
+    assert pos == {0: 12, 1: 12, 2: 12, 3: 12}
+    assert len(set(one[0]) & set(one[1])) < 16  # consecutive steps are different samples
+    whole, _ = steps(1, 0, 5)
+    resumed, _ = steps(1, 1, 2, positions=pos)
+    assert whole[3:] == resumed
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    import open_clip
+
+    from jobs.models import register_configs
+    from jobs.train import data
+
+    register_configs()
+    folder = str(tmp_path / "bad")
+    write_shards(folder, n_shards=1, per_shard=12, corrupt=3)
+    _, transform, _ = open_clip.create_model_and_transforms("dcslurm-tiny-vit")
+    tokenizer = open_clip.get_tokenizer("dcslurm-tiny-vit")
+    ds = data.StepBatches(data.list_shards(folder, {}), data.make_layout(8, 1, 0, 1), {}, 0, 1,
+                          transform, tokenizer, {})
+    rb = data.RankBatches(ds, 0)
+    images, _ = next(iter(rb))
+    assert images.shape[0] == 8
+    assert rb.bad_samples == 3 and rb.positions == {0: 11}
+    assert not math.isnan(images.sum().item())
