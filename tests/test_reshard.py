@@ -23,6 +23,7 @@ from dcslurm.markers import done_indexes, read_failure
 from dcslurm.runs import submit_run
 from jobs.reshard.subset import SUBSET_DTYPE, load_subset, pair_to_uid, uid_to_pair, uids_to_array
 from jobs.reshard.tario import TarSampleReader, TarShardWriter
+from tests.core_helpers import wait_run_done
 
 SAMPLES_PER_SHARD = 16
 
@@ -118,7 +119,7 @@ def read_output(folder: str) -> tuple[collections.Counter, list[str], dict[str, 
 
 
 def write_toml(path, run_folder: str, pool: str, subset: str, tasks: int, extra: str = "",
-               executor: str = "local", storage: str = "") -> str:
+               executor: str = "local", tail: str = "", log_dir: str = "") -> str:
     with open(path, "w") as f:
         f.write(f"""
 [run]
@@ -132,13 +133,14 @@ shards = {json.dumps(pool)}
 [executor]
 kind = "{executor}"
 max_parallel = 2
+{f"log_dir = {json.dumps(log_dir)}" if log_dir else ""}
 
 [stages.reshard]
 subset = {json.dumps(subset)}
 samples_per_shard = {SAMPLES_PER_SHARD}
 tasks = {tasks}
 {extra}
-{storage}
+{tail}
 """)
     return str(path)
 
@@ -388,32 +390,31 @@ def test_killed_write_task_resubmits_to_identical_shards(pool, one_task_run, tmp
 def test_damaged_input_shards_are_counted_and_the_rest_kept(pool, tmp_path):
     shards = tmp_path / "shards"
     os.makedirs(shards)
+    lost = set()
     for n in sorted(os.listdir(pool["shards"])):
         data = open(os.path.join(pool["shards"], n), "rb").read()
-        if n == "00000001.tar":  # truncated in the middle of a member
-            data = data[: len(data) // 2 + 100]
-        if n == "00000003.tar":  # a corrupt header in the middle
-            headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(data))]
+        members = list(tarfile.open(fileobj=io.BytesIO(data)))
+        if n == "00000001.tar":  # truncated inside the jpg of sample 10: samples 10.. are lost
+            cut = next(m for m in members if m.name.startswith("000100010.jpg")).offset_data + 50
+            data = data[:cut]
+            lost |= {m.name.split(".")[0] for m in members if m.offset_data + m.size > cut}
+        if n == "00000003.tar":  # a corrupt header (sample 7's txt): that sample is lost, the rest kept
+            txt = next(m for m in members if m.name == "000300007.txt")
             data = bytearray(data)
-            data[headers[len(headers) // 2] + 5] ^= 0xFF
+            data[txt.offset + 5] ^= 0xFF
             data = bytes(data)
+            lost.add("000300007")
         (shards / n).write_bytes(data)
     cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), str(shards), pool["subset"], tasks=3)
     assert not submit_run(load_config(cfg)).failed
     out = str(tmp_path / "run" / "reshard")
-    multiset, _, _ = read_output(out)
-    # what survives: every sample the reader yields from each damaged tar, read independently
-    surviving = []
-    for n in sorted(os.listdir(shards)):
-        data = (shards / n).read_bytes()
-        keys = {s.key for s in TarSampleReader(io.BytesIO(data), len(data))}
-        surviving.extend(s for s in pool["samples"] if s["key"] in keys and s["key"][:4] == n[4:8])
-    assert len(surviving) < len(pool["samples"]) - 20
-    assert len(surviving) > len(pool["samples"]) - 25 - 3  # half of one shard and two samples lost
-    assert multiset == expected_multiset(surviving, pool["uids"])
+    surviving = [s for s in pool["samples"] if s["key"] not in lost]
+    assert len(lost) == 25 - 10 + 1
+    assert read_output(out)[0] == expected_multiset(surviving, pool["uids"])
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["truncated_tars"] == 1 and stats["corrupt_headers"] == 1
-    assert stats["damaged_samples"] >= 2
+    assert stats["damaged_samples"] == 2  # the sample cut short and the one with the corrupt header
+    assert stats["input_samples_scanned"] == len(pool["samples"]) - len(lost)
 
 
 def test_unsorted_subset_fails_the_run_with_one_line(pool, tmp_path):
@@ -432,3 +433,36 @@ def test_missing_subset_setting_is_a_config_error(pool, tmp_path):
     cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], "", tasks=1)
     with pytest.raises(UserError, match=r"\[stages.reshard\] subset: no subset"):
         submit_run(load_config(cfg))
+
+
+# -- S3 and SLURM ------------------------------------------------------------------------
+
+@pytest.mark.s3
+def test_s3_input_and_output_give_the_same_shards(pool, one_task_run, s3_server, s3_bucket, tmp_path):
+    fs = s3_server.fs()
+    bucket = s3_bucket.removeprefix("s3://")
+    for n in os.listdir(pool["shards"]):
+        fs.put_file(os.path.join(pool["shards"], n), f"{bucket}/pool/{n}")
+    fs.put_file(pool["subset"], f"{bucket}/subset.npy")
+    cfg = write_toml(tmp_path / "run.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool", f"{s3_bucket}/subset.npy",
+                     tasks=3, log_dir=str(tmp_path / "logs"),
+                     tail=f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+    assert not submit_run(load_config(cfg)).failed
+    local = shard_digests(os.path.join(one_task_run, "reshard"))
+    remote = {n: hashlib.sha256(fs.cat_file(f"{bucket}/run/reshard/{n}")).hexdigest() for n in local}
+    assert remote == local
+    assert not [p for p in fs.find(bucket) if "/.tmp-" in p]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("tasks", [1, 8])
+def test_slurm_run_gives_the_subset_multiset_and_local_shards(pool, one_task_run, slurm_cluster, tmp_path, tasks):
+    cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], pool["subset"], tasks=tasks,
+                     executor="slurm", tail='[stages.reshard.resources]\ncpus_per_task = 1\ntime = "00:10:00"\n')
+    submit_run(load_config(cfg))
+    wait_run_done(cfg, timeout=400)
+    slurm_cluster.wait_jobs_done(60)
+    out = str(tmp_path / "run" / "reshard")
+    assert len(done_indexes(load_config(cfg).folder(), "reshard.write")) == tasks
+    assert read_output(out)[0] == expected_multiset(pool["samples"], pool["uids"])
+    assert shard_digests(out) == shard_digests(os.path.join(one_task_run, "reshard"))
