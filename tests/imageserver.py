@@ -6,7 +6,7 @@
         server.url("html", 0)          # 200 text/html instead of an image
         server.url("truncated", 0)     # a JPEG cut after a third of its bytes
         server.url("bomb", 0)          # a decompression-bomb PNG (40,000 x 40,000 pixels)
-        server.url("slow", 0)          # a good image after `slow_seconds`
+        server.url("slow", 0)          # a good image after `slow_seconds` (or delay=...)
         server.refused_url(0)          # a port that refuses connections
 
 The server runs in its own thread on a port the kernel picks, and `stop()` shuts
@@ -70,8 +70,10 @@ def bomb_png(side: int = 40_000) -> bytes:
 class ImageServer:
     def __init__(self, slow_seconds: float = 1.0):
         self.slow_seconds = slow_seconds
-        self.served: Counter = Counter()
+        self.served: Counter = Counter()  # requests per kind
+        self.hits: Counter = Counter()  # requests per path (without the query)
         self._photos = real_photos()
+        self._bomb = bomb_png()  # built now: building it on the first request would time that request out
         self._refusers: list[socket.socket] = []
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -102,11 +104,13 @@ class ImageServer:
         self.stop()
 
     # -- URLs --------------------------------------------------------------
-    def url(self, kind: str, i: int) -> str:
+    def url(self, kind: str, i: int, delay: float | None = None) -> str:
+        """The URL of case `kind` number `i`; `delay` (slow only) overrides slow_seconds."""
         if kind not in KINDS:
             raise ValueError(kind)
         ext = {"html": "html", "bomb": "png"}.get(kind, "jpg")
-        return f"http://127.0.0.1:{self.port}/{kind}/{i}.{ext}"
+        query = f"?delay={delay}" if delay is not None and kind == "slow" else ""
+        return f"http://127.0.0.1:{self.port}/{kind}/{i}.{ext}{query}"
 
     def refused_url(self, i: int) -> str:
         """A URL whose port is bound but never listens: connecting is refused (RST)."""
@@ -130,17 +134,20 @@ class ImageServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802
-                parts = self.path.strip("/").split("/")
+                path, _, query = self.path.partition("?")
+                params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+                parts = path.strip("/").split("/")
                 kind = parts[0] if parts else ""
                 try:
                     i = int(parts[1].split(".")[0]) if len(parts) > 1 else 0
                 except ValueError:
                     i = 0
                 server.served[kind] += 1
+                server.hits[path] += 1
                 if kind == "good":
                     return self._reply(200, server.photo(i), "image/jpeg")
                 if kind == "slow":
-                    time.sleep(server.slow_seconds)
+                    time.sleep(float(params.get("delay", server.slow_seconds)))
                     return self._reply(200, server.photo(i), "image/jpeg")
                 if kind == "html":
                     return self._reply(200, b"<!DOCTYPE html><html><body><h1>Welcome!</h1><p>Our gallery moved."
@@ -149,7 +156,7 @@ class ImageServer:
                     data = server.photo(i)
                     return self._reply(200, data[: len(data) // 3], "image/jpeg")
                 if kind == "bomb":
-                    return self._reply(200, bomb_png(), "image/png")
+                    return self._reply(200, server._bomb, "image/png")
                 self._reply(404, b"not found", "text/plain")
 
             def _reply(self, code: int, body: bytes, ctype: str) -> None:

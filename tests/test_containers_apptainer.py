@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dcslurm import containers
@@ -71,29 +72,54 @@ def test_build_runs_its_test_and_a_second_build_reuses_it(apptainer, cpu_image):
     assert os.path.getmtime(cpu_image.path) == mtime and time.time() - started < 30
 
 
-def _run_toml(folder: Path, run: Path, executor: str, image: str | None, apptainer: str) -> str:
-    container = (f'enabled = true\napptainer = {json.dumps(apptainer)}\ncpu_image = {json.dumps(image)}\n'
-                 if image else "enabled = false\n")
+def _run_toml(folder: Path, run: Path, executor: str, image: str | None, apptainer: str,
+              stages: str = "test", pool: Path | None = None) -> str:
+    """A small run of the test-only stages (`test`) or of the filter stage over `pool`."""
+    if image:
+        # Scratch of its own (not the host's /tmp), so the task sees only what is bound:
+        # the run folder, the pool folder, scratch, and the filter's entries file.
+        scratch = folder / "scratch"
+        scratch.mkdir(exist_ok=True)
+        entries = [str(pool / "entries.txt")] if pool else []
+        container = (f"enabled = true\napptainer = {json.dumps(apptainer)}\ncpu_image = {json.dumps(image)}\n"
+                     f"scratch = {json.dumps(str(scratch))}\nbinds = {json.dumps(entries)}\n")
+    else:
+        container = "enabled = false\n"
+    if stages == "test":
+        body = 'stages = ["synth", "digest", "summary"]\n\n[stages.synth]\nunits = 4\nbytes_per_unit = 2048\n'
+    else:
+        body = (f'stages = ["filter"]\nseed = 3\n\n[pool]\nmetadata = {json.dumps(str(pool / "pool"))}\n\n'
+                f'[stages.filter]\nspec = {json.dumps(FILTER_SPEC.format(entries=pool / "entries.txt"))}\n'
+                "units_per_task = 2\n")
     path = folder / f"{run.name}.toml"
     path.write_text(f"""
-[run]
-folder = {json.dumps(str(run))}
-stages = ["synth", "digest", "summary"]
-
 [executor]
 kind = "{executor}"
 
 [container]
 {container}
-[stages.synth]
-units = 4
-bytes_per_unit = 2048
-""")
+[run]
+folder = {json.dumps(str(run))}
+{body}""")
     return str(path)
 
 
-def _outputs(run: Path) -> dict[str, str]:
-    return {k: v for k, v in tree_digest(str(run)).items() if k.startswith(OUTPUT_DIRS)}
+FILTER_SPEC = "clip_score(l14, fraction=0.45) then basic then metaclip(entries={entries}, t=4)"
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> Path:
+    """4 DataComp-format metadata files (parquet + npz) and a MetaCLIP entries file."""
+    from jobs.filter.synthetic import write_pool
+
+    root = tmp_path_factory.mktemp("pool")
+    write_pool(str(root / "pool"), n_files=4, rows_per_file=60, seed=5, dims=(8, 12))
+    (root / "entries.txt").write_text("dog\ncat\nbeach\na\nthe\nsofa\ncar\n")
+    return root
+
+
+def _outputs(run: Path, dirs=OUTPUT_DIRS) -> dict[str, str]:
+    return {k: v for k, v in tree_digest(str(run)).items() if k.startswith(dirs)}
 
 
 def test_host_python_cannot_run_tasks_so_success_means_the_image_ran_them(tmp_path):
@@ -112,19 +138,24 @@ def test_stages_in_the_image_on_the_local_executor_match_a_run_without(apptainer
 
 
 @pytest.mark.slurm
-def test_stages_in_the_image_on_slurm_match_a_run_without(apptainer, cpu_image, slurm_cluster, tmp_path):
+def test_filter_in_the_image_on_slurm_matches_a_run_without(apptainer, cpu_image, slurm_cluster, small_pool,
+                                                            tmp_path):
     plain = tmp_path / "plain run"
     boxed = tmp_path / "container run"
-    plain_cfg = _run_toml(tmp_path, plain, "slurm", None, apptainer)
-    boxed_cfg = _run_toml(tmp_path, boxed, "slurm", cpu_image.path, apptainer)
+    plain_cfg = _run_toml(tmp_path, plain, "slurm", None, apptainer, "filter", small_pool)
+    boxed_cfg = _run_toml(tmp_path, boxed, "slurm", cpu_image.path, apptainer, "filter", small_pool)
     submit_run(load_config(plain_cfg))
     submit_run(load_config(boxed_cfg))
-    wait_run_done(plain_cfg, timeout=300)
-    wait_run_done(boxed_cfg, timeout=300)
+    wait_run_done(plain_cfg, timeout=400)
+    wait_run_done(boxed_cfg, timeout=400)
     slurm_cluster.wait_jobs_done(60)
     scripts = list((boxed / "logs" / "sbatch").glob("*.sbatch"))
-    assert scripts and all("--cleanenv" in s.read_text() for s in scripts)
-    assert _outputs(plain) and _outputs(boxed) == _outputs(plain)
+    assert len(scripts) == 5 and all("apptainer exec --cleanenv --contain" in s.read_text() for s in scripts)
+    # Every file the filter wrote, except its .npz intermediates (zip members carry their write time).
+    filtered = {k: v for k, v in _outputs(boxed, ("filter/",)).items() if not k.endswith(".npz")}
+    assert "filter/subset.npy" in filtered and "filter/stats.json" in filtered
+    assert filtered == {k: v for k, v in _outputs(plain, ("filter/",)).items() if not k.endswith(".npz")}
+    assert len(np.load(plain / "filter" / "subset.npy")) > 0
 
 
 @pytest.mark.s3

@@ -107,14 +107,6 @@ class Reader:
         return arr
 
 
-def _texts(col, f: InputFile, stats: dict) -> list[str]:
-    values = col.to_pylist()
-    nulls = sum(1 for v in values if v is None)
-    if nulls:
-        stats["null_text"] = stats.get("null_text", 0) + nulls
-    return [v if isinstance(v, str) else "" for v in values]
-
-
 def _floats(col, f: InputFile, name: str) -> np.ndarray:
     import pyarrow as pa
 
@@ -128,9 +120,9 @@ def score_column(term: Term) -> str:
     return kw["score"] or SCORE_COLUMNS[kw["arch"]]
 
 
-def needed_columns(spec: FilterSpec) -> list[str]:
+def needed_columns(terms: list[Term]) -> list[str]:
     cols = {"uid"}
-    for _, _, term in spec.terms():
+    for term in terms:
         if term.name in ("basic", "laion2b", "text_based", "image_based", "metaclip"):
             cols.add("text")
         if term.name == "basic":
@@ -140,6 +132,13 @@ def needed_columns(spec: FilterSpec) -> list[str]:
         if term.name == "clip_score":
             cols.add(score_column(term))
     return sorted(cols)
+
+
+def deferred_terms(spec: FilterSpec) -> set[int]:
+    """Row-local terms in groups after the last global one: no reduce needs them, so `apply`
+    evaluates them on the rows still alive there (e.g. language ID only after the CLIP threshold)."""
+    last_global = max((g for _, g, term in spec.terms() if term.is_global), default=-1)
+    return {t for t, g, term in spec.terms() if not term.is_global and g > last_global}
 
 
 # -- prepare ------------------------------------------------------------------
@@ -181,7 +180,8 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
     for f in inputs:
         cols = reader.table(f, ["uid", "text"])
         hi, lo = rules.parse_uids(cols["uid"].to_pylist(), f.url)
-        mask = rules.image_caption_mask(_texts(cols["text"], f, {}), kw["lid_model"])
+        mask = rules.image_caption_mask([v if isinstance(v, str) else "" for v in cols["text"].to_pylist()],
+                                        kw["lid_model"])
         if rate < 1.0:
             mask &= rules.uniform_by_uid(hi, lo, seed, stream=7) < rate
         emb = reader.embeddings(f, kw["key"], len(hi))
@@ -197,45 +197,75 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
 
 # -- map ----------------------------------------------------------------------
 
+class FileColumns:
+    """The columns of one file that some terms need, with caption access by row index."""
+
+    def __init__(self, f: InputFile, reader: Reader, terms: list[Term], stats: dict):
+        self.f, self.stats = f, stats
+        self.cols = reader.table(f, needed_columns(terms))
+        self.n = len(self.cols["uid"])
+        if "text" in self.cols:  # null captions are judged as empty ones, and counted
+            stats["null_text"] = int(self.cols["text"].null_count)
+
+    def texts(self, idx: np.ndarray) -> list[str]:
+        values = self.cols["text"].take(idx).to_pylist() if len(idx) else []
+        return [v if isinstance(v, str) else "" for v in values]
+
+    def floats(self, name: str, idx: np.ndarray) -> np.ndarray:
+        return _floats(self.cols[name], self.f, name)[idx]
+
+
+def row_local_mask(t: int, term: Term, fc: FileColumns, rows: np.ndarray | None, work: DataFolder,
+                   reader: Reader) -> np.ndarray:
+    """A row-local term's keep mask, computed only on `rows` (all rows if None; the others are False)."""
+    kw, n, f = term.kw, fc.n, fc.f
+    idx = np.arange(n) if rows is None else np.nonzero(rows)[0]
+    mask = np.zeros(n, bool)
+    if term.name == "no_filter":
+        sub = np.ones(len(idx), bool)
+    elif term.name == "basic":
+        sub = rules.basic_mask(fc.texts(idx), fc.floats("original_width", idx), fc.floats("original_height", idx),
+                               kw["lid_model"])
+    elif term.name == "laion2b":
+        sub = rules.laion2b_mask(fc.texts(idx), fc.floats(SCORE_COLUMNS["b32"], idx))
+    elif term.name == "text_based":
+        sub = rules.text_entity_mask(fc.texts(idx), rules.read_synset_ids(kw["synsets"]), kw["wordnet"],
+                                     kw["lid_model"])
+    elif term.name == "image_based":
+        with np.load(io.BytesIO(work.read_bytes(f"_prepared/image{t}.npz"))) as z:
+            centroids, target_ids = z["centroids"], z["target_ids"]
+        caption = rules.image_caption_mask(fc.texts(idx), kw["lid_model"])
+        emb = reader.embeddings(f, kw["key"], n)[idx]
+        near = np.full(len(idx), -1, np.int64)
+        near[caption] = rules.nearest_centroid(emb[caption], centroids)
+        sub = caption & np.isin(near, target_ids)
+    elif term.name == "clip_score":
+        sub = keep_at_threshold(fc.floats(score_column(term), idx), kw["threshold"])
+    else:
+        raise AssertionError(f"{term.name} is not row-local")
+    mask[idx] = sub
+    return mask
+
+
 def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -> dict:
-    """Row-local work for one file -> _parts/PID.npz; returns its stats."""
-    cols = reader.table(f, needed_columns(spec))
-    stats: dict = {"rows": 0}
-    hi, lo = rules.parse_uids(cols["uid"].to_pylist(), f.url)
-    n = len(hi)
-    stats["rows"] = n
-    texts = _texts(cols["text"], f, stats) if "text" in cols else None
+    """Per-file work before the reduce -> _parts/PID.npz (uids, masks, scores, matches); returns stats."""
+    deferred = deferred_terms(spec)
+    terms = [(t, term) for t, _, term in spec.terms() if t not in deferred]
+    stats: dict = {}
+    fc = FileColumns(f, reader, [term for _, term in terms], stats)
+    hi, lo = rules.parse_uids(fc.cols["uid"].to_pylist(), f.url)
+    n = stats["rows"] = len(hi)
     out: dict[str, np.ndarray] = {"hi": hi, "lo": lo}
-    for t, _, term in spec.terms():
+    for t, term in terms:
         kw = term.kw
-        if term.name == "no_filter":
-            out[f"m{t}"] = np.ones(n, bool)
-        elif term.name == "basic":
-            out[f"m{t}"] = rules.basic_mask(texts, _floats(cols["original_width"], f, "original_width"),
-                                            _floats(cols["original_height"], f, "original_height"), kw["lid_model"])
-        elif term.name == "laion2b":
-            out[f"m{t}"] = rules.laion2b_mask(texts, _floats(cols[SCORE_COLUMNS["b32"]], f, SCORE_COLUMNS["b32"]))
-        elif term.name == "text_based":
-            ids = rules.read_synset_ids(kw["synsets"])
-            out[f"m{t}"] = rules.text_entity_mask(texts, ids, kw["wordnet"], kw["lid_model"])
-        elif term.name == "image_based":
-            with np.load(io.BytesIO(work.read_bytes(f"_prepared/image{t}.npz"))) as z:
-                centroids, target_ids = z["centroids"], z["target_ids"]
-            caption = rules.image_caption_mask(texts, kw["lid_model"])
-            emb = reader.embeddings(f, kw["key"], n)
-            near = np.full(n, -1, np.int64)
-            near[caption] = rules.nearest_centroid(emb[caption], centroids)
-            out[f"m{t}"] = caption & np.isin(near, target_ids)
+        if not term.is_global:
+            out[f"m{t}"] = row_local_mask(t, term, fc, None, work, reader)
         elif term.name == "clip_score":
-            scores = _floats(cols[score_column(term)], f, score_column(term))
-            if kw["fraction"] is None:
-                out[f"m{t}"] = keep_at_threshold(scores, kw["threshold"])
-            else:
-                out[f"s{t}"] = scores
+            out[f"s{t}"] = fc.floats(score_column(term), slice(None))
         elif term.name == "metaclip":
-            out[f"p{t}"], out[f"e{t}"] = rules.metaclip_matches(texts, kw["entries"])
+            out[f"p{t}"], out[f"e{t}"] = rules.metaclip_matches(fc.texts(np.arange(n)), kw["entries"])
         elif term.name in ("vas", "vas_d"):
-            reader.embeddings(f, kw["key"], n)  # bad npz fails here, in the map, naming the file
+            reader.embeddings(f, kw["key"], n)  # a bad npz fails here, in the map, naming the file
     buf = io.BytesIO()
     np.savez(buf, **out)
     work.write_bytes(f"_parts/{f.pid}.npz", buf.getvalue())
@@ -451,16 +481,25 @@ def apply_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader,
     kept = np.ones(n, bool)
     counts: dict[str, int] = {}
     terms = spec.terms()
+    deferred = deferred_terms(spec)
+    read_stats: dict = {}
+    fc = FileColumns(f, reader, [term for t, _, term in terms if t in deferred], read_stats) if deferred else None
     for g in range(len(spec.groups)):
         candidates, group_keep = kept, np.ones(n, bool)
         for t, _, term in (x for x in terms if x[1] == g):
-            m = ev.term_mask(t, term, parts, f)
+            if t in deferred:
+                m = row_local_mask(t, term, fc, candidates, work, reader)
+            else:
+                m = ev.term_mask(t, term, parts, f)
             counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
             group_keep &= m
         kept = candidates & group_keep
     uids = np.sort(rules.uid_array(parts["hi"][kept], parts["lo"][kept]))
     _save_npy(work, f"_kept/{f.pid}.npy", uids)
-    return {"rows": n, "kept": int(kept.sum()), "term_kept": counts}
+    # null captions are counted where the text column is first read: here only if the map did not read it
+    map_read_text = "text" in needed_columns([term for t, _, term in terms if t not in deferred])
+    null_text = 0 if map_read_text else read_stats.get("null_text", 0)
+    return {"rows": n, "kept": int(kept.sum()), "term_kept": counts, "null_text": null_text}
 
 
 def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out_name: str = SUBSET,
@@ -512,7 +551,7 @@ def summary(spec: FilterSpec, apply_stats: list[dict], map_stats: list[dict], pa
         "input_rows": sum(s["rows"] for s in apply_stats),
         "kept_rows": sum(s["kept"] for s in apply_stats),
         "per_filter_kept": term_kept,
-        "null_text_rows": sum(s.get("null_text", 0) for s in map_stats),
+        "null_text_rows": sum(s.get("null_text", 0) for s in map_stats) + sum(s.get("null_text", 0) for s in apply_stats),
         "parameters": {k: v for k, v in params.items() if k != "n_pool"},
     }
 

@@ -61,11 +61,12 @@ def apply(ctx: TaskContext) -> TaskResult:
     spec, reader = _spec(ctx), _reader(ctx)
     params = ctx.output.read_json(engine.PARAMS)
     files = _inputs(ctx, ctx.shards)
-    totals: dict = {"files": len(files), "rows": 0, "kept": 0, "term_kept": {}}
+    totals: dict = {"files": len(files), "rows": 0, "kept": 0, "null_text": 0, "term_kept": {}}
     for f in files:
         s = engine.apply_file(spec, f, ctx.output, reader, params, ctx.seed)
         totals["rows"] += s["rows"]
         totals["kept"] += s["kept"]
+        totals["null_text"] += s["null_text"]
         for k, v in s["term_kept"].items():
             totals["term_kept"][k] = totals["term_kept"].get(k, 0) + v
     return TaskResult(outputs=[_rel(ctx, f"_kept/{f.pid}.npy") for f in files], stats=totals)

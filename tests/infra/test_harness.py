@@ -224,3 +224,27 @@ def test_s3_restart_keeps_data() -> None:
         server.fs().pipe(f"{url}/after", b"ok")  # writable again
         assert server.fs().cat(f"{url}/after") == b"ok"
     assert not server.tmpdir.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_signal_then_requeue_restarts_the_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """--signal reaches the batch shell before the time limit; scontrol requeue reruns it."""
+    log = tmp_path / "log.txt"
+    script = f"""#!/bin/bash
+n=${{SLURM_RESTART_COUNT:-0}}
+echo "start $n" >> {log}
+if [ "$n" -ge 1 ]; then echo done >> {log}; exit 0; fi
+trap 'echo usr1 >> {log}; scontrol requeue $SLURM_JOB_ID; exit 0' USR1
+sleep 300 &
+wait
+"""
+    t0 = time.monotonic()
+    job = slurm_cluster.sbatch(script, "--time=2", "--signal=B:USR1@100", "--requeue", "-o", "/dev/null")
+    deadline = time.monotonic() + 240
+    while "done" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    slurm_cluster.wait_jobs_done(60)
+    assert log.read_text().split("\n")[:4] == ["start 0", "usr1", "start 1", "done"], log.read_text()
+    assert slurm_cluster.job_state(job) == "COMPLETED"
+    print(f"signal + requeue + rerun took {time.monotonic() - t0:.0f} s")

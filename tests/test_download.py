@@ -1,0 +1,324 @@
+"""The download stage: img2dataset per array task against a real HTTP server on
+127.0.0.1 (good images, 404s, HTML, truncated JPEGs, a decompression bomb, slow
+and refused URLs), the demo pool on the local executor, on S3 and on the real
+SLURM cluster with identical shard contents, and kill-and-resubmit resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from dcslurm.config import load_config
+from dcslurm.demo_pool import generate_demo_pool
+from dcslurm.markers import read_marker
+from dcslurm.runs import submit_run
+from dcslurm.storage import DataFolder
+from tests.core_helpers import wait_run_done
+from tests.imageserver import ImageServer
+
+FAST = "processes = 1\nthreads = 8\n"
+
+
+def write_pool(folder: str, files: list[list[tuple[str, str]]]) -> dict[str, str]:
+    """Parquet files of (url, text) rows with DataComp's uid column; returns url -> uid."""
+    os.makedirs(folder, exist_ok=True)
+    uids = {}
+    for f, rows in enumerate(files):
+        table = {"uid": [], "url": [], "text": []}
+        for url, text in rows:
+            uid = hashlib.md5(url.encode()).hexdigest()
+            uids[url] = uid
+            table["uid"].append(uid)
+            table["url"].append(url)
+            table["text"].append(text)
+        pq.write_table(pa.table(table), os.path.join(folder, f"part-{f:03d}.parquet"))
+    return uids
+
+
+def write_config(path, run: str, pool: str, params: str = FAST, executor: str = "local", extra: str = "",
+                 log_dir: str = "") -> str:
+    log = f"log_dir = {json.dumps(log_dir)}" if log_dir else ""
+    text = f"""
+[run]
+folder = {json.dumps(run)}
+scale = "tiny"
+stages = ["download"]
+
+[pool]
+metadata = {json.dumps(pool)}
+
+[executor]
+kind = "{executor}"
+max_parallel = 2
+{log}
+
+[stages.download]
+{params}
+{extra}
+"""
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def tar_contents(folder: DataFolder, name: str) -> dict[str, str]:
+    """member name -> sha256 of its bytes (member order and mtimes ignored)."""
+    with tarfile.open(fileobj=io.BytesIO(folder.read_bytes(name))) as tar:
+        return {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers() if m.isfile()}
+
+
+def shard_contents(run: DataFolder) -> dict[str, dict[str, str]]:
+    folder = run.child("download")
+    return {n: tar_contents(folder, n) for n in folder.list(suffix=".tar")}
+
+
+# -- failures by reason, against the real test server ---------------------------------
+
+CASES = {  # kind -> (rows in file 0, rows in file 1)
+    "good": (8, 9), "missing": (2, 2), "html": (1, 1), "truncated": (1, 1), "bomb": (1, 0),
+    "slow_ok": (1, 1), "slow_timeout": (1, 1), "refused": (1, 1),
+}
+EXPECTED_REASONS = {"http 404": 4, "undecodable image": 4, "decompression bomb": 1, "timeout": 2,
+                    "connection refused": 2}
+
+
+def _case_url(server: ImageServer, kind: str, i: int) -> str:
+    if kind == "refused":
+        return server.refused_url(i)
+    if kind == "slow_ok":
+        return server.url("slow", i, delay=0.3)
+    if kind == "slow_timeout":
+        return server.url("slow", 100 + i, delay=3)
+    return server.url(kind, i)
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """One download run (2 tasks) over a pool of every case; the server stays up for inspection."""
+    tmp = tmp_path_factory.mktemp("served")
+    rng = random.Random(0)
+    with ImageServer() as server:
+        files, kinds = [], {}
+        counter = 0
+        for f in range(2):
+            rows = []
+            for kind, per_file in CASES.items():
+                for _ in range(per_file[f]):
+                    url = _case_url(server, kind, counter)
+                    counter += 1
+                    kinds[url] = kind
+                    rows.append((url, f"caption {counter} of a {kind} case"))
+            rng.shuffle(rows)
+            files.append(rows)
+        uids = write_pool(str(tmp / "pool"), files)
+        cfg = write_config(tmp / "run.toml", str(tmp / "run"), str(tmp / "pool"),
+                           params=FAST + "samples_per_shard = 7\ntimeout = 1\n")
+        started = time.time()
+        result = submit_run(load_config(cfg))
+        seconds = time.time() - started
+        assert not result.failed, open(tmp / "run" / "logs" / "download" / "local-000000.log").read()[-3000:]
+        yield {"run": DataFolder(str(tmp / "run")), "server": server, "kinds": kinds, "uids": uids,
+               "files": files, "cfg": cfg, "seconds": seconds}
+
+
+def test_shard_ids_follow_files_and_markers_list_tars(served_run):
+    run = served_run["run"]
+    rows0, rows1 = (len(f) for f in served_run["files"])  # 16 and 16 rows: 3 shards of 7 each
+    n0, n1 = -(-rows0 // 7), -(-rows1 // 7)
+    m0, m1 = read_marker(run, "download", 0), read_marker(run, "download", 1)
+    assert m0["outputs"] == [f"download/{i:08d}.tar" for i in range(n0)]
+    assert m1["outputs"] == [f"download/{i:08d}.tar" for i in range(n0, n0 + n1)]
+    names = set(run.child("download").list())
+    for i in range(n0 + n1):
+        assert {f"{i:08d}.tar", f"{i:08d}.parquet", f"{i:08d}_stats.json"} <= names
+    assert not any(n.startswith("_tmp") for n in names)  # feather files live in the task's scratch
+
+
+def test_failures_by_reason_match_what_the_server_served(served_run):
+    run, server, kinds = served_run["run"], served_run["server"], served_run["kinds"]
+    stats = [read_marker(run, "download", i)["stats"] for i in (0, 1)]
+    reasons: dict[str, int] = {}
+    for s in stats:
+        for k, v in s["failures"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    assert reasons == EXPECTED_REASONS
+    n_good = sum(1 for k in kinds.values() if k in ("good", "slow_ok"))
+    assert sum(s["successes"] for s in stats) == n_good
+    assert sum(s["samples"] for s in stats) == len(kinds)
+    # retries = 2 (DataComp): a failing URL is asked 3 times, a good one once.
+    for url, kind in kinds.items():
+        if kind == "refused":
+            continue
+        path = url.split(str(server.port), 1)[1].split("?")[0]
+        expected = 1 if kind in ("good", "slow_ok", "truncated", "html", "bomb") else 3
+        assert server.hits[path] == expected, (kind, url, server.hits[path])
+
+
+def test_every_good_sample_is_in_a_shard_with_its_uid_and_caption(served_run):
+    run, kinds, uids = served_run["run"], served_run["kinds"], served_run["uids"]
+    captions = {url: text for rows in served_run["files"] for url, text in rows}
+    folder = run.child("download")
+    seen = {}
+    for name in folder.list(suffix=".tar"):
+        with tarfile.open(fileobj=io.BytesIO(folder.read_bytes(name))) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = {n.rsplit(".", 1)[0] for n in members}
+        for key in keys:
+            meta = json.loads(members[f"{key}.json"])
+            assert meta["status"] == "success" and meta["uid"] == uids[meta["url"]]
+            assert members[f"{key}.txt"].decode() == captions[meta["url"]]
+            assert members[f"{key}.jpg"][:3] == b"\xff\xd8\xff"
+            assert max(meta["width"], meta["height"]) <= 512  # keep_ratio_largest at 512
+            seen[meta["url"]] = meta
+    assert set(seen) == {u for u, k in kinds.items() if k in ("good", "slow_ok")}
+    # The per-shard parquet has every sample, failures with their error message.
+    table = pa.concat_tables([pq.read_table(folder.open(n)) for n in folder.list(suffix=".parquet")])
+    assert table.num_rows == len(kinds)
+    failed = [r for r in table.to_pylist() if r["status"] != "success"]
+    assert all(r["error_message"] for r in failed)
+
+
+def test_report_prints_success_rate_and_reasons(served_run):
+    from dcslurm.report_cli import app
+
+    res = CliRunner().invoke(app, ["download", served_run["run"].url, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    n = len(served_run["kinds"])
+    assert report["samples"] == n and report["tasks_done"] == report["tasks"] == 2
+    assert report["success_rate"] == pytest.approx(report["successes"] / n, abs=1e-4)
+    assert report["failures"] == EXPECTED_REASONS
+    assert report["bytes"] > 0 and report["samples_per_second"] > 0
+    text = CliRunner().invoke(app, ["download", served_run["run"].url]).output
+    assert "success rate" in text and "http 404" in text and "decompression bomb" in text
+
+
+# -- resume -------------------------------------------------------------------------
+
+def test_killed_task_resubmit_redoes_only_unfinished_shards(tmp_path):
+    with ImageServer() as server:
+        # Shards 0-1 are fast; shards 2-3 take seconds, so the kill lands in them.
+        rows = [(server.url("good", i), f"good {i}") for i in range(20)]
+        rows += [(server.url("slow", 100 + i, delay=1.0), f"slow {i}") for i in range(20)]
+        write_pool(str(tmp_path / "pool"), [rows])
+        cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
+                           params="processes = 1\nthreads = 2\nsamples_per_shard = 10\n")
+        out = tmp_path / "run" / "download"
+        proc = subprocess.Popen([sys.executable, "-m", "dcslurm.cli", "submit", "-c", cfg],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 180
+            while not (out / "00000001_stats.json").exists():
+                assert proc.poll() is None and time.time() < deadline, "shard 1 never finished"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        time.sleep(3)  # a worker that outlived the kill would finish shard 2 now
+        assert not (out / "00000002_stats.json").exists()
+        assert not (tmp_path / "run" / "_markers" / "download" / "000000.json").exists()
+        kept = {n: (out / n).stat().st_mtime_ns for n in ("00000000.tar", "00000000_stats.json",
+                                                          "00000001.tar", "00000001_stats.json")}
+        hits_before = dict(server.hits)
+
+        result = submit_run(load_config(cfg))
+        assert not result.failed
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # finished shards untouched
+    stats = read_marker(DataFolder(str(tmp_path / "run")), "download", 0)["stats"]
+    assert stats["shards"] == 4 and stats["shards_resumed"] == 2 and stats["shards_downloaded"] == 2
+    assert stats["successes"] == 40
+    # The good images of shards 0-1 were not fetched again.
+    assert all(server.hits[f"/good/{i}.jpg"] == hits_before[f"/good/{i}.jpg"] == 1 for i in range(20))
+
+
+def test_rerun_of_a_committed_run_downloads_nothing(served_run):
+    hits = sum(served_run["server"].hits.values())
+    assert not submit_run(load_config(served_run["cfg"])).failed
+    assert sum(served_run["server"].hits.values()) == hits
+
+
+# -- the demo pool: local, S3, SLURM ----------------------------------------------------
+
+DEMO = dict(samples=240, seed=3, files=4, heldout=0)
+DEMO_PARAMS = "processes = 1\nthreads = 8\nsamples_per_shard = 25\n"
+
+
+@pytest.fixture(scope="module")
+def demo_reference(tmp_path_factory):
+    """The demo pool downloaded on the local executor to local disk: what every other run must equal."""
+    tmp = tmp_path_factory.mktemp("demo")
+    pool = str(tmp / "pool")
+    generate_demo_pool(pool, **DEMO)
+    cfg = write_config(tmp / "run.toml", str(tmp / "run"), pool, params=DEMO_PARAMS)
+    assert not submit_run(load_config(cfg)).failed
+    run = DataFolder(str(tmp / "run"))
+    return {"pool": pool, "run": run, "contents": shard_contents(run), "tmp": tmp}
+
+
+def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
+    run = demo_reference["run"]
+    manifest = json.load(open(os.path.join(demo_reference["pool"], "manifest.json")))
+    from dcslurm.report_cli import download_report
+
+    report = download_report(run).to_dict()
+    assert report["tasks_done"] == 4 and report["samples"] == DEMO["samples"]
+    # Broken URLs are 404s, HTML pages are undecodable: exactly the pool's noise counts.
+    assert report["failures"] == {k: v for k, v in {"http 404": manifest["noise"]["broken_url"],
+                                                    "undecodable image": manifest["noise"]["non_image"]}.items() if v}
+    assert report["successes"] == DEMO["samples"] - manifest["noise"]["broken_url"] - manifest["noise"]["non_image"]
+    assert len(demo_reference["contents"]) == 4 * -(-DEMO["samples"] // 4 // 25)
+
+
+@pytest.mark.s3
+def test_demo_pool_on_s3_downloads_to_s3_identically(demo_reference, s3_server, s3_bucket, tmp_path):
+    opts = s3_server.storage_options()
+    generate_demo_pool(f"{s3_bucket}/pool", storage_options=opts, **DEMO)  # the pool itself on S3 too
+    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool", params=DEMO_PARAMS,
+                       extra=f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n', log_dir=f"{tmp_path}/logs")
+    assert not submit_run(load_config(cfg)).failed
+    run = DataFolder(f"{s3_bucket}/run", load_config(cfg).storage_options)
+    assert shard_contents(run) == demo_reference["contents"]
+    assert not any(n.startswith("_tmp") for n in run.child("download").list())
+
+
+@pytest.mark.slurm
+def test_demo_pool_on_slurm_four_tasks_identical(demo_reference, slurm_cluster, tmp_path):
+    cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), demo_reference["pool"], params=DEMO_PARAMS,
+                       executor="slurm", extra='[stages.download.resources]\ncpus_per_task = 1\n'
+                                               '[slurm]\ntime = "00:10:00"\n')
+    result = submit_run(load_config(cfg))
+    assert len(result.pending["download"]) == 4
+    wait_run_done(cfg, timeout=300)
+    run = DataFolder(str(tmp_path / "run"))
+    assert shard_contents(run) == demo_reference["contents"]
+    per_task = {read_marker(run, "download", i)["stats"]["shards"] for i in range(4)}
+    assert per_task == {-(-DEMO["samples"] // 4 // 25)}
+
+
+@pytest.mark.slurm
+@pytest.mark.s3
+@pytest.mark.slow
+def test_demo_pool_on_slurm_to_s3_identical(demo_reference, slurm_cluster, s3_server, s3_bucket, tmp_path):
+    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", demo_reference["pool"], params=DEMO_PARAMS,
+                       executor="slurm",
+                       extra=f'[stages.download.resources]\ncpus_per_task = 1\n[slurm]\ntime = "00:10:00"\n'
+                             f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n', log_dir=f"{tmp_path}/logs")
+    submit_run(load_config(cfg))
+    wait_run_done(cfg, timeout=300)
+    run = DataFolder(f"{s3_bucket}/run", load_config(cfg).storage_options)
+    assert shard_contents(run) == demo_reference["contents"]
