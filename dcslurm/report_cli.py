@@ -26,6 +26,11 @@ console = Console()
 DOWNLOAD_STEP = "download"
 
 
+@app.callback()
+def _group() -> None:
+    """Reports on a run's stages."""  # a callback keeps `report` a group even with one command
+
+
 @dataclass
 class DownloadReport:
     run_url: str

@@ -264,7 +264,8 @@ def demo_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     pool = str(tmp / "pool")
     generate_demo_pool(pool, **DEMO)
-    cfg = write_config(tmp / "run.toml", str(tmp / "run"), pool, params=DEMO_PARAMS)
+    # 2 files a task here, 1 on SLURM, 4 on S3: shard ids do not depend on the split.
+    cfg = write_config(tmp / "run.toml", str(tmp / "run"), pool, params=DEMO_PARAMS + "units_per_task = 2\n")
     assert not submit_run(load_config(cfg)).failed
     run = DataFolder(str(tmp / "run"))
     return {"pool": pool, "run": run, "contents": shard_contents(run), "tmp": tmp}
@@ -276,7 +277,7 @@ def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
     from dcslurm.report_cli import download_report
 
     report = download_report(run).to_dict()
-    assert report["tasks_done"] == 4 and report["samples"] == DEMO["samples"]
+    assert report["tasks_done"] == 2 and report["samples"] == DEMO["samples"]
     # Broken URLs are 404s, HTML pages are undecodable: exactly the pool's noise counts.
     assert report["failures"] == {k: v for k, v in {"http 404": manifest["noise"]["broken_url"],
                                                     "undecodable image": manifest["noise"]["non_image"]}.items() if v}
@@ -288,7 +289,8 @@ def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
 def test_demo_pool_on_s3_downloads_to_s3_identically(demo_reference, s3_server, s3_bucket, tmp_path):
     opts = s3_server.storage_options()
     generate_demo_pool(f"{s3_bucket}/pool", storage_options=opts, **DEMO)  # the pool itself on S3 too
-    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool", params=DEMO_PARAMS,
+    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool",
+                       params=DEMO_PARAMS + "units_per_task = 4\n",
                        extra=f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n', log_dir=f"{tmp_path}/logs")
     assert not submit_run(load_config(cfg)).failed
     run = DataFolder(f"{s3_bucket}/run", load_config(cfg).storage_options)

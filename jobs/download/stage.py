@@ -31,6 +31,8 @@ import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -97,6 +99,24 @@ def _fsspec_env(storage_options: dict):
             fsspec.config.conf.pop("s3", None)
         else:
             fsspec.config.conf["s3"] = old_conf
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """SIGTERM (cancel, time limit, the local executor's kill) becomes SystemExit, so
+    img2dataset's process pool is terminated on the way out instead of orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class PoolDownloader(Downloader):
@@ -200,6 +220,7 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
     server = DemoPoolServer(pool, serve["host"]) if serve else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_fsspec_env(storage))
+        stack.enter_context(_exit_on_sigterm())
         if server is not None:
             stack.enter_context(server)
             downloader.proxy = server.proxy_url
