@@ -114,7 +114,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
     batch: shard, rows (tar ordinals), meta (dict per row), tokens {text key: LongTensor},
            images {image key: uint8 [n, 3, H, W]} for `pixel_idx` rows, and, with raw_jpeg,
            jpegs (uint8 byte tensors) for `jpeg_idx` rows; truncated: bool [n].
-    end:   shard, stripe, stripes, samples (in the tar), skipped (Counter), error (or None),
+    end:   shard, stripe, stripes, samples (in the tar), skipped ({reason: count}), error (or None),
            missing (the shard does not exist).
     """
 
@@ -146,7 +146,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def _read_stripe(self, shard: ShardInput, stripe: int) -> Iterator[dict]:
         skipped: Counter = Counter()
         end = {"kind": "end", "shard": shard.index, "stripe": stripe, "stripes": self.stripes,
-               "samples": 0, "skipped": skipped, "error": None, "missing": False}
+               "samples": 0, "skipped": {}, "error": None, "missing": False}
         parent, name = shard.url.rstrip("/").rsplit("/", 1)
         chunk: list = []
         chunk_id = -1
@@ -169,6 +169,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
             end["error"] = f"{shard.url}: input shard does not exist"
         except CorruptShard as exc:
             end["error"] = str(exc)
+        # A plain dict: the DataLoader's default_convert copies mappings with update(), which adds Counters.
+        end["skipped"] = dict(skipped)
         yield end
 
     def _batch(self, shard: ShardInput, chunk: list, skipped: Counter) -> dict:
