@@ -20,6 +20,7 @@ from dcslurm.stages import Estimate, PlanContext, PlanInputs, get_stage
 from dcslurm.storage import DataFolder, join_url
 
 PLAN_FILE = "plan.json"
+DEFAULT_MAX_TASKS = 10_000
 
 
 @dataclass
@@ -124,7 +125,11 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
         for step_spec in spec.steps:
             units = step_spec.units(ctx)
             stage_units[step_spec.name] = units
-            per_task = (section.units_per_task if section and section.units_per_task else 0) or step_spec.default_units_per_task
+            per_task = section.units_per_task if section and section.units_per_task else 0
+            if not per_task:
+                # Unless configured, keep a step under DEFAULT_MAX_TASKS tasks: a marker,
+                # a log and a scheduler slot per task stay cheap at xlarge.
+                per_task = max(step_spec.default_units_per_task, -(-units.count // DEFAULT_MAX_TASKS))
             name = spec.step_name(step_spec)
             step = StepPlan(
                 name=name, stage=stage_name, entry=step_spec.entry, layout=step_spec.layout,

@@ -169,40 +169,39 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
             pass  # no squeue here: report from markers alone
     out = []
     for step in plan.steps:
-        done = done_indexes(run, step.name)
-        failures = failed_indexes(run, step.name)
+        # Set arithmetic, not a loop over every task: a step may have 10^5 tasks.
+        done = {i for i in done_indexes(run, step.name) if i < step.n_tasks}
+        failures = failed_indexes(run, step.name) - done
         sub = latest.get(step.name)
-        submitted: dict[int, tuple[str, str]] = {}  # index -> (log path, job)
+        submitted: dict[int, str] = {}  # index -> log path
         if sub is not None:
             ssub = sub.steps[step.name]
             for chunk in ssub.chunks:
                 for i in chunk.indexes:
                     if sub.executor == "slurm":
-                        log = (f"{ssub.log_dir}/{chunk.job_id}_{i - chunk.offset}.log" if chunk.array
-                               else f"{ssub.log_dir}/{chunk.job_id}.log")
+                        submitted[i] = (f"{ssub.log_dir}/{chunk.job_id}_{i - chunk.offset}.log" if chunk.array
+                                        else f"{ssub.log_dir}/{chunk.job_id}.log")
                     else:
-                        log = f"{ssub.log_dir}/local-{i:06d}.log"
-                    submitted[i] = (log, chunk.job_id)
+                        submitted[i] = f"{ssub.log_dir}/local-{i:06d}.log"
+        here = {i: st for (name, i), st in active.items() if name == step.name and i not in done}
+        candidates = (set(submitted) | failures) - done - set(here)
+        failed_idx = sorted(i for i in candidates if i in failures or _started(submitted.get(i, "")))
         counts = {s.value: 0 for s in TaskState}
+        counts[TaskState.DONE.value] = len(done)
+        for st in here.values():
+            counts[st.value] += 1
+        counts[TaskState.FAILED.value] = len(failed_idx)
+        counts[TaskState.NOT_STARTED.value] = step.n_tasks - len(done) - len(here) - len(failed_idx)
         failed: list[TaskStatus] = []
-        for i in range(step.n_tasks):
-            if i in done:
-                state = TaskState.DONE
-            elif (step.name, i) in active:
-                state = active[(step.name, i)]
-            elif i in failures or (i in submitted and _started(submitted[i][0])):
-                state = TaskState.FAILED
-            else:
-                state = TaskState.NOT_STARTED
-            counts[state.value] += 1
-            if state is TaskState.FAILED and with_logs:
+        if with_logs:
+            for i in failed_idx:
                 rec = read_failure(run, step.name, i) if i in failures else None
-                log = submitted.get(i, ("", ""))[0] or (rec or {}).get("log", "")
+                log = submitted.get(i, "") or (rec or {}).get("log", "")
                 error = (rec or {}).get("error") or _last_error_line(log)
                 sacct = final.get((step.name, i))
                 if sacct and not (rec or {}).get("error"):
                     error = f"{sacct}: {error}" if error else sacct
-                failed.append(TaskStatus(i, state, log, error))
+                failed.append(TaskStatus(i, TaskState.FAILED, log, error))
         out.append(StepStatus(step.name, step.n_tasks, counts, failed))
     return plan, out
 
