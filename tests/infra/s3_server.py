@@ -231,6 +231,10 @@ class S3Server:
     def close(self, keep_tmpdir: bool | None = None) -> None:
         """Stop for good: release ports, delete data (unless DCSLURM_KEEP_TMP=1)."""
         self.stop()
+        # A SIGKILLed weed leaves its gRPC sockets in /tmp, named by our ports.
+        for port in self._reserved:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
         release_ports(self._reserved)
         self._reserved = []
         if keep_tmpdir is None:
