@@ -65,7 +65,8 @@ class Reader:
     def folder(self, url: str) -> DataFolder:
         return DataFolder(_split(url)[0], self.storage_options)
 
-    def table(self, f: InputFile, columns: list[str]) -> dict:
+    def table(self, f: InputFile, columns: list[str]) -> tuple[dict, int]:
+        """The columns (pyarrow ChunkedArrays) and the row count of one parquet."""
         import pyarrow.parquet as pq
 
         parent, name = _split(f.url)
@@ -78,13 +79,14 @@ class Reader:
                     if c not in have:
                         raise UserError(f"{f.url}: missing column {c!r}")
                 table = pf.read(columns=columns)
+                rows = pf.metadata.num_rows
         except FileNotFoundError:
             raise UserError(f"{f.url}: metadata file not found") from None
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - a corrupt parquet is bad input
             raise UserError(f"{f.url}: cannot read parquet ({type(exc).__name__}: {exc})") from None
-        return {c: table.column(c) for c in columns}
+        return {c: table.column(c) for c in columns}, rows
 
     def embeddings(self, f: InputFile, key: str, rows: int) -> np.ndarray:
         parent, name = _split(f.npz_url)
@@ -112,7 +114,9 @@ def _floats(col, f: InputFile, name: str) -> np.ndarray:
 
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise UserError(f"{f.url}: column {name!r} has type {col.type}, expected numbers")
-    return col.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+    # per chunk: ChunkedArray.to_numpy goes through pandas; nulls become NaN
+    chunks = [c.to_numpy(zero_copy_only=False).astype(np.float64) for c in col.chunks]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float64)
 
 
 def score_column(term: Term) -> str:
@@ -120,8 +124,8 @@ def score_column(term: Term) -> str:
     return kw["score"] or SCORE_COLUMNS[kw["arch"]]
 
 
-def needed_columns(terms: list[Term]) -> list[str]:
-    cols = {"uid"}
+def needed_columns(terms: list[Term], uid: bool = True) -> list[str]:
+    cols = {"uid"} if uid else set()
     for term in terms:
         if term.name in ("basic", "laion2b", "text_based", "image_based", "metaclip"):
             cols.add("text")
@@ -178,8 +182,8 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
     rate = min(1.0, kw["max_points"] / max(total, 1))
     chunks = []
     for f in inputs:
-        cols = reader.table(f, ["uid", "text"])
-        hi, lo = rules.parse_uids(cols["uid"].to_pylist(), f.url)
+        cols, _ = reader.table(f, ["uid", "text"])
+        hi, lo = rules.parse_uids(cols["uid"], f.url)
         mask = rules.image_caption_mask([v if isinstance(v, str) else "" for v in cols["text"].to_pylist()],
                                         kw["lid_model"])
         if rate < 1.0:
@@ -200,10 +204,9 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
 class FileColumns:
     """The columns of one file that some terms need, with caption access by row index."""
 
-    def __init__(self, f: InputFile, reader: Reader, terms: list[Term], stats: dict):
+    def __init__(self, f: InputFile, reader: Reader, terms: list[Term], stats: dict, uid: bool = True):
         self.f, self.stats = f, stats
-        self.cols = reader.table(f, needed_columns(terms))
-        self.n = len(self.cols["uid"])
+        self.cols, self.n = reader.table(f, needed_columns(terms, uid))
         if "text" in self.cols:  # null captions are judged as empty ones, and counted
             stats["null_text"] = int(self.cols["text"].null_count)
 
@@ -253,7 +256,7 @@ def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -
     terms = [(t, term) for t, _, term in spec.terms() if t not in deferred]
     stats: dict = {}
     fc = FileColumns(f, reader, [term for _, term in terms], stats)
-    hi, lo = rules.parse_uids(fc.cols["uid"].to_pylist(), f.url)
+    hi, lo = rules.parse_uids(fc.cols["uid"], f.url)
     n = stats["rows"] = len(hi)
     out: dict[str, np.ndarray] = {"hi": hi, "lo": lo}
     for t, term in terms:
@@ -483,7 +486,10 @@ def apply_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader,
     terms = spec.terms()
     deferred = deferred_terms(spec)
     read_stats: dict = {}
-    fc = FileColumns(f, reader, [term for t, _, term in terms if t in deferred], read_stats) if deferred else None
+    fc = (FileColumns(f, reader, [term for t, _, term in terms if t in deferred], read_stats, uid=False)
+          if deferred else None)
+    if fc is not None and fc.n != n:
+        raise UserError(f"{f.url}: has {fc.n} rows now but {n} when the map read it; was it rewritten mid-run?")
     for g in range(len(spec.groups)):
         candidates, group_keep = kept, np.ones(n, bool)
         for t, _, term in (x for x in terms if x[1] == g):
