@@ -69,24 +69,32 @@ def split_url(ctx: TaskContext, url: str) -> tuple[DataFolder, str]:
     return ctx.folder(parent), name
 
 
-def multiplicity(sample: Sample, subset: SubsetFile) -> tuple[int, int, str]:
-    """(times the subset keeps `sample`, its uid's first subset row, problem key or "")."""
-    uid, problem = sample.uid()
-    if uid is None:
-        return 0, -1, _PROBLEM_KEY[problem]
-    if not isinstance(uid, str) or not _HEX_UID.fullmatch(uid):
-        return 0, -1, "samples_bad_uid"
-    pos, count = subset.lookup(int(uid[:16], 16), int(uid[16:], 16))
-    return count, pos, ""
+def multiplicities(samples: list[Sample], subset: SubsetFile) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per sample: (times the subset keeps it, its uid's first subset row, problem key or "")."""
+    his, los, rows, problems = [], [], [], [""] * len(samples)
+    for i, sample in enumerate(samples):
+        uid, problem = sample.uid()
+        if uid is None:
+            problems[i] = _PROBLEM_KEY[problem]
+        elif not isinstance(uid, str) or not _HEX_UID.fullmatch(uid):
+            problems[i] = "samples_bad_uid"
+        else:
+            his.append(int(uid[:16], 16))
+            los.append(int(uid[16:], 16))
+            rows.append(i)
+    counts, first = np.zeros(len(samples), np.int64), np.full(len(samples), -1, np.int64)
+    if rows:
+        f, c = subset.lookup_many(np.array(his, np.uint64), np.array(los, np.uint64))
+        counts[rows], first[rows] = c, f
+    return counts, first, problems
 
 
-def _open_reader(ctx: TaskContext, url: str) -> tuple[TarSampleReader, object] | None:
+def _open_reader(ctx: TaskContext, url: str) -> TarSampleReader | None:
     folder, name = split_url(ctx, url)
     try:
-        f, size = open_tar(folder, name)
+        return open_tar(folder, name, ctx.scratch, url)
     except FileNotFoundError:
         return None
-    return TarSampleReader(f, size, url), f
 
 
 # -- step 1: count ----------------------------------------------------------------
@@ -100,28 +108,27 @@ def count(ctx: TaskContext) -> TaskResult:
             continue  # upstream outputs beside the tars (parquet, stats)
         record = {"url": url, "missing": False, "scanned": 0, "kept": 0, "matched": 0,
                   **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
-        opened = _open_reader(ctx, url)
-        if opened is None:
+        reader = _open_reader(ctx, url)
+        if reader is None:
             ctx.log.warning("%s: input shard does not exist: counted as missing", url)
             record["missing"] = True
             shards.append(record)
             continue
-        reader, f = opened
-        with f:
-            for sample in reader:
-                record["scanned"] += 1
-                c, pos, problem = multiplicity(sample, subset)
-                if problem:
-                    record[problem] += 1
-                elif c:
-                    record["kept"] += c
-                    record["matched"] += 1
-                    positions.append(pos)
+        with reader:
+            samples = list(reader)  # headers and json only: the image bytes stay unread
+        counts, first, problems = multiplicities(samples, subset)
+        record["scanned"] = len(samples)
+        for problem in problems:
+            if problem:
+                record[problem] += 1
+        record["kept"] = int(counts.sum())
+        record["matched"] = int(np.count_nonzero(counts))
+        positions.append(first[counts > 0])
         record.update(dataclasses.asdict(reader.counters))
         shards.append(record)
     rel = f"{COUNTS_DIR}/{ctx.index:06d}"
     buf = io.BytesIO()
-    np.save(buf, np.asarray(positions, dtype=np.int64))
+    np.save(buf, np.concatenate(positions) if positions else np.zeros(0, np.int64))
     ctx.output.write_bytes(f"{rel}.npy", buf.getvalue())
     ctx.output.write_json(f"{rel}.json", {"subset": subset.url, "subset_rows": len(subset), "shards": shards})
     totals = _sum_records(shards)
@@ -279,14 +286,14 @@ def _copy_range(ctx: TaskContext, entry: dict, subset: SubsetFile, lo: int, hi: 
                 emit: Callable[[str, list[Member]], None], stats: dict) -> None:
     """Emit the kept samples of input shard `entry` whose global indexes fall in [lo, hi)."""
     url = entry["url"]
-    opened = _open_reader(ctx, url)
-    if opened is None:
+    reader = _open_reader(ctx, url)
+    if reader is None:
         raise RuntimeError(f"{url}: input shard disappeared since it was counted")
-    reader, f = opened
     g = entry["start"]
-    with f:
-        for sample in reader:
-            c, _, _ = multiplicity(sample, subset)
+    with reader:
+        samples = list(reader)
+        counts, _, _ = multiplicities(samples, subset)
+        for sample, c in zip(samples, counts.tolist()):
             if c == 0:
                 continue
             if g >= hi:

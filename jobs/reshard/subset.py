@@ -46,24 +46,41 @@ class SubsetFile:
     url: str
     rows: np.ndarray  # structured u8,u8, sorted
 
+    def __post_init__(self) -> None:
+        # plain strided views of the two halves (no memmap subclass overhead per lookup)
+        self._hi = np.asarray(self.rows["f0"])
+        self._lo = np.asarray(self.rows["f1"])
+
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def _hi(self) -> np.ndarray:
-        return self.rows["f0"]
 
     def lookup(self, hi: int, lo: int) -> tuple[int, int]:
         """(position of the uid's first row, number of rows with this uid); count 0 if absent."""
         his = self._hi
-        start = int(np.searchsorted(his, np.uint64(hi), "left"))
-        if start == len(his) or int(his[start]) != hi:
+        key = np.uint64(hi)
+        start = int(his.searchsorted(key, "left"))
+        if start == len(his) or his[start] != key:
             return start, 0
-        stop = int(np.searchsorted(his, np.uint64(hi), "right"))
-        los = self.rows["f1"][start:stop]  # the rows sharing the upper half: usually the uid's repeats
+        stop = int(his.searchsorted(key, "right"))
+        los = self._lo[start:stop]  # the rows sharing the upper half: usually the uid's repeats
         first = int(np.searchsorted(los, np.uint64(lo), "left"))
         last = int(np.searchsorted(los, np.uint64(lo), "right"))
         return start + first, last - first
+
+    def lookup_many(self, his: np.ndarray, los: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised `lookup` over uint64 arrays of upper and lower halves: (first rows, counts)."""
+        left = self._hi.searchsorted(his, "left")
+        right = self._hi.searchsorted(his, "right")
+        first, counts = left.astype(np.int64), np.zeros(len(his), np.int64)
+        cand = np.flatnonzero(right > left)
+        if cand.size:
+            lc, rc, want = left[cand], right[cand], los[cand]
+            # usual case: every row sharing the upper half is this uid (its repeats)
+            whole = (self._lo[lc] == want) & (self._lo[rc - 1] == want)
+            counts[cand[whole]] = (rc - lc)[whole]
+            for j in cand[~whole]:  # upper halves shared by different uids: rare
+                first[j], counts[j] = self.lookup(int(his[j]), int(los[j]))
+        return first, counts
 
     def count_uid(self, uid: str) -> int:
         """How many times hex `uid` occurs (0 if absent)."""

@@ -17,8 +17,10 @@ give the same bytes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -94,7 +96,7 @@ class Sample:
 
 
 class _Source:
-    """A seekable binary stream with a known size (local file or fsspec file)."""
+    """A seekable binary stream with a known size (an fsspec file, or any file object)."""
 
     def __init__(self, f: BinaryIO, size: int):
         self.f = f
@@ -116,6 +118,10 @@ class _Source:
         self.f.seek(self.pos)
         return True
 
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+        self.f.seek(pos)
+
     def read_at(self, offset: int, n: int) -> bytes:
         here = self.pos
         self.f.seek(offset)
@@ -124,6 +130,46 @@ class _Source:
         if len(data) != n:
             raise OSError(f"short read at {offset} ({len(data)} of {n} bytes): file changed while reading")
         return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _MappedSource(_Source):
+    """A local file through mmap: skipping costs nothing and reads are slices (no system calls)."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if self.mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
+            self.mm.madvise(mmap.MADV_SEQUENTIAL)
+        self.size = size
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        start = self.pos
+        self.pos = min(start + n, self.size)
+        return self.mm[start:self.pos] if self.mm is not None else b""
+
+    def skip(self, n: int) -> bool:
+        if self.pos + n > self.size:
+            self.pos = self.size
+            return False
+        self.pos += n
+        return True
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        if offset + n > self.size:
+            raise OSError(f"short read at {offset}: file changed while reading")
+        return self.mm[offset:offset + n]
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
 
 
 def _octal(field_bytes: bytes) -> int:
@@ -168,10 +214,19 @@ def _parse_pax(data: bytes) -> dict[str, str]:
 class TarSampleReader:
     """Iterate a tar's samples; see the module docstring for damage handling."""
 
-    def __init__(self, f: BinaryIO, size: int, name: str = ""):
-        self.source = _Source(f, size)
+    def __init__(self, f: BinaryIO | None, size: int = 0, name: str = "", source: _Source | None = None):
+        self.source = source if source is not None else _Source(f, size)
         self.name = name
         self.counters = ReadCounters()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> TarSampleReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _members(self) -> Iterator[Member | None]:
         """Members in order; None marks damage (a corrupt header or truncation)."""
@@ -257,8 +312,7 @@ class TarSampleReader:
                     _check_header(block)
                 except _Corrupt:
                     continue
-                src.f.seek(start)
-                src.pos = start
+                src.seek(start)
                 return True
 
     def __iter__(self) -> Iterator[Sample]:
@@ -300,14 +354,40 @@ class TarSampleReader:
                 yield current
 
 
-def open_tar(folder, name: str) -> tuple[BinaryIO, int]:
-    """A binary stream over `name` in DataFolder `folder`, and its size."""
+def open_tar(folder, name: str, scratch: str, url: str = "") -> TarSampleReader:
+    """A reader over tar `name` in DataFolder `folder`; FileNotFoundError if absent.
+
+    Local tars are memory-mapped in place; remote ones are first copied whole
+    into `scratch` (one sequential download) and mapped from there, so the
+    walk over headers and the later reads of kept samples never refetch.
+    """
+    url = url or folder.url_of(name)
     local = folder.local_path(name)
     if local is not None:
-        f = open(local, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the caller
-        return f, os.fstat(f.fileno()).st_size
-    f = folder.open(name, "rb", block_size=8 << 20, cache_type="readahead")
-    return f, f.size
+        return TarSampleReader(None, name=url, source=_MappedSource(local))
+    copy = os.path.join(scratch, f"input-{os.getpid()}-{name}")
+    try:
+        with folder.open(name, "rb", block_size=16 << 20) as src, open(copy, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        return TarSampleReader(None, name=url, source=_MappedSource(copy))
+    finally:
+        if os.path.exists(copy):
+            os.unlink(copy)  # the mapping keeps the data until it is closed
+
+
+def _header_template() -> bytes:
+    header = bytearray(BLOCK)
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[136:148] = b"00000000000\0"  # mtime 0: the bytes depend only on the samples
+    header[148:156] = b" " * 8  # the checksum field counts as spaces
+    header[257:265] = b"ustar\x0000"
+    return bytes(header)
+
+
+_TEMPLATE = _header_template()
+_TEMPLATE_SUM = sum(_TEMPLATE)
 
 
 def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
@@ -317,18 +397,14 @@ def _ustar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
         if cut <= 0 or len(name) - cut - 1 > 100:
             raise ValueError("name too long for ustar")
         prefix, name = name[:cut], name[cut + 1:]
-    header = bytearray(BLOCK)
+    size_field = b"%011o\0" % size
+    header = bytearray(_TEMPLATE)
     header[0:len(name)] = name
-    header[100:108] = b"0000644\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"  # mtime 0: the bytes depend only on the samples
-    header[148:156] = b" " * 8
-    header[156:157] = typeflag
-    header[257:265] = b"ustar\x0000"
+    header[124:136] = size_field
+    header[156] = typeflag[0]
     header[345:345 + len(prefix)] = prefix
-    header[148:156] = b"%06o\0 " % sum(header)
+    checksum = _TEMPLATE_SUM + sum(name) + sum(size_field) + typeflag[0] + sum(prefix)
+    header[148:156] = b"%06o\0 " % checksum
     return bytes(header)
 
 
@@ -356,24 +432,32 @@ def member_header(name: str, size: int) -> bytes:
 
 
 class TarShardWriter:
-    """Write members to a binary stream as a deterministic tar."""
+    """Write members to a binary stream as a deterministic tar (buffered: few large writes)."""
+
+    FLUSH = 8 << 20
 
     def __init__(self, f: BinaryIO):
         self.f = f
         self.bytes = 0
+        self._buf = bytearray()
 
     def add(self, name: str, data: bytes) -> None:
         header = member_header(name, len(data))
-        pad = -len(data) % BLOCK
-        self.f.write(header)
-        self.f.write(data)
-        if pad:
-            self.f.write(bytes(pad))
-        self.bytes += len(header) + len(data) + pad
+        buf = self._buf
+        buf += header
+        buf += data
+        buf += _ZERO_BLOCK[: -len(data) % BLOCK]
+        if len(buf) >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.f.write(self._buf)
+        self.bytes += len(self._buf)
+        self._buf = bytearray()
 
     def close(self) -> None:
-        """End-of-archive blocks, padded to a whole record as tar does."""
+        """End-of-archive blocks, padded to a whole record as tar does; flushes everything."""
         end = 2 * BLOCK
-        end += -(self.bytes + end) % RECORD
-        self.f.write(bytes(end))
-        self.bytes += end
+        end += -(self.bytes + len(self._buf) + end) % RECORD
+        self._buf += bytes(end)
+        self._flush()

@@ -1,0 +1,145 @@
+"""Reshard throughput against raw sequential reading of the same input shards.
+
+    .venv/bin/python benchmarks/bench_reshard.py [--shards 8] [--samples 1000] [--dir /tmp/bench-reshard]
+
+Builds img2dataset-like shards (real JPEGs of about 35 KB, captions, json with
+uid), then in one run times:
+  - `cat` of every input shard to /dev/null (page cache warm, best of 3);
+  - the reshard stage on the local executor, one task at a time, for a 30%
+    subset with repeats and for a subset of every sample: wall time of the
+    whole run (process starts included) and the summed task time.
+Throughput is input bytes / time. Goal: reshard >= 50% of cat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+from dcslurm.config import load_config
+from dcslurm.markers import read_marker
+from dcslurm.runs import submit_run
+from jobs.reshard.subset import uids_to_array
+
+
+def real_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
+    """Crops of scikit-image's sample photos, resized to 512 on the long side, JPEG q=90."""
+    sources = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.hubble_deep_field()]
+    out = []
+    for i in range(count):
+        img = sources[i % len(sources)]
+        h, w = img.shape[:2]
+        y, x = rng.integers(0, h // 4), rng.integers(0, w // 4)
+        crop = Image.fromarray(img[y:, x:]).convert("RGB")
+        crop.thumbnail((512, 512))
+        buf = io.BytesIO()
+        crop.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def build_pool(folder: str, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    jpegs = real_jpegs(40, rng)
+    os.makedirs(folder, exist_ok=True)
+    uids = []
+    for shard in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{shard:08d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                key = f"{shard:04d}{i:05d}"
+                uid = rng.bytes(16).hex()
+                uids.append(uid)
+                meta = json.dumps({"uid": uid, "key": key, "status": "success", "width": 512, "height": 384})
+                for ext, payload in (("jpg", jpegs[int(rng.integers(len(jpegs)))]),
+                                     ("txt", f"a photo number {i} of shard {shard}".encode()),
+                                     ("json", meta.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return uids
+
+
+def time_cat(paths: list[str]) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def time_reshard(root: str, name: str, shards: str, subset: str, tasks: int) -> tuple[float, float, dict]:
+    run = os.path.join(root, f"run-{name}")
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = os.path.join(root, f"{name}.toml")
+    with open(cfg, "w") as f:
+        f.write(f"""
+[run]
+folder = {json.dumps(run)}
+stages = ["reshard"]
+[pool]
+shards = {json.dumps(shards)}
+[executor]
+kind = "local"
+max_parallel = 1
+[stages.reshard]
+subset = {json.dumps(subset)}
+tasks = {tasks}
+""")
+    config = load_config(cfg)
+    t = time.perf_counter()
+    result = submit_run(config)
+    wall = time.perf_counter() - t
+    assert not result.failed, result.failed
+    task_seconds = 0.0
+    for step in result.plan.steps:
+        for i in range(step.n_tasks):
+            task_seconds += read_marker(config.folder(), step.name, i)["stats"]["seconds"]
+    stats = json.load(open(os.path.join(run, "reshard", "stats.json")))
+    return wall, task_seconds, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=1000, help="samples per input shard")
+    parser.add_argument("--tasks", type=int, default=2, help="write tasks")
+    parser.add_argument("--dir", default="/tmp/bench-reshard")
+    args = parser.parse_args()
+    shards = os.path.join(args.dir, "shards")
+    shutil.rmtree(args.dir, ignore_errors=True)
+    uids = build_pool(shards, args.shards, args.samples)
+    paths = sorted(os.path.join(shards, n) for n in os.listdir(shards))
+    total = sum(os.path.getsize(p) for p in paths)
+    rng = np.random.default_rng(1)
+    picked = [u for u in uids if rng.random() < 0.3]
+    subsets = {
+        "30% subset, 10% of it x2": picked + picked[: len(picked) // 10],
+        "every sample once": uids,
+    }
+    time_cat(paths)  # warm the page cache for both sides
+    cat = time_cat(paths)
+    print(f"input: {len(paths)} shards, {len(uids)} samples, {total / 1e6:.1f} MB")
+    print(f"cat to /dev/null: {cat:.3f} s = {total / 1e6 / cat:.0f} MB/s")
+    for i, (label, subset_uids) in enumerate(subsets.items()):
+        path = os.path.join(args.dir, f"subset{i}.npy")
+        np.save(path, uids_to_array(subset_uids))
+        wall, work, stats = time_reshard(args.dir, f"s{i}", shards, path, args.tasks)
+        print(f"reshard [{label}]: wrote {stats['samples_written']} samples, {stats['bytes_written'] / 1e6:.1f} MB")
+        print(f"  end to end (4 steps, process starts included): {wall:.2f} s = {total / 1e6 / wall:.0f} MB/s "
+              f"= {cat / wall:.1%} of cat")
+        print(f"  summed task time: {work:.2f} s = {total / 1e6 / work:.0f} MB/s = {cat / work:.1%} of cat")
+
+
+if __name__ == "__main__":
+    main()
