@@ -118,12 +118,27 @@ def test_multi_pass_radix_select_is_exact(pool, tmp_path, monkeypatch):
 
     monkeypatch.setattr(select, "COLLECT_CAP", 0)  # force every 16-bit level
     monkeypatch.setattr(engine, "exact_descending_value",
-                        lambda stream, n: select.exact_descending_value(stream, n, collect_cap=0))
+                        lambda stream, n, first=None: select.exact_descending_value(stream, n, collect_cap=0,
+                                                                                    first=first))
     folder, table, _ = pool
     subset, stats, _ = run(folder, "clip_score(l14, fraction=0.3)", tmp_path)
-    assert stats["parameters"]["0"]["passes"] == 4
+    assert stats["parameters"]["0"]["passes"] == 3  # digit 1 from the map tasks' histograms, 2-4 in the reduce
     t = ref_fraction_threshold(table.clip_l14_similarity_score.values, 0.3)
     assert (subset == uids_of(table, table.clip_l14_similarity_score >= t)).all()
+
+
+def test_map_histograms_replace_the_first_reduce_pass(pool, tmp_path):
+    folder, table, _ = pool
+    spec = "basic then clip_score(b32, fraction=0.2)"  # candidates = basic rows: known in the map
+    _, stats, work = run(folder, spec, tmp_path)
+    with_map = stats["parameters"]["1"]
+    params = engine.reduce(engine.parse_spec(spec), engine.list_inputs(folder), work, engine.Reader(), 0,
+                           str(tmp_path), first_level_from_map=False)
+    assert params["1"]["threshold"] == with_map["threshold"] and params["1"]["passes"] == with_map["passes"] + 1
+    b32 = table.clip_b32_similarity_score.values
+    basic = np.concatenate([engine.load_parts(work, f"{i:08d}")["m0"] for i in range(4)])
+    assert with_map["candidates"] == basic.sum()
+    assert with_map["threshold"] == -np.sort(-b32[basic])[int(len(table) * 0.2)]
 
 
 def test_basic_filter(pool, tmp_path):

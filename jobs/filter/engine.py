@@ -30,7 +30,7 @@ from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
 from jobs.filter import rules
 from jobs.filter.filterspec import FilterSpec, Term, parse_spec
-from jobs.filter.select import exact_descending_value, fraction_index, keep_at_threshold
+from jobs.filter.select import TopDigitHistogram, exact_descending_value, fraction_index, keep_at_threshold
 
 SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 SUBSET = "subset.npy"
@@ -259,12 +259,24 @@ def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -
     hi, lo = rules.parse_uids(fc.cols["uid"], f.url)
     n = stats["rows"] = len(hi)
     out: dict[str, np.ndarray] = {"hi": hi, "lo": lo}
+    first_global = min((g for _, g, term in spec.terms() if term.is_global), default=-1)
+    group_of = {t: g for t, g, _ in spec.terms()}
     for t, term in terms:
         kw = term.kw
         if not term.is_global:
             out[f"m{t}"] = row_local_mask(t, term, fc, None, work, reader)
         elif term.name == "clip_score":
             out[f"s{t}"] = fc.floats(score_column(term), slice(None))
+            if group_of[t] == first_global:
+                # Its candidates are known here (row-local terms only before it): the reduce's first
+                # histogram pass happens in the map, file by file.
+                alive = np.ones(n, bool)
+                for t2, term2 in terms:
+                    if group_of[t2] < first_global:
+                        alive &= out[f"m{t2}"]
+                hist = TopDigitHistogram()
+                hist.add(out[f"s{t}"][alive])
+                out[f"h{t}"] = hist.sparse()
         elif term.name == "metaclip":
             out[f"p{t}"], out[f"e{t}"] = rules.metaclip_matches(fc.texts(np.arange(n)), kw["entries"])
         elif term.name in ("vas", "vas_d"):
@@ -324,7 +336,7 @@ class Evaluator:
 # -- reduce -------------------------------------------------------------------
 
 def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: Reader, seed: int,
-           scratch: str) -> dict:
+           scratch: str, first_level_from_map: bool = True) -> dict:
     """Fix every global parameter in spec order; writes _params/ and returns params.json's content."""
     n_pool = 0
     for f in inputs:
@@ -343,7 +355,17 @@ def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: 
         kw = term.kw
         if term.name == "clip_score":
             n = fraction_index(n_pool, kw["fraction"])
-            thr, info = exact_descending_value(lambda: (p[f"s{t}"][a] for _, p, a in candidates(g)), n)
+            first = None
+            if first_level_from_map:
+                first = TopDigitHistogram()
+                for f in inputs:
+                    packed = load_parts(work, f.pid).get(f"h{t}")
+                    if packed is None:
+                        first = None
+                        break
+                    first.merge_sparse(packed)
+            thr, info = exact_descending_value(lambda: (p[f"s{t}"][a] for _, p, a in candidates(g)), n,
+                                               first=first)
             params[str(t)] = {"filter": term.text(), "threshold": thr, "column": score_column(term), **info}
         elif term.name == "metaclip":
             counts = None

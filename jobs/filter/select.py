@@ -12,6 +12,7 @@ is small. Every pass sees the files one at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,25 +38,53 @@ def fraction_index(n_pool: int, fraction: float) -> int:
     return int(n_pool * fraction)
 
 
+@dataclass
+class TopDigitHistogram:
+    """What a map task computes per file: counts of all rows, non-NaN rows, and the first digit."""
+
+    total: int = 0
+    finite: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(1 << DIGIT_BITS, dtype=np.int64))
+
+    def add(self, scores: np.ndarray) -> None:
+        scores = np.asarray(scores, dtype=np.float64)
+        ok = scores[~np.isnan(scores)]
+        self.total += scores.size
+        self.finite += ok.size
+        self.counts += np.bincount((order_keys(ok) >> np.uint64(64 - DIGIT_BITS)).astype(np.int64),
+                                   minlength=1 << DIGIT_BITS)
+
+    def sparse(self) -> np.ndarray:
+        """[total, finite, bucket, count, bucket, count, ...] (int64): small to store per file."""
+        nz = np.nonzero(self.counts)[0]
+        return np.concatenate([[self.total, self.finite], np.stack([nz, self.counts[nz]], 1).ravel()]).astype(np.int64)
+
+    def merge_sparse(self, packed: np.ndarray) -> None:
+        self.total += int(packed[0])
+        self.finite += int(packed[1])
+        pairs = packed[2:].reshape(-1, 2)
+        np.add.at(self.counts, pairs[:, 0], pairs[:, 1])
+
+
 def exact_descending_value(stream: Callable[[], Iterable[np.ndarray]], n: int,
-                           collect_cap: int = COLLECT_CAP) -> tuple[float, dict]:
+                           collect_cap: int = COLLECT_CAP,
+                           first: TopDigitHistogram | None = None) -> tuple[float, dict]:
     """The value at index `n` of all streamed scores sorted descending, NaN last.
 
     `stream()` yields the scores file by file (float arrays, NaN allowed) and
     is called once per pass. Returns (t, info): t = NaN when index n falls on
     the NaN tail; t = -inf when n is past the end (every non-NaN row kept:
     our reading of fraction = 1, where DataComp's indexing would fail).
+    `first`, the merged histograms of the map tasks, saves the first pass.
     """
-    total = finite = 0
-    top = np.zeros(1 << DIGIT_BITS, dtype=np.int64)
-    for scores in stream():
-        scores = np.asarray(scores, dtype=np.float64)
-        total += scores.size
-        ok = scores[~np.isnan(scores)]
-        finite += ok.size
-        top += np.bincount((order_keys(ok) >> np.uint64(64 - DIGIT_BITS)).astype(np.int64),
-                           minlength=1 << DIGIT_BITS)
-    info = {"candidates": total, "non_nan": finite, "index": n, "passes": 1}
+    passes = 0
+    if first is None:
+        first = TopDigitHistogram()
+        for scores in stream():
+            first.add(scores)
+        passes = 1
+    total, finite, top = first.total, first.finite, first.counts
+    info = {"candidates": total, "non_nan": finite, "index": n, "passes": passes}
     if n >= total:
         return float("-inf"), info
     if n >= finite:
