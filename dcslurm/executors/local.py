@@ -23,6 +23,10 @@ from dcslurm.runner import STORAGE_ENV
 from dcslurm.submission import JobChunk, StepSubmission, Submission
 
 
+class _Stopped(Exception):
+    """The run was cancelled before this task started."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,6 +53,12 @@ class LocalExecutor(Executor):
         return env
 
     def _run_one(self, plan: Plan, step: StepPlan, index: int, log_dir: str) -> int:
+        try:
+            return self._run_task(plan, step, index, log_dir)
+        except _Stopped:
+            return 143
+
+    def _run_task(self, plan: Plan, step: StepPlan, index: int, log_dir: str) -> int:
         log = os.path.join(log_dir, f"local-{index:06d}.log")
         env = self._env(plan, step)
         world = step.resources.nodes * step.resources.tasks_per_node if step.layout == "distributed" else 1
@@ -66,8 +76,11 @@ class LocalExecutor(Executor):
             return self._wait(procs)
 
     def _spawn(self, argv: list[str], out, env: dict) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self._children.add(proc)
+        with self._lock:
+            if self._stopping:
+                raise _Stopped
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self._children.add(proc)
         return proc
 
     def _wait(self, procs: list[subprocess.Popen]) -> int:
@@ -76,9 +89,11 @@ class LocalExecutor(Executor):
         return next((c for c in codes if c != 0), 0)
 
     def _terminate_children(self, signum, frame) -> None:
-        # `dcslurm cancel` sends SIGTERM to this process: pass it on to the tasks.
-        for proc in list(self._children):
-            proc.terminate()
+        # `dcslurm cancel` sends SIGTERM to this process: start nothing more, pass it on to the tasks.
+        with self._lock:
+            self._stopping = True
+            for proc in list(self._children):
+                proc.terminate()
         raise SystemExit(128 + signum)
 
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
@@ -108,6 +123,8 @@ class LocalExecutor(Executor):
         """Run the submission in the foreground; returns failed task indexes per step."""
         failed: dict[str, list[int]] = {}
         self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._terminate_children)
         for step in plan.steps:
