@@ -439,25 +439,26 @@ class TarShardWriter:
     def __init__(self, f: BinaryIO):
         self.f = f
         self.bytes = 0
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []
+        self._pending = 0
 
     def add(self, name: str, data: bytes) -> None:
         header = member_header(name, len(data))
-        buf = self._buf
-        buf += header
-        buf += data
-        buf += _ZERO_BLOCK[: -len(data) % BLOCK]
-        if len(buf) >= self.FLUSH:
+        pad = -len(data) % BLOCK
+        self._pieces += (header, data, _ZERO_BLOCK[:pad])
+        self._pending += len(header) + len(data) + pad
+        if self._pending >= self.FLUSH:
             self._flush()
 
     def _flush(self) -> None:
-        self.f.write(self._buf)
-        self.bytes += len(self._buf)
-        self._buf = bytearray()
+        self.f.write(b"".join(self._pieces))  # one copy into one exact buffer, one write
+        self.bytes += self._pending
+        self._pieces, self._pending = [], 0
 
     def close(self) -> None:
         """End-of-archive blocks, padded to a whole record as tar does; flushes everything."""
         end = 2 * BLOCK
-        end += -(self.bytes + len(self._buf) + end) % RECORD
-        self._buf += bytes(end)
+        end += -(self.bytes + self._pending + end) % RECORD
+        self._pieces.append(bytes(end))
+        self._pending += end
         self._flush()
