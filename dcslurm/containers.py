@@ -59,9 +59,9 @@ _FORWARD_SNIPPET = (
 )
 
 
-def containers_dir() -> Path:
-    """The folder with cpu.def, gpu.def and their lock files."""
-    d = Path(os.environ.get(CONTAINERS_DIR_ENV) or PACKAGE_ROOT / "containers")
+def containers_dir(root: Path | None = None) -> Path:
+    """The folder with cpu.def, gpu.def and their lock files (of the checkout at `root`)."""
+    d = Path(root / "containers" if root else os.environ.get(CONTAINERS_DIR_ENV) or PACKAGE_ROOT / "containers")
     if not (d / "cpu.def").is_file():
         raise UserError(f"{d}: no container definitions here (containers/cpu.def); run from a dcslurm source "
                         f"checkout or set {CONTAINERS_DIR_ENV}")
@@ -144,14 +144,16 @@ def replace_header(definition: str, header: str) -> str:
     return header.rstrip("\n") + "\n\n" + body
 
 
-def image_spec(kind: str, header: str | None = None) -> ImageSpec:
+def image_spec(kind: str, header: str | None = None, root: Path | None = None) -> ImageSpec:
+    """The `kind` image of the checkout at `root` (default: this package's own)."""
     if kind not in KINDS:
         raise UserError(f"unknown image kind {kind!r}: choose from {', '.join(KINDS)}")
-    d = containers_dir()
+    d = containers_dir(root)
+    root = root or PACKAGE_ROOT
     lock = d / f"{kind}.lock"
     if not lock.is_file():
         raise UserError(f"{lock}: missing lock file (write it with `dcslurm containers lock`)")
-    spec = ImageSpec(kind, (d / f"{kind}.def").read_text(), lock.read_text(), source_digest(), package_version())
+    spec = ImageSpec(kind, (d / f"{kind}.def").read_text(), lock.read_text(), source_digest(root), package_version(root))
     return spec.with_header(HEADERS.get(header, header)) if header else spec
 
 
@@ -176,10 +178,10 @@ class BuildResult:
     seconds: float = 0.0
 
 
-def _wheel(out_dir: str) -> str:
+def _wheel(out_dir: str, root: Path) -> str:
     """Build this package's wheel (no dependencies: those come from the lock file)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", out_dir, str(PACKAGE_ROOT)], check=True, stdout=subprocess.DEVNULL)
+                    "-w", out_dir, str(root)], check=True, stdout=subprocess.DEVNULL)
     wheels = [n for n in os.listdir(out_dir) if n.endswith(".whl")]
     if len(wheels) != 1:
         raise RuntimeError(f"{out_dir}: expected one wheel, found {wheels}")
@@ -210,14 +212,14 @@ def build_command(apptainer: str, out: str, definition: str) -> tuple[list[str],
 
 
 def build_image(kind: str, image_dir: str | None = None, apptainer: str = "apptainer", header: str | None = None,
-                force: bool = False, log: Callable[[str], None] = print) -> BuildResult:
+                force: bool = False, log: Callable[[str], None] = print, root: Path | None = None) -> BuildResult:
     """Build the `kind` image into `image_dir` unless one with the same tag is there.
 
     The build context is a temporary folder holding the definition, the lock
     file and this package's wheel; the image appears under its final name only
     when the build (including its %test) succeeded.
     """
-    spec = image_spec(kind, header)
+    spec = image_spec(kind, header, root)
     image_dir = image_dir or default_image_dir()
     os.makedirs(image_dir, exist_ok=True)
     out = os.path.join(image_dir, spec.filename)
@@ -227,7 +229,7 @@ def build_image(kind: str, image_dir: str | None = None, apptainer: str = "appta
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=f"build-{kind}-", dir=image_dir) as ctx:
         os.makedirs(os.path.join(ctx, "dist"))
-        _wheel(os.path.join(ctx, "dist"))
+        _wheel(os.path.join(ctx, "dist"), Path(root or PACKAGE_ROOT))
         with open(os.path.join(ctx, f"{kind}.def"), "w") as f:
             f.write(spec.definition)
         with open(os.path.join(ctx, f"{kind}.lock"), "w") as f:
