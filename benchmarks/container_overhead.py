@@ -54,7 +54,8 @@ units = {tasks}
 def outputs(run: str) -> dict[str, str]:
     out = {}
     for stage in ("synth", "digest", "summary"):
-        for dirpath, _, names in os.walk(os.path.join(run, stage)):
+        for dirpath, dirnames, names in os.walk(os.path.join(run, stage)):
+            dirnames[:] = [d for d in dirnames if d != "_executions"]  # per-attempt bookkeeping (random ids)
             for n in names:
                 p = os.path.join(dirpath, n)
                 out[os.path.relpath(p, run)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
