@@ -119,6 +119,7 @@ units_per_task = {per_task}
 [stages.embed.resources]
 gpus_per_node = 0
 cpus_per_task = 1
+mem = "1000M"
 time = "00:10:00"
 [executor]
 kind = "{executor}"
@@ -304,3 +305,50 @@ def test_gpu_decode_path_agrees_with_pil_path(ref_run, data):
         np.testing.assert_allclose(got["clip_b32_similarity_score"], ref["clip_b32_similarity_score"], atol=1e-2)
         a, b = _arrays(ref_run, stem)["l14_img"].astype(np.float32), _arrays(run, stem)["l14_img"].astype(np.float32)
         assert ((a * b).sum(1) > 0.99).all()
+
+
+# -- the same shards on the SLURM cluster and on S3 --------------------------------
+
+def _assert_same_outputs(ref_run, read_npz, read_parquet, stems):
+    for stem in stems:
+        ref = _arrays(ref_run, stem)
+        got = read_npz(stem)
+        assert sorted(got) == sorted(ref) and all(np.array_equal(ref[k], got[k]) for k in ref), stem
+        assert read_parquet(stem).equals(pq.read_table(ref_run / "embed" / f"{stem}.parquet")), stem
+
+
+@pytest.mark.slurm
+def test_slurm_run_gives_identical_embeddings(slurm_cluster, ref_run, data, tmp_path):
+    """The reference run's config on the SLURM cluster (one shard a task): bit-identical files."""
+    from tests.core_helpers import wait_run_done
+
+    run = tmp_path / "slurm-run"
+    cfg_path = write_config(tmp_path / "slurm.toml", str(run), data["shards"], data["ckpts"], per_task=1,
+                            executor="slurm")
+    submit_run(load_config(cfg_path))
+    wait_run_done(cfg_path, timeout=600)
+    _assert_same_outputs(ref_run, lambda s: _arrays(run, s),
+                         lambda s: pq.read_table(run / "embed" / f"{s}.parquet"), data["good"])
+    assert read_marker(load_config(cfg_path).folder(), "embed", 2)["stats"]["shards_corrupt"] == 1
+
+
+@pytest.mark.s3
+def test_shards_and_run_folder_on_s3(s3_server, s3_bucket, ref_run, data, tmp_path):
+    """Shards read from s3:// through fsspec, outputs committed to s3://: the same files."""
+    fs = s3_server.fs()
+    bucket = s3_bucket.removeprefix("s3://")
+    for name in sorted(os.listdir(data["shards"])):
+        fs.put_file(os.path.join(data["shards"], name), f"{bucket}/pool/{name}")
+    cfg_path = write_config(tmp_path / "s3.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool", data["ckpts"],
+                            extra=f'log_dir = "{tmp_path}/logs"\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+    cfg = load_config(cfg_path)
+    assert not submit_run(cfg).failed
+    folder = cfg.folder()
+
+    def read_npz(stem):
+        with np.load(io.BytesIO(folder.read_bytes(f"embed/{stem}.npz"))) as z:
+            return {k: z[k] for k in z.files}
+
+    _assert_same_outputs(ref_run, read_npz, lambda s: pq.read_table(io.BytesIO(folder.read_bytes(f"embed/{s}.parquet"))),
+                         data["good"])
+    assert not [p for p in fs.find(f"{bucket}/run/embed") if "00000002" in p or ".tmp-" in p]
