@@ -26,7 +26,8 @@ from dcslurm.runs import submit_run
 from dcslurm.stages import registry
 from tests.core_helpers import tree_digest, wait_run_done
 
-pytestmark = [pytest.mark.apptainer, pytest.mark.slow]
+# The first test also builds the image: 2-20 minutes, depending on how loaded the machine is.
+pytestmark = [pytest.mark.apptainer, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 OUTPUT_DIRS = ("synth/", "digest/", "summary/")
 REPO = Path(__file__).resolve().parent.parent
