@@ -360,3 +360,27 @@ def test_render_multi_node_training_runs_srun_inside_the_allocation_and_each_ran
     for c in ranks:
         assert c["argv"][:4] == ["exec", "--cleanenv", "--contain", "--nv"]
         assert c["argv"][-8:-2] == ["python3", "-m", "dcslurm.runner", str(root / "run folder"), "train", "0"]
+
+
+def test_cli_build_push_pull_list(tmp_path, fake, defs):
+    apptainer, record = fake
+    images, shared, pulled = tmp_path / "images", tmp_path / "shared", tmp_path / "pulled"
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "dcslurm", "containers", *args], capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "300"})
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        return proc.stdout
+
+    build = ["build", "--stage", "filter", "--apptainer", str(apptainer), "--image-dir", str(images),
+             "--push", str(shared)]
+    first = cli(*build)
+    assert "built " in first and "pushed to" in first
+    second = cli(*build)
+    assert "up to date" in second and "already in" in second
+    assert len(calls(record)) == 1
+    name = containers.image_spec("cpu").filename
+    assert "pulled" in cli("pull", str(shared), "--image-dir", str(pulled))
+    assert (pulled / name).read_bytes() == (images / name).read_bytes()
+    listing = cli("list", "--image-dir", str(pulled))
+    assert name.split("-")[2].removesuffix(".sif") in listing and "yes" in listing  # current checkout's tag
