@@ -76,6 +76,10 @@ def test_sixteen_tasks_give_the_same_subset_as_one(pool16, one_task_run, tmp_pat
     stats = json.load(open(tmp_path / "run/filter/stats.json"))
     assert stats == json.load(open(one / "stats.json"))
     assert stats["input_rows"] == 16 * 60 and 0 < stats["kept_rows"] < 16 * 60 and stats["seed"] == 3
+    import pandas as pd
+
+    texts = pd.concat([pd.read_parquet(p) for p in sorted((pool16 / "pool").glob("*.parquet"))]).text
+    assert stats["null_text_rows"] == texts.isna().sum() > 0
     assert set(stats["per_filter_kept"]) == {"0:clip_score(fraction=0.45)", "1:basic", "2:metaclip(entries="
                                              + str(pool16 / "entries.txt") + ", t=4)"}
     subset = np.load(tmp_path / "run/filter/subset.npy")
@@ -87,7 +91,8 @@ def test_the_cli_gives_the_same_subset_as_the_stage(pool16, one_task_run, tmp_pa
     spec = SPEC.format(entries=pool16 / "entries.txt")
     out = tmp_path / "subset.npy"
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "filter", "run", "--pool", str(pool16 / "pool"),
-                           "--spec", spec, "--seed", "3", "--out", str(out)], capture_output=True, text=True)
+                           "--spec", spec, "--seed", "3", "--workers", "2", "--out", str(out)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert digest(out) == digest(one_task_run / "filter/subset.npy")
     assert json.load(open(tmp_path / "subset_stats.json"))["kept_rows"] == len(np.load(out))
@@ -118,6 +123,36 @@ def test_slurm_sixteen_tasks_equal_local(slurm_cluster, pool16, one_task_run, tm
     wait_run_done(cfg_path, timeout=500)
     slurm_cluster.wait_jobs_done(60)
     assert digest(tmp_path / "run/filter/subset.npy") == digest(one_task_run / "filter/subset.npy")
+
+
+@pytest.mark.s3
+def test_pool_and_run_folder_on_s3_give_the_same_subset(s3_server, s3_bucket, pool16, one_task_run, tmp_path):
+    fs = s3_server.fs()
+    bucket = s3_bucket.removeprefix("s3://")
+    for p in sorted((pool16 / "pool").iterdir()):
+        fs.put_file(str(p), f"{bucket}/pool/{p.name}")
+    spec = SPEC.format(entries=pool16 / "entries.txt")
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(f"""
+[run]
+folder = "{s3_bucket}/run"
+stages = ["filter"]
+seed = 3
+[pool]
+metadata = "{s3_bucket}/pool"
+[storage]
+endpoint_url = "{s3_server.endpoint_url}"
+[executor]
+kind = "local"
+log_dir = "{tmp_path}/logs"
+[stages.filter]
+spec = {json.dumps(spec)}
+units_per_task = 4
+""")
+    assert not submit_run(load_config(str(cfg_path))).failed
+    data = fs.cat_file(f"{bucket}/run/filter/subset.npy")
+    assert hashlib.sha256(data).hexdigest() == digest(one_task_run / "filter/subset.npy")
+    assert not [p for p in fs.find(bucket) if "/.tmp-" in p]
 
 
 # -- assets -------------------------------------------------------------------

@@ -368,13 +368,11 @@ def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: 
                                                first=first)
             params[str(t)] = {"filter": term.text(), "threshold": thr, "column": score_column(term), **info}
         elif term.name == "metaclip":
-            counts = None
+            counts = np.zeros(len(rules.read_entries(kw["entries"])), np.int64)
             for _, p, a in candidates(g):
                 ptr, ids = p[f"p{t}"], p[f"e{t}"]
-                row_of = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
-                c = np.bincount(ids[a[row_of]], minlength=len(rules.read_entries(kw["entries"])))
-                counts = c if counts is None else counts + c
-            counts = counts if counts is not None else np.zeros(0, np.int64)
+                row_of = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))  # the row of each match
+                counts += np.bincount(ids[a[row_of]], minlength=len(counts))
             _save_npy(work, f"_params/metaclip{t}.npy", counts.astype(np.int64))
             params[str(t)] = {"filter": term.text(), "t": kw["t"], "entries_matched": int((counts > 0).sum()),
                               "entries_over_t": int((counts > kw["t"]).sum())}
@@ -605,10 +603,25 @@ def list_inputs(pool: str, storage_options: dict | None = None) -> list[InputFil
     return [InputFile(f"{i:08d}", folder.url_of(n)) for i, n in enumerate(names)]
 
 
+def _map_one(args):
+    spec_text, f, work, options = args
+    return map_file(parse_spec(spec_text), f, work, Reader(options))
+
+
+def _apply_one(args):
+    spec_text, f, work, options, params, seed = args
+    return apply_file(parse_spec(spec_text), f, work, Reader(options), params, seed)
+
+
 def run_local(spec_text: str, inputs: list[InputFile], work: DataFolder, out_url: str, seed: int = 0,
-              scratch: str | None = None, storage_options: dict | None = None) -> dict:
-    """The whole filter in this process (what `dcslurm filter run` does); returns stats.json's content."""
+              scratch: str | None = None, storage_options: dict | None = None, workers: int = 1) -> dict:
+    """The whole filter on this machine (what `dcslurm filter run` does); returns stats.json's content.
+
+    `workers` > 1 runs the map and apply files in that many processes (the
+    same per-file functions the array tasks run, so the subset is the same).
+    """
     import tempfile
+    from concurrent.futures import ProcessPoolExecutor
 
     try:
         spec = parse_spec(spec_text)
@@ -617,9 +630,16 @@ def run_local(spec_text: str, inputs: list[InputFile], work: DataFolder, out_url
     reader = Reader(storage_options)
     scratch = scratch or tempfile.mkdtemp(prefix="dcslurm-filter-")
     prepare(spec, inputs, work, reader, seed)
-    map_stats = [map_file(spec, f, work, reader) for f in inputs]
-    params = reduce(spec, inputs, work, reader, seed, scratch)
-    apply_stats = [apply_file(spec, f, work, reader, params, seed) for f in inputs]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            map_stats = list(pool.map(_map_one, [(spec_text, f, work, storage_options) for f in inputs]))
+            params = reduce(spec, inputs, work, reader, seed, scratch)
+            apply_stats = list(pool.map(_apply_one, [(spec_text, f, work, storage_options, params, seed)
+                                                     for f in inputs]))
+    else:
+        map_stats = [map_file(spec, f, work, reader) for f in inputs]
+        params = reduce(spec, inputs, work, reader, seed, scratch)
+        apply_stats = [apply_file(spec, f, work, reader, params, seed) for f in inputs]
     parent, name = out_url.rstrip("/").rsplit("/", 1) if "/" in out_url else (".", out_url)
     out = DataFolder(parent, storage_options)
     write_subset(inputs, work, out, name)
