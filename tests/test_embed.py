@@ -190,6 +190,20 @@ def test_defaults_are_datacomps_two_models():
         ("b32", "ViT-B-32", "openai"), ("l14", "ViT-L-14", "openai")]
 
 
+def test_plan_books_gpu_hours_from_the_models():
+    """1,282 DataComp-small shards with the two default models: clip-retrieval's A100 rates."""
+    from dcslurm.config import parse_config
+    from dcslurm.plan import make_plan
+    from dcslurm.shards import UnitSet
+    from dcslurm.stages import PlanInputs
+
+    raw = {"run": {"folder": "/tmp/x", "scale": "small", "stages": ["embed"]}, "stages": {"embed": {"units_per_task": 10}}}
+    plan = make_plan(parse_config(raw), PlanInputs(shards=UnitSet(count=1282, pattern="s3://b/{:08d}.tar")))
+    step = plan.step("embed")
+    assert step.gpu and step.n_tasks == 129 and step.resources.gpus_per_node == 1
+    assert step.estimate.gpu_hours == pytest.approx(1282 * 10_000 * (1 / 2500 + 1 / 312) / 3600)
+
+
 # -- a whole run ----------------------------------------------------------------
 
 def test_outputs_load_like_datacomps_files(ref_run, data):
