@@ -466,3 +466,54 @@ def test_slurm_run_gives_the_subset_multiset_and_local_shards(pool, one_task_run
     assert len(done_indexes(load_config(cfg).folder(), "reshard.write")) == tasks
     assert read_output(out)[0] == expected_multiset(pool["samples"], pool["uids"])
     assert shard_digests(out) == shard_digests(os.path.join(one_task_run, "reshard"))
+
+
+@pytest.mark.slow
+def test_pipeline_download_filter_reshard_on_the_demo_pool(tmp_path):
+    """The inputs as a real run gives them: download's tars (upstream units) and the filter's subset.npy."""
+    from dcslurm.demo_pool import generate_demo_pool
+
+    generate_demo_pool(str(tmp_path / "pool"), samples=120, seed=3, files=2, heldout=0)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+[run]
+folder = "{tmp_path}/run"
+scale = "tiny"
+stages = ["download", "filter", "reshard"]
+[pool]
+metadata = "{tmp_path}/pool"
+[executor]
+kind = "local"
+max_parallel = 2
+[stages.download]
+processes = 1
+threads = 8
+samples_per_shard = 25
+[stages.filter]
+spec = "basic"
+[stages.reshard]
+samples_per_shard = 20
+tasks = 2
+""")
+    assert not submit_run(load_config(str(cfg))).failed
+    run = tmp_path / "run"
+    subset = np.load(run / "filter" / "subset.npy")
+    subset_uids = [pair_to_uid(*row) for row in subset]
+    downloaded = []
+    for name in sorted(os.listdir(run / "download")):
+        if name.endswith(".tar"):
+            samples = collections.defaultdict(dict)
+            with tarfile.open(run / "download" / name) as tar:
+                for m in tar:
+                    key, ext = m.name.split(".", 1)
+                    samples[key][ext] = tar.extractfile(m).read()
+            for key, s in samples.items():
+                downloaded.append({"key": key, "uid": json.loads(s["json"])["uid"], "jpg": s["jpg"],
+                                   "txt": s["txt"].decode(), "json": s["json"].decode()})
+    expected = expected_multiset(downloaded, subset_uids)
+    assert 0 < sum(expected.values()) < len(downloaded)
+    assert read_output(str(run / "reshard"))[0] == expected
+    stats = json.load(open(run / "reshard" / "stats.json"))
+    present = {s["uid"] for s in downloaded}
+    assert stats["subset"] == str(run / "filter" / "subset.npy")
+    assert stats["uids_missing"] == len(set(subset_uids) - present)  # the failed downloads
