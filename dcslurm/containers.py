@@ -384,21 +384,40 @@ def _bind_args(path: str, target: str | None = None) -> list[str]:
 
 
 def _local_dir(url: str) -> str | None:
-    """The folder to bind for a local input/output URL (its folder for a brace pattern)."""
+    """The path to bind for a local input/output URL (the folder of a {a..b} pattern)."""
     if not url or is_remote(url):
         return None
     if "{" in url:
-        url = os.path.dirname(url.split("{", 1)[0].rstrip("/") + "x")
+        url = os.path.dirname(url.split("{", 1)[0])
     return os.path.abspath(url)
 
 
+def _param_paths(config) -> list[str]:
+    """Absolute local paths that exist, named by the run's stage params (e.g. train
+    `data`, eval `evalsets`): inputs the tasks read besides the run folder and pool."""
+    import dataclasses
+
+    out = []
+    for section in config.stages.values():
+        params = section.params
+        if not dataclasses.is_dataclass(params):
+            continue
+        for f in dataclasses.fields(params):
+            value = getattr(params, f.name)
+            if isinstance(value, str) and value.startswith("/"):
+                path = _local_dir(value)
+                if path and os.path.exists(path):
+                    out.append(path)
+    return out
+
+
 def task_binds(config) -> list[list[str]]:
-    """What a task needs from the host: the run folder and pool folders when
-    local, scratch (at /tmp), the model cache, and [container] binds."""
+    """What a task needs from the host: the run folder, pool folders and stage
+    params' paths when local, scratch (at /tmp), the model cache, and [container] binds."""
     c = config.container
     binds: list[list[str]] = []
     seen: set[str] = set()
-    for url in (config.run_url, config.pool.metadata, config.pool.shards):
+    for url in (config.run_url, config.pool.metadata, config.pool.shards, *_param_paths(config)):
         d = _local_dir(url)
         if d and d not in seen:
             seen.add(d)

@@ -384,3 +384,20 @@ def test_cli_build_push_pull_list(tmp_path, fake, defs):
     assert (pulled / name).read_bytes() == (images / name).read_bytes()
     listing = cli("list", "--image-dir", str(pulled))
     assert name.split("-")[2].removesuffix(".sif") in listing and "yes" in listing  # current checkout's tag
+
+
+def test_binds_cover_local_stage_inputs(tmp_path, fake):
+    apptainer, _ = fake
+    shards = tmp_path / "my shards"
+    shards.mkdir()
+    image = _fake_image(tmp_path / "img")
+    cfg_path = _config(tmp_path, str(tmp_path / "run"),
+                       f"enabled = true\napptainer = {json.dumps(str(apptainer))}\ncpu_image = {json.dumps(str(image))}\n"
+                       f"gpu_image = {json.dumps(str(image))}\nscratch = \"\"", stages=("train",))
+    text = Path(cfg_path).read_text().replace(
+        "[stages.synth]\nunits = 3\n", f"[stages.train]\ndata = {json.dumps(str(shards) + '/{00000000..00000003}.tar')}\n")
+    Path(cfg_path).write_text(text)
+    prefix = make_executor("slurm", load_config(cfg_path)).launcher(True).prefix
+    binds = [prefix[i + 1] for i, w in enumerate(prefix) if w == "--bind"]
+    assert binds == [str(tmp_path / "run"), str(shards)]  # no scratch bind: apptainer's own /tmp
+    assert prefix[prefix.index("--pwd") + 1] == "/"
