@@ -206,6 +206,17 @@ def test_report_prints_success_rate_and_reasons(served_run):
     assert "success rate" in text and "http 404" in text and "decompression bomb" in text
 
 
+def test_status_shows_the_download_section(served_run):
+    from dcslurm.cli import app as cli_app
+
+    res = CliRunner().invoke(cli_app, ["status", served_run["run"].url])
+    assert res.exit_code == 0, res.output
+    n = len(served_run["kinds"])
+    good = sum(1 for k in served_run["kinds"].values() if k in ("good", "slow_ok"))
+    assert f"samples tried {n:,}, succeeded {good:,}" in " ".join(res.output.split())
+    assert "connection refused" in res.output
+
+
 # -- resume -------------------------------------------------------------------------
 
 def test_killed_task_resubmit_redoes_only_unfinished_shards(tmp_path):
@@ -324,3 +335,41 @@ def test_demo_pool_on_slurm_to_s3_identical(demo_reference, slurm_cluster, s3_se
     wait_run_done(cfg, timeout=300)
     run = DataFolder(f"{s3_bucket}/run", load_config(cfg).storage_options)
     assert shard_contents(run) == demo_reference["contents"]
+
+
+def test_downloaded_shards_can_start_another_run_without_download(demo_reference, tmp_path):
+    """Bring your own data: a run whose [pool] shards is a download folder skips download."""
+    from dcslurm.runs import plan_run
+
+    shards = demo_reference["run"].url_of("download")
+    cfg = tmp_path / "byo.toml"
+    cfg.write_text(f'[run]\nfolder = {json.dumps(str(tmp_path / "byo"))}\nstages = ["embed"]\n'
+                   f'[pool]\nshards = {json.dumps(shards)}\n')
+    step = plan_run(load_config(str(cfg))).step("embed")
+    assert [u.rsplit("/", 1)[1] for u in step.units.names] == sorted(demo_reference["contents"])
+    # With download in the run, embed reads what the download tasks committed instead.
+    cfg.write_text(f'[run]\nfolder = {json.dumps(str(tmp_path / "byo2"))}\nstages = ["download", "embed"]\n'
+                   f'[pool]\nmetadata = {json.dumps(demo_reference["pool"])}\n')
+    assert plan_run(load_config(str(cfg))).step("embed").units.upstream == "download"
+
+
+def test_first_shard_ids_number_files_one_after_another_like_img2dataset():
+    from jobs.download.stage import first_shard_ids, shards_of
+
+    # img2dataset's Reader: a file of R rows gives ceil(R / n) shards, files numbered in order.
+    assert [shards_of(r, 10) for r in (0, 1, 10, 11, 25)] == [0, 1, 1, 2, 3]
+    assert first_shard_ids([25, 10, 0, 11, 3], 10) == [0, 3, 4, 4, 6]
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("HTTP Error 404: Not Found", "http 404"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection refused"),
+    ("The read operation timed out", "timeout"),
+    ("Image decoding error", "undecodable image"),
+    ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS", "decompression bomb"),
+    ("<urlopen error [Errno -2] Name or service not known>", "dns failure"),
+])
+def test_failure_reasons(message, reason):
+    from jobs.download.stats import failure_reason
+
+    assert failure_reason(message) == reason

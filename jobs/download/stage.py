@@ -148,16 +148,14 @@ def run(ctx: TaskContext) -> TaskResult:
     firsts = first_shard_ids(rows, per_shard)
     out = ctx.output
     out.makedirs()
-    plan = []  # (file url, first shard id, shard count)
-    for i in mine:
-        plan.append((all_files[i], firsts[i], shards_of(rows[i], per_shard)))
-    expected = [sid for _u, first, n in plan for sid in range(first, first + n)]
+    groups = [(all_files[i], firsts[i], shards_of(rows[i], per_shard)) for i in mine]  # (file, first id, shards)
+    expected = [sid for _u, first, n in groups for sid in range(first, first + n)]
     done_before = {sid for sid in expected if read_stats(out, sid) is not None}
-    ctx.log.info("download: %d files, shards %s, %d already done", len(plan),
+    ctx.log.info("download: %d files, shards %s, %d already done", len(groups),
                  f"{expected[0]}..{expected[-1]}" if expected else "none", len(done_before))
 
     started = time.time()
-    todo_files = [(u, first, n) for u, first, n in plan if any(s not in done_before for s in range(first, first + n))]
+    todo_files = [(u, first, n) for u, first, n in groups if any(s not in done_before for s in range(first, first + n))]
     if todo_files:
         _download(ctx, todo_files, done_before, per_shard)
 
@@ -177,11 +175,11 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
     output_folder = out.url  # img2dataset takes a URL (local path or s3://)
 
     # The pool's own folder: a demo pool asks to be served (serve.json beside its parquet).
-    pool_url = files[0][0].rstrip("/").rsplit("/", 1)[0]
+    pool_url, first_name = files[0][0].rstrip("/").rsplit("/", 1)
     pool = DataFolder(pool_url, storage)
     serve = read_serve_info(pool)
 
-    with DataFolder(files[0][0].rsplit("/", 1)[0], storage).open(files[0][0].rsplit("/", 1)[1]) as fh:
+    with pool.open(first_name) as fh:
         columns = pq.ParquetFile(fh).schema_arrow.names
     bbox_col = "face_bboxes" if p.get("blur_faces", True) and "face_bboxes" in columns else None
     # As img2dataset.download does: the bbox column is saved with the additional columns.

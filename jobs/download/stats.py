@@ -91,6 +91,20 @@ class DownloadTotals:
         if e > self.end:
             self.end = e
 
+    def add_task(self, stats: dict, started: float, finished: float) -> None:
+        """Add a committed task's marker stats (already summed over its shards)."""
+        self.shards += int(stats.get("shards", 0))
+        self.samples += int(stats.get("samples", 0))
+        self.successes += int(stats.get("successes", 0))
+        self.failed_to_download += int(stats.get("failed_to_download", 0))
+        self.failed_to_resize += int(stats.get("failed_to_resize", 0))
+        self.shard_seconds += float(stats.get("download_seconds", 0.0))
+        self.failures.update({k: int(v) for k, v in (stats.get("failures") or {}).items()})
+        if started and (not self.start or started < self.start):
+            self.start = started
+        if finished > self.end:
+            self.end = finished
+
     @property
     def success_rate(self) -> float:
         return self.successes / self.samples if self.samples else 0.0
