@@ -16,11 +16,13 @@ give the same bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -28,6 +30,7 @@ from typing import BinaryIO
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: archives are padded to a multiple of it
 _ZERO_BLOCK = bytes(BLOCK)
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 # webdataset's split of a member name into (key, extension): key = up to the basename's first dot.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -57,7 +60,7 @@ class Member:
     ext: str
     offset: int  # byte offset of the data in the tar
     size: int
-    data: bytes | None = None  # None until loaded
+    data: bytes | memoryview | None = None  # None until loaded
     truncated: bool = False  # the tar ends inside this member's data
 
 
@@ -162,14 +165,18 @@ class _MappedSource(_Source):
     def seek(self, pos: int) -> None:
         self.pos = pos
 
-    def read_at(self, offset: int, n: int) -> bytes:
+    def read_at(self, offset: int, n: int) -> memoryview:
+        """A view into the mapping (no copy): valid until the source is closed and the view dropped."""
         if offset + n > self.size:
             raise OSError(f"short read at {offset}: file changed while reading")
-        return self.mm[offset:offset + n]
+        return memoryview(self.mm)[offset:offset + n]
 
     def close(self) -> None:
         if self.mm is not None:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # views of it are still alive: the mapping goes when the last one is dropped
 
 
 def _octal(field_bytes: bytes) -> int:
@@ -451,7 +458,12 @@ class TarShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        self.f.write(b"".join(self._pieces))  # one copy into one exact buffer, one write
+        fd = _file_descriptor(self.f)
+        if fd is None:
+            self.f.write(b"".join(self._pieces))  # one copy into one exact buffer, one write
+        else:
+            self.f.flush()
+            _writev_all(fd, self._pieces)  # straight from the input mappings: no copy in Python
         self.bytes += self._pending
         self._pieces, self._pending = [], 0
 
@@ -462,3 +474,22 @@ class TarShardWriter:
         self._pieces.append(bytes(end))
         self._pending += end
         self._flush()
+
+
+def _file_descriptor(f) -> int | None:
+    """The descriptor of a local regular file, or None (object-store uploads and the like)."""
+    try:
+        fd = f.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _writev_all(fd: int, pieces: list) -> None:
+    for i in range(0, len(pieces), _IOV_MAX):
+        chunk = pieces[i:i + _IOV_MAX]
+        written = os.writev(fd, chunk)
+        if written < sum(len(p) for p in chunk):  # a short write: finish the rest plainly
+            rest = memoryview(b"".join(chunk))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
