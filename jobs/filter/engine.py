@@ -1,12 +1,16 @@
 """The filter as map-reduce over metadata files (parquet + npz beside each).
 
     prepare (1 task)  pool centroids / target centroid ids for image_based
-    map     (array)   per file: uids, every row-local rule's mask, the scores
-                      and MetaCLIP matches global rules need -> _parts/ID.npz
+    map     (array)   per file: uids, row-local masks, the scores and MetaCLIP
+                      matches global rules need, first-digit score
+                      histograms -> _parts/ID.npz
     reduce  (1 task)  global parameters, term by term in spec order, streaming
                       the parts one file at a time: exact fraction thresholds
                       (select.py), MetaCLIP counts, VAS S, VAS-D rounds
-    apply   (array)   per file: the final mask -> sorted uids _kept/ID.npy
+    apply   (array)   per file: the final mask -> sorted uids _kept/ID.npy;
+                      row-local terms after the last global one run here,
+                      on the rows still alive (language ID after the
+                      CLIP threshold, not before)
     write   (1 task)  merge into subset.npy (sorted, by uid-range partitions)
                       and stats.json
 
@@ -18,7 +22,6 @@ All paths are inside a work folder (RUN/filter/ in a run).
 from __future__ import annotations
 
 import io
-import json
 import os
 import posixpath
 from collections.abc import Iterator
@@ -646,7 +649,3 @@ def run_local(spec_text: str, inputs: list[InputFile], work: DataFolder, out_url
     stats = json_safe(summary(spec, apply_stats, map_stats, params, seed))
     out.write_json(posixpath.splitext(name)[0] + "_stats.json", stats)
     return stats
-
-
-def stats_json(stats: dict) -> str:
-    return json.dumps(stats, indent=1, sort_keys=True)
