@@ -327,6 +327,10 @@ def test_one_task_output_is_the_subset_multiset(pool, one_task_run):
     assert stats["uids_missing"] == len(subset_unique - present)
     assert stats["samples_written"] == total and stats["output_shards"] == len(names)
     assert (stats["samples_without_json"], stats["samples_without_uid"], stats["samples_bad_uid"]) == (1, 1, 1)
+    import webdataset as wds  # what training reads with: the same samples, keys and fields
+
+    wds_samples = list(wds.WebDataset(os.path.join(out, names[0]), shardshuffle=False))
+    assert len(wds_samples) == sizes[names[0]] and all({"jpg", "txt", "json"} <= set(s) for s in wds_samples)
     for n in names:  # per-shard stats beside every shard
         st = json.load(open(os.path.join(out, n.replace(".tar", "_stats.json"))))
         assert st["samples"] == sizes[n] and st["bytes"] == os.path.getsize(os.path.join(out, n))
