@@ -486,7 +486,7 @@ def _keep_top_exactly(target: int, survivors, scores, work: DataFolder, alive_di
         parts = load_parts(work, f.pid)
         sel = a & (cache[f.pid] == v)
         ties.append(rules.uid_array(parts["hi"][sel], parts["lo"][sel]))
-    tie_uids = np.sort(np.concatenate(ties))
+    tie_uids = rules.sort_uids(np.concatenate(ties))
     cut_hi, cut_lo = tie_uids[need - 1]
     for f, a in survivors():
         parts = load_parts(work, f.pid)
@@ -523,7 +523,7 @@ def apply_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader,
             counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
             group_keep &= m
         kept = candidates & group_keep
-    uids = np.sort(rules.uid_array(parts["hi"][kept], parts["lo"][kept]))
+    uids = rules.sort_uids(rules.uid_array(parts["hi"][kept], parts["lo"][kept]))
     _save_npy(work, f"_kept/{f.pid}.npy", uids)
     # null captions are counted where the text column is first read: here only if the map did not read it
     map_read_text = "text" in needed_columns([term for t, _, term in terms if t not in deferred])
@@ -554,7 +554,7 @@ def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out
                 a = int(np.searchsorted(arr["f0"], np.uint64(lo)))
                 b = len(arr) if hi == 1 << 64 else int(np.searchsorted(arr["f0"], np.uint64(hi)))
                 chunk.append(arr[a:b])
-            part = np.sort(np.concatenate(chunk)) if chunk else np.zeros(0, dtype)
+            part = rules.sort_uids(np.concatenate(chunk)) if chunk else np.zeros(0, dtype)
             fh.write(part.tobytes())
             written += len(part)
     assert written == total, (written, total)

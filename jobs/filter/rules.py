@@ -74,6 +74,11 @@ def uid_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return out
 
 
+def sort_uids(uids: np.ndarray) -> np.ndarray:
+    """The order np.sort gives a ("u8,u8") array (upper, then lower), via lexsort: several times faster."""
+    return uids[np.lexsort((uids["f1"], uids["f0"]))]
+
+
 # -- language ID --------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
@@ -91,9 +96,14 @@ def fasttext_model(path: str = ""):
 
 def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
     """DataComp's `get_fasttext_language(text) == "en"` for each caption."""
-    model = fasttext_model(model_path)
-    return np.fromiter((model.predict(t.replace("\n", " "))[0][0] == "__label__en" for t in texts),
-                       dtype=bool, count=len(texts))
+    # The pybind call under FastText.predict(text): same input (one line + "\n"), same top-1.
+    predict = fasttext_model(model_path).f.predict
+
+    def english(text: str) -> bool:
+        top = predict(text.replace("\n", " ") + "\n", 1, 0.0, "strict")
+        return bool(top) and top[0][1] == "__label__en"
+
+    return np.fromiter((english(t) for t in texts), dtype=bool, count=len(texts))
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,12 +146,14 @@ def basic_mask(texts: list[str], width: np.ndarray, height: np.ndarray, lid_mode
     h = np.asarray(height, dtype=np.float64)
     lo, hi = np.minimum(w, h), np.maximum(w, h)
     with np.errstate(divide="ignore", invalid="ignore"):
-        image_ok = (lo >= 200) & (hi / lo <= 3.0)
-    caption_ok = (word_counts(texts) > 2) & (char_counts(texts) > 5)
-    mask = image_ok & caption_ok
-    idx = np.nonzero(mask)[0]  # language ID (the slow part) only where it can matter
-    if idx.size:
-        mask[idx] = fasttext_english([texts[i] for i in idx], lid_model)
+        mask = (lo >= 200) & (hi / lo <= 3.0)
+    # Cheapest test first; each later (slower) one only on the rows still in.
+    for test in (lambda sub: char_counts(sub) > 5, lambda sub: word_counts(sub) > 2,
+                 lambda sub: fasttext_english(sub, lid_model)):
+        idx = np.nonzero(mask)[0]
+        if not idx.size:
+            break
+        mask[idx] = test([texts[i] for i in idx])
     return mask
 
 
