@@ -61,8 +61,8 @@ def test_classification_equals_clip_benchmark(evalsets):
         assert abs(mine[k] - ref[k]) <= 1e-6, (k, mine[k], ref[k])
     assert mine["main_metric"] == mine["mean_per_class_recall"]
     # a model whose predictions carry information, not a constant guess
-    print(mine, ref)
-    assert 0.1 < mine["acc1"] < 1.0 and mine["acc5"] > mine["acc1"]
+    # an informative model (not one class for every image), so every metric is exercised
+    assert 0.2 < mine["acc1"] < 1.0 and mine["acc5"] > mine["acc1"] and mine["mean_per_class_recall"] > 0.2
 
 
 def test_retrieval_equals_clip_benchmark(evalsets):

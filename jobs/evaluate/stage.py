@@ -258,6 +258,8 @@ def evaluate_tasks(ctx: TaskContext) -> TaskResult:
         if ctx.output.exists(rel):  # committed by an earlier attempt of this task
             outputs.append(f"{ctx.step.stage}/{rel}")
             continue
+        if task.kind != "multilabel_faces":  # check the eval set before paying for the model
+            EvalSet.open(evalset_folder(root, task), need_classes=task.kind not in ("retrieval", "winogavil"))
         if evaluator is None:
             evaluator = Evaluator(ctx.params.get("model") or ctx.scale.model, _local_checkpoint(ctx),
                                   _device(ctx.params.get("device", "")), int(ctx.params.get("batch_size", 64)),

@@ -1,0 +1,177 @@
+"""The eval stage end to end (local executor), its group metrics on WILDS-style
+sets, resume, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dcslurm.errors import UserError
+from dcslurm.storage import DataFolder
+from dcslurm.tasks import get_task
+from tests.test_eval_fixtures import make_classification_set, make_retrieval_set, make_winogavil_set
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    from jobs.models import create_model
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    torch.save(create_model("dcslurm-tiny-vit", seed=1)[0].state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def evalsets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalsets")
+    make_classification_set(str(root / "wds_fashion_test"), n=60, per_shard=25)
+    make_retrieval_set(str(root / "wds_fashion_captions_test"), n=40, per_shard=20)
+    make_winogavil_set(str(root / "wds_misc-winogavil_test"), n_examples=4)
+    # FMoW-style: .npy metadata [region, year, y]
+    rng = np.random.default_rng(0)
+    fmow_meta = np.stack([rng.integers(0, 4, 60), rng.integers(0, 3, 60), np.zeros(60, int)], axis=1)
+    make_classification_set(str(root / "wds_wilds-fmow_test"), n=60, per_shard=30, metadata=fmow_meta)
+    ds_meta = np.stack([rng.integers(0, 3, 60), np.zeros(60, int), np.zeros(60, int)], axis=1)
+    make_classification_set(str(root / "wds_dollar_street_test"), n=60, per_shard=30, metadata=ds_meta)
+    make_classification_set(str(root / "wds_wilds-iwildcam_test"), n=60, per_shard=30,
+                            metadata=np.zeros((60, 9), int))
+    return root
+
+
+EXTRA_TASKS = """extra_tasks = [
+  {key = "demo/fashion", name = "Demo fashion", evalset = "wds_fashion_test"},
+  {key = "demo/captions", name = "Demo captions", evalset = "wds_fashion_captions_test", kind = "retrieval", main_metric = "mean_recall@1"},
+]"""
+
+
+def write_config(tmp_path, run: str, evalsets: str, ckpt: str, tasks: str, extra: str = EXTRA_TASKS,
+                 per_task: int = 1) -> str:
+    path = tmp_path / f"{os.path.basename(run)}.toml"
+    path.write_text(f"""
+[run]
+folder = {json.dumps(run)}
+scale = "tiny"
+stages = ["eval"]
+
+[executor]
+kind = "local"
+
+[stages.eval]
+tasks = {tasks}
+evalsets = {json.dumps(evalsets)}
+checkpoint = {json.dumps(ckpt)}
+batch_size = 16
+num_workers = 1
+units_per_task = {per_task}
+{extra}
+""")
+    return str(path)
+
+
+def test_eval_run_writes_datacomp_results_and_skips_done_tasks(tmp_path, evalsets, random_checkpoint, capsys):
+    from dcslurm.config import load_config
+    from dcslurm.results import parse_results
+    from dcslurm.results_cli import after_run
+    from dcslurm.runs import submit_run
+
+    run = str(tmp_path / "run")
+    cfg = load_config(write_config(tmp_path, run, str(evalsets), random_checkpoint,
+                                   '["demo/fashion", "demo/captions", "wilds/fmow", "misc/winogavil"]', per_task=4))
+    result = submit_run(cfg)
+    assert not result.failed
+    lines = open(os.path.join(run, "eval", "results.jsonl")).read().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert [r["key"] for r in recs] == ["demo/fashion", "demo/captions", "wilds/fmow", "misc/winogavil"]
+    assert all(set(r) == {"key", "dataset", "metrics"} and "main_metric" in r["metrics"] for r in recs)
+    by_key = {r["key"]: r["metrics"] for r in recs}
+    assert by_key["demo/fashion"]["main_metric"] == by_key["demo/fashion"]["acc1"]
+    assert by_key["demo/captions"]["main_metric"] == by_key["demo/captions"]["mean_recall@1"]
+    fmow = by_key["wilds/fmow"]
+    assert fmow["main_metric"] == fmow["acc_worst_region"]
+    assert fmow["acc_worst_region"] == min(v for k, v in fmow.items() if k.startswith("acc_region:"))
+    assert fmow["acc_worst_year"] == min(v for k, v in fmow.items() if k.startswith("acc_year:"))
+    assert abs(fmow["acc_avg"] - fmow["acc1"]) < 1e-12
+    assert by_key["misc/winogavil"]["main_metric"] == by_key["misc/winogavil"]["jaccard_score_10-12"]
+    assert 0 <= by_key["misc/winogavil"]["main_metric"] <= 1
+    assert sorted(os.listdir(os.path.join(run, "eval", "tasks"))) == [
+        "demo__captions.json", "demo__fashion.json", "misc__winogavil.json", "wilds__fmow.json"]
+    assert "Demo fashion" in parse_results("\n".join(lines))
+
+    after_run(cfg, result)
+    shown = capsys.readouterr().out
+    assert "Demo fashion" in shown and "FMoW" in shown
+
+    # Rerun: every task is committed, nothing is evaluated again.
+    mtime = os.path.getmtime(os.path.join(run, "eval", "tasks", "wilds__fmow.json"))
+    result = submit_run(load_config(cfg.path))
+    assert not result.failed
+    assert os.path.getmtime(os.path.join(run, "eval", "tasks", "wilds__fmow.json")) == mtime
+
+
+def test_fairness_and_iwildcam_metrics_are_consistent(evalsets, random_checkpoint):
+    from jobs.evaluate.stage import Evaluator
+
+    ev = Evaluator("dcslurm-tiny-vit", random_checkpoint, "cpu", batch_size=32, num_workers=1)
+    ds, _ = ev.evaluate(get_task("fairness/dollar_street"), DataFolder(str(evalsets)))
+    assert ds["main_metric"] == ds["acc_top5_wg"] == min(v for k, v in ds.items() if k.startswith("acc_top5_income_ds:"))
+    assert abs(ds["acc_top5_avg"] - ds["acc5"]) < 1e-12
+    iw, _ = ev.evaluate(get_task("wilds/iwildcam"), DataFolder(str(evalsets)))
+    assert iw["main_metric"] == iw["F1-macro_all"] and 0 <= iw["F1-macro_all"] <= 1
+
+
+def test_unknown_task_in_config_is_one_line_error(tmp_path, evalsets, random_checkpoint):
+    from dcslurm.config import load_config
+    from dcslurm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(write_config(tmp_path, str(tmp_path / "r"), str(evalsets), random_checkpoint,
+                                 '["imagenet1k", "imagenet-z"]'))
+    msg = str(exc.value)
+    assert "tasks" in msg and "imagenet-z" in msg and "\n" not in msg
+
+
+def test_eval_set_without_nshards_or_classnames_is_one_line_error(tmp_path, random_checkpoint):
+    from jobs.evaluate.evalset import EvalSet
+
+    make_classification_set(str(tmp_path / "set"), n=10, per_shard=10)
+    os.remove(tmp_path / "set" / "classnames.txt")
+    with pytest.raises(UserError) as exc:
+        EvalSet.open(DataFolder(str(tmp_path / "set")))
+    assert str(exc.value).endswith("classnames.txt: missing; a zero-shot classification set needs classnames.txt")
+    os.remove(tmp_path / "set" / "test" / "nshards.txt")
+    with pytest.raises(UserError, match=r"test/nshards.txt: missing"):
+        EvalSet.open(DataFolder(str(tmp_path / "set")))
+    with pytest.raises(UserError, match="eval set folder does not exist"):
+        EvalSet.open(DataFolder(str(tmp_path / "nothing")))
+
+
+def test_checkpoint_that_is_not_open_clip_is_one_line_error(tmp_path):
+    from jobs.evaluate.zeroshot import load_model
+
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(UserError) as exc:
+        load_model("dcslurm-tiny-vit", str(junk), "cpu")
+    assert str(exc.value).startswith(f"{junk}: not an open_clip dcslurm-tiny-vit checkpoint") and "\n" not in str(exc.value)
+    other = tmp_path / "other.pt"
+    torch.save({"linear.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(UserError, match="not an open_clip dcslurm-tiny-vit checkpoint"):
+        load_model("dcslurm-tiny-vit", str(other), "cpu")
+
+
+def test_failed_task_reports_one_line_in_status(tmp_path, evalsets, random_checkpoint):
+    from dcslurm.config import load_config
+    from dcslurm.runs import run_status, submit_run
+
+    run = str(tmp_path / "badrun")
+    cfg = load_config(write_config(tmp_path, run, str(tmp_path / "no-evalsets"), random_checkpoint,
+                                   '["demo/fashion"]'))
+    assert submit_run(cfg).failed
+    _, steps = run_status(cfg.run_url, cfg.storage_options, config=cfg)
+    failed = [f for s in steps for f in s.failed]
+    assert failed and "eval set folder does not exist" in failed[0].error
