@@ -262,11 +262,11 @@ def test_bad_samples_and_damaged_shard_are_counted_not_committed(ref_run, data):
 
 
 def test_identical_whatever_the_grouping_and_workers_then_resume(ref_run, data):
-    """One shard a task and decoding in the main process give bit-identical files; a
+    """Two shards a task and decoding in the main process give bit-identical files; a
     rerun recomputes only shards whose parquet (the commit) is missing."""
     run = data["root"] / "pertask"
     cfg_path = write_config(data["root"] / "pertask.toml", str(run), data["shards"], data["ckpts"],
-                            per_task=1, workers=0)
+                            per_task=2, workers=0)
     cfg = load_config(cfg_path)
     assert not submit_run(cfg).failed
     for stem in data["good"]:
@@ -274,20 +274,20 @@ def test_identical_whatever_the_grouping_and_workers_then_resume(ref_run, data):
         assert all(np.array_equal(ref[k], got[k]) for k in ref)
         assert pq.read_table(run / "embed" / f"{stem}.parquet").equals(
             pq.read_table(ref_run / "embed" / f"{stem}.parquet"))
-    marker = read_marker(cfg.folder(), "embed", 2)  # the damaged shard: committed task, no output
+    marker = read_marker(cfg.folder(), "embed", 1)  # the damaged shard alone: committed task, no output
     assert marker["outputs"] == [] and marker["stats"]["shards_corrupt"] == 1
 
-    # A killed attempt: shard 1's npz written, its parquet not; task 0's marker lost after its parquet.
+    # A killed attempt of task 0: shard 0 committed, shard 1's npz half written, no parquet, no marker.
     npz_before = (run / "embed" / "00000001.npz").read_bytes()
     (run / "embed" / "00000001.npz").write_bytes(b"partial")
     (run / "embed" / "00000001.parquet").unlink()
+    os.unlink(run / "_markers" / "embed" / "000000.json")
     mtime0 = os.stat(run / "embed" / "00000000.parquet").st_mtime_ns
-    for i in (0, 1):
-        os.unlink(run / "_markers" / "embed" / f"{i:06d}.json")
     assert not submit_run(cfg).failed
-    assert read_marker(cfg.folder(), "embed", 0)["stats"]["shards_already_done"] == 1
+    marker = read_marker(cfg.folder(), "embed", 0)
+    assert marker["stats"]["shards_already_done"] == 1 and marker["stats"]["samples"] == 7
+    assert marker["outputs"] == ["embed/00000000.parquet", "embed/00000001.parquet"]
     assert os.stat(run / "embed" / "00000000.parquet").st_mtime_ns == mtime0
-    assert read_marker(cfg.folder(), "embed", 0)["outputs"] == ["embed/00000000.parquet"]
     assert (run / "embed" / "00000001.npz").read_bytes() == npz_before
 
 
