@@ -263,7 +263,7 @@ def test_rerun_of_a_committed_run_downloads_nothing(served_run):
     assert sum(served_run["server"].hits.values()) == hits
 
 
-# -- the demo pool: local, S3, SLURM ----------------------------------------------------
+# -- the demo pool: local, S3, SLURM (slow: a few minutes on 2 busy cores) ----------------
 
 DEMO = dict(samples=240, seed=3, files=4, heldout=0)
 DEMO_PARAMS = "processes = 1\nthreads = 8\nsamples_per_shard = 25\n"
@@ -282,6 +282,7 @@ def demo_reference(tmp_path_factory):
     return {"pool": pool, "run": run, "contents": shard_contents(run), "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
     run = demo_reference["run"]
     manifest = json.load(open(os.path.join(demo_reference["pool"], "manifest.json")))
@@ -297,6 +298,7 @@ def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_demo_pool_on_s3_downloads_to_s3_identically(demo_reference, s3_server, s3_bucket, tmp_path):
     opts = s3_server.storage_options()
     generate_demo_pool(f"{s3_bucket}/pool", storage_options=opts, **DEMO)  # the pool itself on S3 too
@@ -310,6 +312,7 @@ def test_demo_pool_on_s3_downloads_to_s3_identically(demo_reference, s3_server, 
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_demo_pool_on_slurm_four_tasks_identical(demo_reference, slurm_cluster, tmp_path):
     cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), demo_reference["pool"], params=DEMO_PARAMS,
                        executor="slurm", extra='[stages.download.resources]\ncpus_per_task = 1\n'
@@ -337,6 +340,7 @@ def test_demo_pool_on_slurm_to_s3_identical(demo_reference, slurm_cluster, s3_se
     assert shard_contents(run) == demo_reference["contents"]
 
 
+@pytest.mark.slow
 def test_downloaded_shards_can_start_another_run_without_download(demo_reference, tmp_path):
     """Bring your own data: a run whose [pool] shards is a download folder skips download."""
     from dcslurm.runs import plan_run
