@@ -21,7 +21,7 @@ from typing import Any
 
 from dcslurm.errors import StorageError, UserError
 from dcslurm.storage import DataFolder, is_remote
-from dcslurm.tasks import AGGREGATE_GROUPS, all_tasks, scored_tasks
+from dcslurm.tasks import AGGREGATE_GROUPS, datacomp_tasks, scored_tasks
 
 RESULTS_FILE = "eval/results.jsonl"
 COLUMNS = ("ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average")
@@ -76,8 +76,10 @@ def aggregate(records: dict[str, dict]) -> Aggregate:
     for group, names in AGGREGATE_GROUPS.items():
         scores[group] = None if any(n not in values for n in names) else _mean(values[n] for n in names)
     scores["Average"] = None if missing else _mean(values[n] for n in scored_names)
-    extra_names = {t.name for t in all_tasks().values() if t.extra}
-    extras = {n: v for n, v in values.items() if n in extra_names}
+    # Anything not one of DataComp's 40 (e.g. the demo's tiny sets) is reported beside
+    # the aggregates; it need not be registered in this process.
+    datacomp_names = {t.name for t in datacomp_tasks().values()}
+    extras = {n: v for n, v in values.items() if n not in datacomp_names}
     return Aggregate(scores=scores, missing=missing, n_scored=len(scored_names) - len(missing), extras=extras)
 
 
