@@ -377,3 +377,35 @@ def test_failure_reasons(message, reason):
     from jobs.download.stats import failure_reason
 
     assert failure_reason(message) == reason
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cancelled_slurm_task_resubmit_redoes_only_unfinished_shards(slurm_cluster, tmp_path):
+    from dcslurm.runs import cancel_run
+
+    with ImageServer() as server:
+        rows = [(server.url("good", i), f"good {i}") for i in range(20)]
+        rows += [(server.url("slow", 100 + i, delay=1.0), f"slow {i}") for i in range(20)]
+        write_pool(str(tmp_path / "pool"), [rows])
+        cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
+                           params="processes = 1\nthreads = 2\nsamples_per_shard = 10\n", executor="slurm",
+                           extra='[stages.download.resources]\ncpus_per_task = 1\n[slurm]\ntime = "00:10:00"\n')
+        out = tmp_path / "run" / "download"
+        submit_run(load_config(cfg))
+        deadline = time.time() + 240
+        while not (out / "00000001_stats.json").exists():
+            assert time.time() < deadline, "shard 1 never finished"
+            time.sleep(0.2)
+        assert cancel_run(str(tmp_path / "run"))  # scancel: SIGTERM to the task and its workers
+        slurm_cluster.wait_jobs_done(120)
+        time.sleep(3)
+        assert not (out / "00000002_stats.json").exists()
+        kept = {n: (out / n).stat().st_mtime_ns for n in ("00000000.tar", "00000000_stats.json",
+                                                          "00000001.tar", "00000001_stats.json")}
+        submit_run(load_config(cfg))
+        wait_run_done(cfg, timeout=300)
+        assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+        stats = read_marker(DataFolder(str(tmp_path / "run")), "download", 0)["stats"]
+        assert stats["shards_resumed"] == 2 and stats["shards_downloaded"] == 2 and stats["successes"] == 40
+        assert all(server.hits[f"/good/{i}.jpg"] == 1 for i in range(20))
