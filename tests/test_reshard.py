@@ -525,3 +525,32 @@ tasks = 2
     present = {s["uid"] for s in downloaded}
     assert stats["subset"] == str(run / "filter" / "subset.npy")
     assert stats["uids_missing"] == len(set(subset_uids) - present)  # the failed downloads
+
+
+def test_subset_setting_beside_the_filter_stage_is_a_config_error(pool, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dcslurm.runs import plan_run
+
+    os.makedirs(tmp_path / "meta")
+    pq.write_table(pa.table({"uid": [pool["samples"][0]["uid"]], "text": ["a caption"]}),
+                   tmp_path / "meta" / "00000000.parquet")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+[run]
+folder = "{tmp_path}/run"
+stages = ["filter", "reshard"]
+[pool]
+metadata = "{tmp_path}/meta"
+shards = "{pool['shards']}"
+[stages.reshard]
+subset = "{pool['subset']}"
+""")
+    with pytest.raises(UserError, match=r"the filter stage is in this run and writes the subset") as err:
+        plan_run(load_config(str(cfg)))
+    assert "\n" not in str(err.value)
+    cfg.write_text(cfg.read_text().replace(f'subset = "{pool["subset"]}"', ""))
+    plan = plan_run(load_config(str(cfg)))  # the filter's subset.npy is the input: plans fine
+    assert [s.name for s in plan.steps if s.stage == "reshard"] == [
+        "reshard.count", "reshard.index", "reshard.write", "reshard.finalize"]
