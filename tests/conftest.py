@@ -109,6 +109,11 @@ def _slurm_conf_for_test(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         patch.restore()
+        # A test that stopped a node and failed before restarting it must not
+        # leave the next tests one node short.
+        for node in cluster.nodes:
+            if cluster.started and cluster.slurmd_pid(node) is None:
+                cluster.start_node(node)
 
 
 @pytest.fixture(scope="session")
@@ -136,5 +141,7 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh bucket named after the test; returns ``"s3://<name>"``."""
+    if not s3_server.running():  # a test stopped or killed it and did not restart it
+        s3_server.start()
     stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     return s3_server.make_bucket(f"t-{stem or 'x'}-{secrets.token_hex(4)}")
