@@ -1,7 +1,7 @@
 """How the model is spread over the ranks: FSDP2, activation checkpointing, compile.
 
 Every transformer block (image and text towers) is its own FSDP2 unit, then the
-root; parameters are sharded over all ranks, gathered per block for forward and
+root (small models: the root only); parameters are sharded over all ranks, gathered per block for forward and
 backward. open_clip's `logit_scale` is a 0-dim parameter, which FSDP2 refuses to
 shard: it stays an ordinary replicated parameter (`ignored_params`) whose
 gradient `sync_replicated_grads` averages across ranks; its name and shape are
@@ -31,18 +31,30 @@ def replicated_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.ndim == 0]
 
 
+# Below this size one FSDP unit (the whole model) is cheaper: fewer, larger
+# collectives, and gathering all weights at once costs little memory.
+BLOCK_UNITS_MIN_PARAMS = 50_000_000
+
+
 def parallelize(model: nn.Module, device: torch.device, world_size: int, bf16: bool,
-                grad_checkpointing: bool, compile_blocks: bool) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2 to `model` in place; returns it."""
+                grad_checkpointing: bool, compile_blocks: bool, units: str = "auto") -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 to `model` in place; returns it.
+
+    `units`: "block" (one FSDP unit per transformer block, then the root: the
+    memory-saving layout for large models), "model" (one unit), or "auto"
+    (block from BLOCK_UNITS_MIN_PARAMS parameters up).
+    """
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     blocks = transformer_blocks(model)
     if compile_blocks:
         for block in blocks:
             block.compile()
+    if units == "auto":
+        units = "block" if sum(p.numel() for p in model.parameters()) >= BLOCK_UNITS_MIN_PARAMS else "model"
     mesh = init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for block in blocks:
+    for block in blocks if units == "block" else []:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=set(replicated_params(model)))
     return model

@@ -28,6 +28,7 @@ class TrainParams:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     grad_checkpointing: bool = True
     compile: bool = False
+    fsdp_units: str = "auto"  # block | model | auto (per block from 50M parameters up)
     workers: int = 2  # DataLoader workers per rank
     data_streams: int = 0  # independent sample streams; 0 = 8 x world (must divide by the world size)
     shuffle_buffer: int = 256  # samples shuffled within a shard
@@ -47,6 +48,8 @@ class TrainParams:
             raise ValueError("samples: must be >= 0")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        if self.fsdp_units not in ("auto", "block", "model"):
+            raise ValueError(f"fsdp_units: expected auto, block or model, got {self.fsdp_units!r}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every / checkpoint_every: must be >= 1")
         if self.workers < 0 or self.accum < 0 or self.micro_batch < 0 or self.data_streams < 0:
