@@ -66,11 +66,11 @@ def _single(ctx: PlanContext) -> UnitSet:
 
 
 def _estimate(ctx: PlanContext, units: dict) -> Estimate:
-    # DataComp's tasklist gives seconds per task on one A100 for a ViT-B/32 ("time").
+    # DataComp's tasklist.yml gives each task a `time` in seconds on its reference GPU.
     tasks = selected_tasks(ctx.params)
     seconds = sum(_task_seconds(t.key) for t in tasks)
     return Estimate(gpu_hours=seconds / 3600, bytes_written=2_000 * len(tasks),
-                    basis="DataComp tasklist.yml per-task eval times (A100)")
+                    basis="sum of DataComp tasklist.yml per-task `time` (seconds, one GPU)")
 
 
 def _task_seconds(key: str) -> float:
