@@ -112,8 +112,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
     """Yields {"kind": "batch", ...} per chunk of a shard and {"kind": "end", ...} per stripe.
 
     batch: shard, rows (tar ordinals), meta (dict per row), tokens {text key: LongTensor},
-           images {image key: uint8 [n, 3, H, W]} for `pixel_idx` rows, and, with raw_jpeg,
-           jpegs (uint8 byte tensors) for `jpeg_idx` rows; truncated: bool [n].
+           images {image key: uint8 [n, 3, H, W]} for `pixel_idx` rows, and, with raw_jpeg, the
+           JPEG files of `jpeg_idx` rows (jpeg_bytes[jpeg_offsets[i]:jpeg_offsets[i+1]]);
+           truncated: bool [n].
     end:   shard, stripe, stripes, samples (in the tar), skipped ({reason: count}), error (or None),
            missing (the shard does not exist).
     """
@@ -187,7 +188,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 continue
             if self.raw_jpeg and image_bytes[:3] == JPEG_MAGIC:
                 jpeg_idx.append(len(rows))
-                jpegs.append(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8))
+                jpegs.append(image_bytes)
             else:
                 decoded = self._decode(image_bytes)
                 if decoded is None:
@@ -207,10 +208,15 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 truncated |= cut
         images = {k: torch.stack(v) if v else torch.zeros(0, 3, *self._size(k), dtype=torch.uint8)
                   for k, v in pixels.items()}
+        # JPEG bytes travel as one flat tensor + offsets: one pinned buffer per batch, not one per image.
+        offsets = np.cumsum([0] + [len(j) for j in jpegs])
         return {"kind": "batch", "shard": shard.index, "rows": torch.tensor(rows, dtype=torch.long),
                 "meta": meta, "tokens": tokens, "truncated": truncated, "images": images,
                 "pixel_idx": torch.tensor(pixel_idx, dtype=torch.long),
-                "jpeg_idx": torch.tensor(jpeg_idx, dtype=torch.long), "jpegs": jpegs}
+                "jpeg_idx": torch.tensor(jpeg_idx, dtype=torch.long),
+                "jpeg_bytes": torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs
+                else torch.zeros(0, dtype=torch.uint8),
+                "jpeg_offsets": torch.from_numpy(offsets.astype(np.int64))}
 
     def _size(self, key: str) -> tuple[int, int]:
         return next(r.size for r in self.image_recipes if r.key == key)

@@ -129,17 +129,29 @@ class DeviceDecoder:
         except RuntimeError:  # one bad JPEG fails the batch call: find it one by one
             images, ok = [], []
             for data in jpegs:
-                try:
-                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                    ok.append(True)
-                except RuntimeError:
-                    ok.append(False)
+                image = self._decode_one(data)
+                ok.append(image is not None)
+                if image is not None:
+                    images.append(image)
         out = {}
         for r in self.recipes:
             resized = [self._resize(img, r) for img in images]
             out[r.key] = torch.stack(resized) if resized else torch.zeros(0, 3, *r.size, dtype=torch.uint8,
                                                                          device=self.device)
         return out, ok
+
+    def _decode_one(self, data):
+        """One JPEG on the device, else on the CPU (e.g. CMYK JPEGs nvjpeg refuses); None if neither can."""
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB).to(self.device)
+        except RuntimeError:
+            return None
 
     @staticmethod
     def _resize(img, recipe):
@@ -356,8 +368,9 @@ def _embed_batch(item: dict, acc: ShardAccumulator, models: list[EmbedModel], de
         if len(item["pixel_idx"]):
             full[item["pixel_idx"].to(device)] = cpu_pixels.to(device, non_blocking=True)
         pixels[key] = full
-    if item["jpegs"]:
-        decoded, ok = decoder(item["jpegs"])
+    if len(item["jpeg_idx"]):
+        flat, offsets = item["jpeg_bytes"], item["jpeg_offsets"].tolist()
+        decoded, ok = decoder([flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
         jpeg_idx = item["jpeg_idx"]
         good = jpeg_idx[torch.tensor(ok, dtype=torch.bool)]
         keep[jpeg_idx[~torch.tensor(ok, dtype=torch.bool)]] = False
