@@ -116,9 +116,11 @@ def test_missing_and_empty_shards_are_one_line_errors(tmp_path, shards):
     assert error(str(empty)).endswith("00000000.tar: training shard is empty")
     pattern = os.path.join(shards, "{00000000..00000009}.tar")
     assert error(pattern).endswith("00000004.tar: training shard does not exist")
-    # End to end: the task fails with that line as its recorded error.
-    folder, failed = run_train(tmp_path, "emptytar", str(empty))
-    assert failed and _failure(folder).endswith("00000000.tar: training shard is empty")
+    # At submit (the stage's preflight), before anything is queued or run.
+    cfg = load_config(write_train_toml(tmp_path / "e.toml", str(tmp_path / "e"), str(empty), executor="slurm"))
+    with pytest.raises(UserError, match=r"00000000.tar: training shard is empty$"):
+        submit_run(cfg)
+    assert not os.path.exists(tmp_path / "e")
 
 
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path, shards, trained):

@@ -121,11 +121,22 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
     return Estimate(gpu_hours=hours, basis=basis)
 
 
+def _preflight(config) -> None:
+    """At submit: one-line errors for missing or empty `data` shards, before any job is queued."""
+    if "reshard" in config.selected_stages():
+        return  # its outputs do not exist yet; the task checks them
+    params = config.stages["train"].params
+    if params is not None and params.data:
+        from jobs.train.inputs import check_shards, list_shards
+
+        check_shards(list_shards(params.data, config.storage_options), params.data, config.storage_options)
+
+
 STAGES = [
     StageSpec(
         name="train", description="FSDP2 CLIP training at the scale's hyperparameters", order=50,
         params=TrainParams, gpu=True, estimate=_estimate,
-        default_resources={"requeue": True},
+        default_resources={"requeue": True}, preflight=_preflight,
         steps=(StepSpec("run", "jobs.train.train:run", _units, layout="distributed"),),
     ),
 ]

@@ -92,7 +92,9 @@ def training_shards(ctx: TaskContext, storage_options: dict) -> list[data.Shard]
     if upstream is not None:
         urls = [u for u in ctx.input_names() if u.endswith(".tar")]
         sizes = data.read_size_table(ctx.run.child("reshard"))
+        # A small subset can leave some reshard outputs empty: those are skipped, not errors.
         shards = [data.Shard(u, sizes.get(u.rsplit("/", 1)[-1])) for u in urls]
+        shards = [s for s in shards if s.samples != 0]
         where = ctx.run.url_of("reshard")
     else:
         shards = data.list_shards(ctx.params["data"], storage_options)
