@@ -243,7 +243,7 @@ def _register_subcommands() -> None:
                 continue  # that part of the tool is not installed in this tree
             raise
         app.add_typer(mod.app, name=name)
-    for module in ("dcslurm.results_cli", "dcslurm.render_cli"):
+    for module in ("dcslurm.results_cli", "dcslurm.render_cli", "dcslurm.demo_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
