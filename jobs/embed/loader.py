@@ -111,7 +111,7 @@ class Tokenization:
 class ShardBatches(torch.utils.data.IterableDataset):
     """Yields {"kind": "batch", ...} per chunk of a shard and {"kind": "end", ...} per stripe.
 
-    batch: shard, rows (tar ordinals), meta (dict per row), tokens {text key: LongTensor},
+    batch: shard, rows (tar ordinals), meta (JSON list, a dict per row), tokens {text key: LongTensor},
            images {image key: uint8 [n, 3, H, W]} for `pixel_idx` rows, and, with raw_jpeg, the
            JPEG files of `jpeg_idx` rows (jpeg_bytes[jpeg_offsets[i]:jpeg_offsets[i+1]]);
            truncated: bool [n].
@@ -211,7 +211,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
         # JPEG bytes travel as one flat tensor + offsets: one pinned buffer per batch, not one per image.
         offsets = np.cumsum([0] + [len(j) for j in jpegs])
         return {"kind": "batch", "shard": shard.index, "rows": torch.tensor(rows, dtype=torch.long),
-                "meta": meta, "tokens": tokens, "truncated": truncated, "images": images,
+                # One JSON string, not 1,000 dicts: pinning and pickling then touch one object.
+                "meta": json.dumps(meta), "tokens": tokens, "truncated": truncated, "images": images,
                 "pixel_idx": torch.tensor(pixel_idx, dtype=torch.long),
                 "jpeg_idx": torch.tensor(jpeg_idx, dtype=torch.long),
                 "jpeg_bytes": torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs

@@ -11,6 +11,7 @@ rerun, and a shard that fails (damaged tar) leaves neither file.
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
 import time
@@ -208,8 +209,6 @@ class ShardAccumulator:
 
 def metadata_table(meta: list[dict], order: np.ndarray, scores: dict):
     """The DataComp-style parquet table: uid, metadata columns, one score column per model."""
-    import json
-
     import pyarrow as pa
 
     rows = [meta[i] for i in order]
@@ -298,8 +297,9 @@ def embed_shards(ctx: TaskContext, params: EmbedParams, shards: list[tuple[int, 
                            params.batch_size, image_recipes, text_recipes, raw_jpeg=params.gpu_decode,
                            workers=workers)
     loader = torch.utils.data.DataLoader(
+        # Two batches ahead a worker: a 1024-image uint8 batch at 224 px is 150 MB of shared memory.
         dataset, batch_size=None, num_workers=workers, pin_memory=device.startswith("cuda"),
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=2 if workers else None, persistent_workers=False)
     stems = {i: stem for i, _, stem in shards}
     open_shards: dict[int, ShardAccumulator] = {}
     totals: Counter = Counter()
@@ -380,12 +380,12 @@ def _embed_batch(item: dict, acc: ShardAccumulator, models: list[EmbedModel], de
                 pixels[key][good.to(device)] = decoded[key]
     if not keep.all():
         rows = item["rows"][keep]
-        meta = [m for m, k in zip(item["meta"], keep.tolist()) if k]
+        meta = [m for m, k in zip(json.loads(item["meta"]), keep.tolist()) if k]
         pixels = {k: v[keep.to(device)] for k, v in pixels.items()}
         tokens = {k: v[keep] for k, v in item["tokens"].items()}
         truncated = item["truncated"][keep]
     else:
-        rows, meta, tokens, truncated = item["rows"], item["meta"], item["tokens"], item["truncated"]
+        rows, meta, tokens, truncated = item["rows"], json.loads(item["meta"]), item["tokens"], item["truncated"]
     if not len(rows):
         return
     acc.add_rows(rows.numpy(), meta)
