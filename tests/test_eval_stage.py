@@ -175,3 +175,25 @@ def test_failed_task_reports_one_line_in_status(tmp_path, evalsets, random_check
     _, steps = run_status(cfg.run_url, cfg.storage_options, config=cfg)
     failed = [f for s in steps for f in s.failed]
     assert failed and "eval set folder does not exist" in failed[0].error
+
+
+@pytest.mark.s3
+def test_eval_run_entirely_on_s3(tmp_path, evalsets, random_checkpoint, s3_bucket, s3_server):
+    """Run folder, eval sets and checkpoint all in the S3 server; results gathered from there."""
+    from dcslurm.config import load_config
+    from dcslurm.evalsets_cli import copy_tree
+    from dcslurm.results import gather
+    from dcslurm.runs import submit_run
+
+    opts = s3_server.storage_options()
+    copy_tree(DataFolder(str(evalsets / "wds_fashion_test"), opts), DataFolder(f"{s3_bucket}/sets/wds_fashion_test", opts))
+    DataFolder(f"{s3_bucket}/ckpt", opts).put_file(random_checkpoint, "model.pt")
+    path = write_config(tmp_path, f"{s3_bucket}/runs/r1", f"{s3_bucket}/sets", f"{s3_bucket}/ckpt/model.pt",
+                        '["demo/fashion"]')
+    with open(path, "a") as f:
+        f.write(f'\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+    text = open(path).read().replace('kind = "local"', f'kind = "local"\nlog_dir = "{tmp_path / "logs"}"')
+    open(path, "w").write(text)
+    assert not submit_run(load_config(path)).failed
+    runs = gather([f"{s3_bucket}/runs"], opts)
+    assert [r.name for r in runs] == ["r1"] and "Demo fashion" in runs[0].aggregate.extras

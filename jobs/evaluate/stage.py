@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -76,7 +77,8 @@ class Evaluator:
         needs_meta = task.key in METADATA_FIELDS
         logits, labels, meta = [], [], []
         skipped = 0
-        for batch in batched(self._labelled(evalset, needs_meta), self.batch_size):
+        unusable = {"samples": 0}
+        for batch in batched(_labelled(evalset, needs_meta, unusable), self.batch_size):
             good = []
             for img, label, m in batch:
                 if not 0 <= label < n_classes:
@@ -94,7 +96,7 @@ class Evaluator:
                 logits.append((100.0 * emb @ classifier).numpy())
             labels.extend(g[1] for g in good)
             meta.extend(g[2] for g in good)
-        skipped += self._skipped
+        skipped += unusable["samples"]
         if not labels:
             raise UserError(f"{evalset.folder.url}: no usable samples (skipped {skipped})")
         logit = np.concatenate(logits)
@@ -103,20 +105,6 @@ class Evaluator:
         if needs_meta:
             metrics.update(self._group_metrics(task, logit, target, np.stack(meta)))
         return metrics, {"samples": len(target), "skipped": skipped, "classes": n_classes}
-
-    def _labelled(self, evalset: EvalSet, needs_meta: bool):
-        """(image bytes, label, metadata) per usable sample; counts the others."""
-        self._skipped = 0
-        for s in evalset.samples():
-            img, cls = image_bytes(s), s.get("cls")
-            meta = s.get("npy") if needs_meta else None
-            if img is None or cls is None or (needs_meta and meta is None):
-                self._skipped += 1
-                continue
-            try:
-                yield img, decode_label(cls), decode_npy(meta) if needs_meta else None
-            except (ValueError, UnicodeDecodeError):
-                self._skipped += 1
 
     def _encode_each(self, good):
         import torch
@@ -173,7 +161,7 @@ class Evaluator:
         n_images = 0
         samples = ((image_bytes(s), s.get("txt")) for s in evalset.samples())
         for batch in batched(samples, self.batch_size):
-            good = [(img, txt.decode("utf-8").splitlines()) for img, txt in batch
+            good = [(img, txt.decode("utf-8", "replace").splitlines()) for img, txt in batch
                     if img is not None and txt is not None]
             skipped += len(batch) - len(good)
             good = [(img, caps) for img, caps in good if caps]
@@ -217,6 +205,20 @@ class Evaluator:
         return M.winogavil_metrics(scores, sizes), {"samples": len(scores), "skipped": skipped}
 
 
+def _labelled(evalset: EvalSet, needs_meta: bool, unusable: dict):
+    """(image bytes, label, metadata) per usable sample; counts the others in unusable["samples"]."""
+    for s in evalset.samples():
+        img, cls = image_bytes(s), s.get("cls")
+        meta = s.get("npy") if needs_meta else None
+        if img is None or cls is None or (needs_meta and meta is None):
+            unusable["samples"] += 1
+            continue
+        try:
+            yield img, decode_label(cls), decode_npy(meta) if needs_meta else None
+        except (ValueError, UnicodeDecodeError):
+            unusable["samples"] += 1
+
+
 def _renamed(group_out: dict, field: str) -> dict:
     """WILDS-style names: acc_group:3 -> acc_region:3, count_group:3 -> count_region:3."""
     return {k.replace("group:", f"{field}:"): v for k, v in group_out.items()}
@@ -239,7 +241,8 @@ def _local_checkpoint(ctx: TaskContext) -> str:
     if not folder.exists(name):
         raise UserError(f"{url}: checkpoint does not exist")
     local = os.path.join(ctx.scratch, name)
-    folder.fs.get_file(folder._path(name), local)
+    with folder.open(name, "rb") as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
     return local
 
 
