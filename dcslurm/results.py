@@ -213,8 +213,11 @@ def table_rows(runs: list[RunResults]) -> tuple[list[str], list[list[Any]]]:
     five numbers (None = missing), the extra tasks, and what is missing."""
     extras = _extra_names(runs)
     header = ["run", "scale", "filter", "subset_size", *COLUMNS, *extras, "missing"]
+    from dcslurm.scales import SCALES
+
+    order = list(SCALES)
     rows = []
-    for r in sorted(runs, key=lambda r: (r.scale or "", r.name)):
+    for r in sorted(runs, key=lambda r: (order.index(r.scale) if r.scale in order else len(order), r.name)):
         rows.append([r.name, r.scale, r.filter, r.subset_size, *(r.aggregate.scores[c] for c in COLUMNS),
                      *(r.aggregate.extras.get(e) for e in extras), missing_text(r.aggregate)])
     return header, rows
@@ -292,6 +295,9 @@ def plot(runs: list[RunResults], path: str) -> None:
         xs = [j + i * width for j, c in enumerate(COLUMNS) if r.aggregate.scores[c] is not None]
         ys = [r.aggregate.scores[c] for c in COLUMNS if r.aggregate.scores[c] is not None]
         ax_bars.bar(xs, ys, width=width, label=f"{r.name} ({r.scale or '?'})")
+        for j, c in enumerate(COLUMNS):  # a missing number is labelled, never drawn as zero
+            if r.aggregate.scores[c] is None:
+                ax_bars.text(j + i * width, 0, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
     ax_bars.set_xticks([j + 0.4 - width / 2 for j in range(len(COLUMNS))], COLUMNS, rotation=15, fontsize=8)
     ax_bars.set_title("Per group")
     ax_bars.legend(fontsize=7)
