@@ -271,3 +271,20 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert images.shape[0] == 8
     assert rb.bad_samples == 3 and rb.positions == {0: 11}
     assert not math.isnan(images.sum().item())
+
+
+def test_stream_resumes_mid_stream_with_and_without_a_size_table(shards):
+    """A stream started at position p yields what the whole stream yields from p on; with a
+    size table, whole shards before p are skipped unread."""
+    import itertools
+
+    from jobs.train import data
+
+    plain = data.list_shards(shards, {})
+    sized = [data.Shard(s.url, 24) for s in plain]
+    whole = [(p, s["__key__"]) for p, s in itertools.islice(data.SampleStream(plain, 3, 1, 8, {}).samples(0), 100)]
+    for shard_list in (plain, sized):
+        stream = data.SampleStream(shard_list, 3, 1, 8, {})
+        resumed = [(p, s["__key__"]) for p, s in itertools.islice(stream.samples(61), 39)]
+        assert resumed == whole[61:]
+    assert len({k for _, k in whole}) > 48  # draws with replacement across several shards
