@@ -1,0 +1,1 @@
+"""Package data: DataComp's published tasklist.yml (copied verbatim)."""
