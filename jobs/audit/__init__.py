@@ -1,0 +1,1 @@
+"""Audits: who a filter keeps and drops (filteraudit.py), how distinguishable datasets are (bias.py)."""

@@ -1,0 +1,80 @@
+"""The audit stages' step functions: thin wrappers handing filteraudit.py / bias.py their inputs."""
+
+from __future__ import annotations
+
+from dcslurm.task import TaskContext, TaskResult
+from jobs.audit import bias, filteraudit
+from jobs.audit.groups import load_groups
+from jobs.filter.stage import _inputs as metadata_inputs  # parquet units named by pool position, as the filter does
+from jobs.reshard.stage import load_run_subset
+
+
+def _groups(ctx: TaskContext):
+    return load_groups(ctx.params.get("groups", ""), ctx.params.get("columns", []))
+
+
+def _rel(ctx: TaskContext, rel: str) -> str:
+    return f"{ctx.step.stage}/{rel}"
+
+
+# -- filter audit ---------------------------------------------------------------
+
+def count(ctx: TaskContext) -> TaskResult:
+    """Per metadata file of this task: raw and kept rows per group -> _counts/PID.json."""
+    subset, cfg = load_run_subset(ctx), _groups(ctx)
+    files = metadata_inputs(ctx, ctx.shards)
+    totals = {"files": len(files), "rows": 0, "kept": 0}
+    for f in files:
+        c = filteraudit.map_file(f, subset, cfg, ctx.output, ctx.plan.storage_options)
+        totals["rows"] += c["rows"]
+        totals["kept"] += c["kept"]
+    return TaskResult(outputs=[_rel(ctx, f"{filteraudit.COUNTS_DIR}/{f.pid}.json") for f in files], stats=totals)
+
+
+def report(ctx: TaskContext) -> TaskResult:
+    """Sum the counts; report.md, report.csv, report.json and the charts in RUN/audit/."""
+    files = metadata_inputs(ctx, range(ctx.step.units.count))
+    rep = filteraudit.reduce_counts(files, ctx.output, _groups(ctx), float(ctx.params.get("alpha", 0.05)),
+                                    float(ctx.params.get("rare_share", 0.05)))
+    names = filteraudit.write_report(rep, ctx.output)
+    flagged = [f"{r['dimension']}/{r['group']}" for r in rep["groups"] if r["exclusion_amplification"]]
+    return TaskResult(outputs=[_rel(ctx, n) for n in names],
+                      stats={"rows": rep["rows_raw"], "kept": rep["rows_kept"], "flagged": flagged})
+
+
+# -- bias probe -----------------------------------------------------------------
+
+def _bias_setup(ctx: TaskContext):
+    p = ctx.params
+    sources = bias.sources_from(p.get("sources", []))
+    options = ctx.plan.storage_options
+    features = list(p.get("features", ["img"]))
+    return sources, options, features, int(p.get("samples", 1000))
+
+
+def bias_sample(ctx: TaskContext) -> TaskResult:
+    sources, options, features, samples = _bias_setup(ctx)
+    files = bias.task_share(bias.metadata_files(sources, options), ctx.n_tasks, ctx.index)
+    stats = bias.sample_task(sources, files, samples, ctx.seed, ctx.params.get("model", "l14"), features,
+                             ctx.output, ctx.scratch, options)
+    return TaskResult(outputs=[_rel(ctx, f"{bias.CANDIDATES}/{s:03d}-{f.pid}.npz") for s, f in files], stats=stats)
+
+
+def bias_images(ctx: TaskContext) -> TaskResult:
+    sources, options, features, samples = _bias_setup(ctx)
+    transforms = [f for f in features if f in bias.TRANSFORMS]
+    tars = bias.task_share(bias.shard_files(sources, options), ctx.n_tasks, ctx.index) if transforms else []
+    stats = bias.images_task(sources, bias.metadata_files(sources, options), tars, samples, transforms, ctx.output,
+                             ctx.scratch, options)
+    return TaskResult(outputs=[_rel(ctx, f"{bias.IMAGES}/{s:03d}-{pid}.npz") for s, pid, _ in tars], stats=stats)
+
+
+def bias_probe(ctx: TaskContext) -> TaskResult:
+    sources, options, features, samples = _bias_setup(ctx)
+    transforms = [f for f in features if f in bias.TRANSFORMS]
+    tars = bias.shard_files(sources, options) if transforms else []
+    rep = bias.probe(sources, bias.metadata_files(sources, options), tars, samples, features,
+                     float(ctx.params.get("test_fraction", 0.3)), ctx.seed, ctx.output)
+    names = bias.write_report(rep, ctx.output)
+    return TaskResult(outputs=[_rel(ctx, n) for n in names],
+                      stats={f: r.get("accuracy") for f, r in rep["features"].items()})
