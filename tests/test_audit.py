@@ -1,0 +1,171 @@
+"""Filter audit: a planted exclusion is found and flagged, nothing else is; reports render;
+the stage (local and SLURM arrays) and the CLI give the same report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dcslurm.config import load_config
+from dcslurm.errors import UserError
+from dcslurm.runs import submit_run
+from dcslurm.storage import DataFolder
+from jobs.audit import filteraudit, synthetic
+from jobs.audit.groups import KeywordMatcher, load_groups
+from jobs.filter.engine import list_inputs
+from jobs.reshard.subset import load_subset
+
+PLANTED, BASE = 0.30, 0.70
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    truth = synthetic.write_caption_pool(str(root / "pool"), n_files=6, rows_per_file=400, seed=1)
+    synthetic.planted_subset(str(root / "subset.npy"), truth, "lgbtq", PLANTED, BASE, seed=2)
+    report = filteraudit.run_local(list_inputs(str(root / "pool")), load_subset(str(root / "subset.npy")),
+                                   load_groups("", ["demo_kind"]), DataFolder(str(root / "work")),
+                                   DataFolder(str(root / "report")))
+    return root, truth, report
+
+
+def _row(report, dim, group):
+    return next(r for r in report["groups"] if r["dimension"] == dim and r["group"] == group)
+
+
+def test_planted_exclusion_is_found_within_its_se_and_flagged(planted):
+    _, truth, report = planted
+    r = _row(report, "sexual_orientation", "lgbtq")
+    assert r["raw"] == len(truth["lgbtq"])  # every planted caption is matched by the keyword lists, nothing else
+    assert abs(r["keep_ratio"] - PLANTED) <= r["se"]
+    assert r["se"] == pytest.approx(np.sqrt(r["keep_ratio"] * (1 - r["keep_ratio"]) / r["raw"]))
+    assert r["ratio_to_overall"] == pytest.approx(r["keep_ratio"] / report["keep_rate"])
+    assert r["significantly_lower"] and r["exclusion_amplification"]
+    # groups without a planted effect: not flagged at the stated (Bonferroni-corrected) significance
+    others = [x for x in report["groups"] if (x["dimension"], x["group"]) != ("sexual_orientation", "lgbtq")]
+    assert not any(x["significantly_lower"] for x in others), [x for x in others if x["significantly_lower"]]
+    assert report["test"]["per_group_threshold"] == pytest.approx(0.05 / report["test"]["groups_tested"])
+    for g in ("women", "men"):
+        assert abs(_row(report, "gender", g)["keep_ratio"] - BASE) < 3 * _row(report, "gender", g)["se"]
+
+
+def test_every_dimension_is_counted_and_sums_to_the_pool(planted):
+    _, _, report = planted
+    dims = {r["dimension"] for r in report["groups"]}
+    assert dims == {"gender", "sexual_orientation", "race", "religion", "caption_words", "image_min_side",
+                    "aspect_ratio", "domain", "country_tld", "language", "demo_kind"}
+    for dim in ("domain", "country_tld", "language", "demo_kind", "caption_words", "image_min_side"):
+        rows = [r for r in report["groups"] if r["dimension"] == dim]
+        assert sum(r["raw"] for r in rows) == report["rows_raw"] == 2400
+        assert sum(r["kept"] for r in rows) == report["rows_kept"]
+    assert {r["group"] for r in report["groups"] if r["dimension"] == "country_tld"} == {
+        ".de", ".uk", ".fr", ".jp", "(generic)"}
+    assert _row(report, "language", "en")["raw"] > 0.95 * 2400  # English captions (lid.176 misreads a few short ones)
+    assert _row(report, "domain", "photos.example.org")["raw"] > 0
+
+
+def test_reports_render(planted):
+    root, _, report = planted
+    out = root / "report"
+    dims = sorted({r["dimension"] for r in report["groups"]})
+    for dim in dims:
+        with Image.open(out / filteraudit.chart_name(dim)) as im:
+            im.verify()
+        with Image.open(out / filteraudit.chart_name(dim)) as im:
+            arr = np.asarray(im.convert("L"))
+            assert im.size[0] > 100 and im.size[1] > 50 and arr.std() > 5  # drawn on, not blank
+    md = (out / "report.md").read_text()
+    table_rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| group")]
+    assert len(table_rows) == len(report["groups"])
+    for r in report["groups"]:
+        assert any(line.startswith(f"| {r['group']} | {r['raw']} | {r['kept']} |") for line in table_rows)
+    assert "| lgbtq |" in md and "**FLAG**" in md and md.count("**FLAG**") == 1
+    csv_lines = (out / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == len(report["groups"]) + 1
+    assert json.loads((out / "report.json").read_text())["rows_kept"] == report["rows_kept"]
+
+
+def test_keyword_matching_is_whole_words():
+    m = KeywordMatcher({"gender": {"women": ["woman", "she"], "men": ["man", "he"]},
+                        "so": {"lgbtq": ["same sex", "lgbtq+"]}})
+    assert m.groups("A Woman, and HER dog") == {"gender": {"women"}}
+    assert m.groups("the shepherd's hut") == {}
+    assert m.groups("man and woman") == {"gender": {"men", "women"}}
+    assert m.groups("Same-sex? no: same sex!") == {"so": {"lgbtq"}}
+    assert m.groups("LGBTQ+ pride") == {"so": {"lgbtq"}}
+
+
+def test_bad_groups_file_is_one_line_error(tmp_path):
+    for text, fragment in [("[keywords.gender]\nwomen = []\n", "keywords.gender.women"),
+                           ("[buckets.caption_words]\nedges = [3, 1]\n", "increasing"),
+                           ("[buckets.colour]\nedges = [1]\n", "buckets.colour"), ("x = [", "not valid TOML")]:
+        with pytest.raises(UserError) as e:
+            load_groups(str(tmp_path / "g.toml"), text=text)
+        assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def _toml(path, run, pool, subset, executor="local", per_task=2):
+    extra = '[slurm]\ntime = "00:10:00"\n' if executor == "slurm" else ""
+    path.write_text(f"""
+[run]
+folder = {json.dumps(str(run))}
+stages = ["audit"]
+
+[pool]
+metadata = {json.dumps(str(pool))}
+
+[executor]
+kind = "{executor}"
+
+[stages.audit]
+subset = {json.dumps(str(subset))}
+columns = ["demo_kind"]
+units_per_task = {per_task}
+{extra}""")
+    return str(path)
+
+
+REPORTS = ("report.json", "report.md", "report.csv")
+
+
+@pytest.fixture(scope="module")
+def local_stage_run(planted, tmp_path_factory):
+    root = planted[0]
+    tmp = tmp_path_factory.mktemp("stage")
+    cfg = load_config(_toml(tmp / "run.toml", tmp / "run", root / "pool", root / "subset.npy"))
+    assert not submit_run(cfg).failed
+    return tmp / "run"
+
+
+def test_stage_and_cli_give_the_same_report(planted, local_stage_run, tmp_path):
+    root = planted[0]
+    from dcslurm.audit_cli import app
+
+    res = CliRunner().invoke(app, ["filter", "--pool", str(root / "pool"), "--subset", str(root / "subset.npy"),
+                                   "--column", "demo_kind", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "sexual_orientation/lgbtq" in res.output
+    for name in REPORTS:
+        assert (tmp_path / "cli" / name).read_text() == (local_stage_run / "audit" / name).read_text() \
+            == (root / "report" / name).read_text()
+    from dcslurm.markers import done_indexes
+
+    assert len(done_indexes(DataFolder(str(local_stage_run)), "audit.count")) == 3  # 6 files, 2 per task
+
+
+@pytest.mark.slurm
+def test_slurm_array_gives_the_local_report(slurm_cluster, planted, local_stage_run, tmp_path):
+    from tests.core_helpers import wait_run_done
+
+    root = planted[0]
+    cfg_path = _toml(tmp_path / "run.toml", tmp_path / "run", root / "pool", root / "subset.npy", executor="slurm",
+                     per_task=1)
+    submit_run(load_config(cfg_path))
+    wait_run_done(cfg_path, timeout=400)
+    slurm_cluster.wait_jobs_done(60)
+    for name in REPORTS:
+        assert (tmp_path / "run/audit" / name).read_text() == (local_stage_run / "audit" / name).read_text()
