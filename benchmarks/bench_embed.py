@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import sys
 import tarfile
 import tempfile
@@ -71,25 +72,31 @@ def write_shards(folder: str, samples: int, per_shard: int) -> list[dict]:
     return written
 
 
-def reference_rate(model, preprocess, tokenizer, samples: list[dict], batch: int, repeats: int = 1) -> float:
-    """Samples/s of the model alone on pre-decoded, pre-tokenised batches."""
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def reference_rate(model, preprocess, tokenizer, samples: list[dict], batch: int, repeats: int = 1) -> tuple[float, float]:
+    """(samples/s, CPU seconds a sample) of the model alone on pre-decoded, pre-tokenised batches."""
     images = torch.stack([preprocess(Image.open(io.BytesIO(s["image"])).convert("RGB")) for s in samples])
     tokens = tokenizer([s["caption"] for s in samples])
     with torch.inference_mode():
         model.encode_image(images[:batch])  # warm-up
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         for _ in range(repeats):
             for i in range(0, len(samples), batch):
                 img = torch.nn.functional.normalize(model.encode_image(images[i:i + batch]), dim=-1)
                 txt = torch.nn.functional.normalize(model.encode_text(tokens[i:i + batch]), dim=-1)
                 (img * txt).sum(-1)
-        seconds = time.perf_counter() - start
-    return repeats * len(samples) / seconds
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    return repeats * len(samples) / seconds, cpu / (repeats * len(samples))
 
 
 def run_stage(root: str, shards: str, ckpt: str, model: str, batch: int, workers: int, per_task: int,
-              gpu_decode: bool = False, device: str = "cpu") -> tuple[dict, float]:
-    """The stage's task 0 through dcslurm's runner, in this process: (stats, wall seconds)."""
+              gpu_decode: bool = False, device: str = "cpu") -> tuple[dict, float, float]:
+    """The stage's task 0 through dcslurm's runner, in this process: (stats, wall s, CPU s incl. workers)."""
     from dcslurm.config import load_config
     from dcslurm.markers import read_marker
     from dcslurm.plan import PLAN_FILE
@@ -116,12 +123,12 @@ units_per_task = {per_task}
     cfg = load_config(toml)
     plan = plan_run(cfg)
     cfg.folder().write_text(PLAN_FILE, plan.to_json())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     code = run_task(cfg.run_url, "embed", 0, storage_options={})
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     if code != 0:
         raise SystemExit(f"stage task failed (exit {code})")
-    return read_marker(cfg.folder(), "embed", 0)["stats"], wall
+    return read_marker(cfg.folder(), "embed", 0)["stats"], wall, cpu
 
 
 def main() -> None:
@@ -148,18 +155,20 @@ def main() -> None:
           f"{args.workers} decode workers, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
 
-    before = reference_rate(model, preprocess, tokenizer, samples, args.batch)
-    print(f"reference (model alone, pre-decoded)  {before:9.2f} samples/s", flush=True)
-    stats, wall = run_stage(root, shards, ckpt, args.model, args.batch, args.workers, n_shards)
-    print(f"stage (end to end, from its stats)     {stats['samples_per_s']:9.2f} samples/s "
-          f"({stats['samples']} samples, {stats['embed_seconds']:.1f} s)", flush=True)
+    before, cpu_ref1 = reference_rate(model, preprocess, tokenizer, samples, args.batch)
+    print(f"reference (model alone, pre-decoded)  {before:9.2f} samples/s  {cpu_ref1:7.3f} CPU s/sample", flush=True)
+    stats, wall, cpu = run_stage(root, shards, ckpt, args.model, args.batch, args.workers, n_shards)
+    cpu_stage = stats["embed_cpu_seconds"] / stats["samples"]
+    print(f"stage (end to end, from its stats)     {stats['samples_per_s']:9.2f} samples/s  {cpu_stage:7.3f} CPU s/sample "
+          f"incl. decode workers ({stats['samples']} samples, {stats['embed_seconds']:.1f} s)", flush=True)
     print(f"stage (wall, incl. model load {stats['model_load_seconds']:.1f} s) {stats['samples'] / wall:9.2f} samples/s",
           flush=True)
-    after = reference_rate(model, preprocess, tokenizer, samples, args.batch)
-    print(f"reference again                        {after:9.2f} samples/s", flush=True)
+    after, cpu_ref2 = reference_rate(model, preprocess, tokenizer, samples, args.batch)
+    print(f"reference again                        {after:9.2f} samples/s  {cpu_ref2:7.3f} CPU s/sample", flush=True)
     baseline = (before + after) / 2
-    print(f"ratio stage / model alone: {stats['samples_per_s'] / baseline:.3f} (goal >= 0.9)")
-
+    print(f"ratio stage / model alone: {stats['samples_per_s'] / baseline:.3f} samples/s (goal >= 0.9); "
+          f"CPU time a sample, model alone / stage: {(cpu_ref1 + cpu_ref2) / 2 / cpu_stage:.3f} "
+          "(the load-independent figure on a shared machine)")
 
 if __name__ == "__main__":
     main()

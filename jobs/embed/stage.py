@@ -244,6 +244,14 @@ def commit_shard(out, acc: ShardAccumulator, model_dims: dict[str, int]) -> int:
     return len(order)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers, once joined)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _workers(params: EmbedParams, ctx: TaskContext) -> int:
     if params.workers >= 0:
         return params.workers
@@ -307,7 +315,7 @@ def embed_shards(ctx: TaskContext, params: EmbedParams, shards: list[tuple[int, 
     ctx.log.info("embed: %d shards, models %s on %s, batch %d, %d workers%s", len(shards),
                  ", ".join(f"{m.name}={s['model']}" for m, s in zip(models, params.models)), device,
                  params.batch_size, workers, ", gpu_decode" if decoder else "")
-    started = time.time()
+    started, cpu_started = time.time(), _cpu_seconds()
     with torch.inference_mode():
         for item in loader:
             acc = open_shards.get(item["shard"])
@@ -343,6 +351,7 @@ def embed_shards(ctx: TaskContext, params: EmbedParams, shards: list[tuple[int, 
         "samples_embedded": embedded,
         "samples_per_s": round(embedded / seconds, 2),
         "embed_seconds": round(seconds, 3),
+        "embed_cpu_seconds": round(_cpu_seconds() - cpu_started, 3),  # this process + its decode workers
         "captions_truncated": totals.pop("captions_truncated", 0),
         **{k: v for k, v in sorted(totals.items())},
         "shards_committed": len(shards) - len(corrupt),
