@@ -49,7 +49,10 @@ def apptainer() -> str:
 def snapshot(tmp_path_factory) -> Path:
     """A copy of this checkout's package source and container files: the images are
     built from it, so edits to the working tree during the (minutes long) build do
-    not change what the tests expect."""
+    not change what the tests expect. DCSLURM_TEST_CHECKOUT names an earlier
+    snapshot to reuse (with DCSLURM_TEST_IMAGE_DIR: its image is not rebuilt)."""
+    if os.environ.get("DCSLURM_TEST_CHECKOUT"):
+        return Path(os.environ["DCSLURM_TEST_CHECKOUT"])
     root = tmp_path_factory.mktemp("checkout")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
     for d in ("dcslurm", "jobs", "containers"):
@@ -77,8 +80,8 @@ def test_build_runs_its_test_and_a_second_build_reuses_it(apptainer, cpu_image, 
     proc = subprocess.run([apptainer, "test", cpu_image.path], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu image: ok" in proc.stdout
-    for name, spec in registry().items():
-        if not spec.gpu:
+    for name, stage in registry().items():
+        if not stage.gpu:
             assert f" {name}: " in proc.stdout
     # The package inside is the one this checkout's tag names.
     inside = subprocess.run([apptainer, "exec", "--cleanenv", cpu_image.path, "cat", "/opt/dcslurm/BUILD.json"],
