@@ -438,3 +438,21 @@ def test_language_id_choice_fasttext_lite_vs_py3langid():
     english_truth = np.array([True] * 14 + [False] * 6 + [True] * 7 + [False])
     assert (fast[:20] == english_truth[:20]).all()  # clean sentences: fastText is right on every one
     assert (fast == english_truth).mean() >= (py3 == english_truth).mean() - 0.15
+
+
+def test_subset_written_in_many_uid_partitions_equals_one(tmp_path):
+    """`write` sorts a bounded number of uids at a time; the file must not depend on that bound."""
+    work = DataFolder(str(tmp_path))
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(5):
+        n = [0, 1000, 3, 1000, 500][i]
+        uids = rules.uid_array(rng.integers(0, 2**64, n, dtype=np.uint64), rng.integers(0, 2**64, n, dtype=np.uint64))
+        if n:
+            uids[: n // 10] = uids[n // 10: 2 * (n // 10)]  # duplicates are allowed and kept
+        engine._save_npy(work, f"_kept/{i:08d}.npy", rules.sort_uids(uids))
+        inputs.append(engine.InputFile(f"{i:08d}", f"{i}.parquet"))
+    total = engine.write_subset(inputs, work, work, "one.npy")
+    assert engine.write_subset(inputs, work, work, "many.npy", partition_bytes=16 * 37) == total == 2503
+    one, many = np.load(tmp_path / "one.npy"), np.load(tmp_path / "many.npy")
+    assert (one == many).all() and (np.sort(one) == one).all()

@@ -39,7 +39,7 @@ SCORE_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity
 SUBSET = "subset.npy"
 STATS = "stats.json"
 PARAMS = "_params/params.json"
-PARTITION_BYTES = 256 << 20  # rows of the subset sorted in memory at once in `write`
+PARTITION_BYTES = 16 << 20  # uids (16 bytes each) sorted in memory at once in `write`
 
 
 @dataclass(frozen=True)
@@ -550,7 +550,10 @@ def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out
             for f in inputs:
                 if not sizes[f.pid]:
                     continue
-                arr = np.load(io.BytesIO(work.read_bytes(f"_kept/{f.pid}.npy")))
+                rel = f"_kept/{f.pid}.npy"
+                # Locally a memory map reads only the pages of this partition's slice.
+                arr = (np.load(work.local_path(rel), mmap_mode="r") if work.is_local
+                       else np.load(io.BytesIO(work.read_bytes(rel))))
                 a = int(np.searchsorted(arr["f0"], np.uint64(lo)))
                 b = len(arr) if hi == 1 << 64 else int(np.searchsorted(arr["f0"], np.uint64(hi)))
                 chunk.append(arr[a:b])

@@ -18,7 +18,7 @@ import numpy as np
 
 _SIGN = np.uint64(1 << 63)
 DIGIT_BITS = 16
-COLLECT_CAP = 1 << 22  # values held at once in the final exact pass
+COLLECT_CAP = 1 << 20  # values (8 bytes) held at once in the final exact pass
 
 
 def order_keys(x: np.ndarray) -> np.ndarray:
