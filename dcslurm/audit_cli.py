@@ -78,7 +78,7 @@ def bias_probe(
     feature: list[str] = typer.Option(["img"], "--feature",
                                       help="img, txt, grayscale, mean_colour, lowpass, highpass, pixel_shuffle, "
                                            "patch_shuffle, edges (repeatable)."),
-    model: str = typer.Option("l14", help="Embedding key prefix in the npz (<model>_img)."),
+    model: str = typer.Option("", help="Embedding key prefix in the npz (<model>_img); default the first one."),
     test_fraction: float = typer.Option(0.3, help="Held-out fraction."),
     seed: int = typer.Option(0, help="Seed of the sampling and the split."),
     work: Optional[str] = typer.Option(None, help="Folder for intermediate files (default: a temp folder)."),

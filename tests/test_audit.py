@@ -169,3 +169,50 @@ def test_slurm_array_gives_the_local_report(slurm_cluster, planted, local_stage_
     slurm_cluster.wait_jobs_done(60)
     for name in REPORTS:
         assert (tmp_path / "run/audit" / name).read_text() == (local_stage_run / "audit" / name).read_text()
+
+
+def test_in_a_run_after_the_filter_stage_both_audits_use_its_subset(tmp_path):
+    """stages = filter, audit, audit_bias with no subset and no sources: the run's own subset, and the
+    bias probe compares the pool with what the filter kept."""
+    from jobs.filter.synthetic import write_pool
+
+    write_pool(str(tmp_path / "pool"), n_files=3, rows_per_file=60, seed=4, dims=(8, 12))
+    (tmp_path / "run.toml").write_text(f"""
+[run]
+folder = {json.dumps(str(tmp_path / "run"))}
+stages = ["filter", "audit", "audit_bias"]
+
+[pool]
+metadata = {json.dumps(str(tmp_path / "pool"))}
+
+[executor]
+kind = "local"
+
+[stages.filter]
+spec = "clip_score(l14, fraction=0.5)"
+
+[stages.audit_bias]
+samples = 40
+""")
+    assert not submit_run(load_config(str(tmp_path / "run.toml"))).failed
+    stats = json.loads((tmp_path / "run/filter/stats.json").read_text())
+    report = json.loads((tmp_path / "run/audit/report.json").read_text())
+    assert (report["rows_raw"], report["rows_kept"]) == (stats["input_rows"], stats["kept_rows"])
+    assert report["rows_raw"] == 180 and 80 < report["rows_kept"] < 100  # fraction 0.5, ties kept
+    probe = json.loads((tmp_path / "run/audit_bias/bias.json").read_text())
+    assert [s["name"] for s in probe["sources"]] == ["pool", "kept"]
+    pool_c, kept_c = (s["eligible_candidates"] for s in probe["sources"])
+    assert pool_c == 120 and 40 <= kept_c <= report["rows_kept"]  # <= 40 candidates per file; kept rows only
+    assert probe["samples_per_source"] == 40 and probe["features"]["img"]["test"] == 24
+
+
+def test_audit_without_a_subset_is_a_config_error(planted, tmp_path):
+    from dcslurm.runs import plan_run
+
+    root = planted[0]
+    path = _toml(tmp_path / "run.toml", tmp_path / "run", root / "pool", root / "subset.npy")
+    text = (tmp_path / "run.toml").read_text().replace(f"subset = {json.dumps(str(root / 'subset.npy'))}\n", "")
+    (tmp_path / "run.toml").write_text(text)
+    with pytest.raises(UserError) as e:
+        plan_run(load_config(path))
+    assert "[stages.audit] subset" in str(e.value) and "\n" not in str(e.value)

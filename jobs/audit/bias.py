@@ -131,6 +131,19 @@ def _load(work: DataFolder, rel: str) -> dict[str, np.ndarray]:
 
 # -- sample (map) ---------------------------------------------------------------
 
+def default_model(f: InputFile, options: dict | None) -> str:
+    """The first (sorted) <model> with a <model>_img key in the file's npz."""
+    parent, name = _split(f.npz_url)
+    try:
+        with DataFolder(parent, options).open(name) as fh, np.load(fh) as z:
+            keys = sorted(k for k in z.files if k.endswith("_img"))
+    except FileNotFoundError:
+        raise UserError(f"{f.npz_url}: embeddings file not found (the bias probe's img/txt features need it)") from None
+    if not keys:
+        raise UserError(f"{f.npz_url}: no <model>_img key (has {', '.join(z.files)})")
+    return keys[0][: -len("_img")]
+
+
 def sample_file(src: int, source: Source, f: InputFile, subset, samples: int, seed: int, model: str,
                 features: list[str], work: DataFolder, options: dict | None) -> dict:
     """The `samples` lowest-priority eligible rows of one file -> CANDIDATES/SRC-PID.npz; returns counts."""
@@ -145,6 +158,8 @@ def sample_file(src: int, source: Source, f: InputFile, subset, samples: int, se
     idx = idx[np.lexsort((lo[idx], hi[idx], prio[idx]))][:samples]
     idx.sort()
     arrays = {"hi": hi[idx], "lo": lo[idx], "prio": prio[idx]}
+    if not model and any(feat in EMBEDDING_FEATURES for feat in features):
+        model = default_model(f, options)
     for feat in features:
         if feat in EMBEDDING_FEATURES:
             arrays[feat] = np.asarray(reader.embeddings(f, f"{model}_{feat}", n)[idx], np.float32)
@@ -442,7 +457,7 @@ def write_report(report: dict, out: DataFolder) -> list[str]:
 
 
 def run_local(sources: list[Source], samples: int, features: list[str], work: DataFolder, out: DataFolder,
-              seed: int = 0, model: str = "l14", test_fraction: float = 0.3, scratch: str | None = None,
+              seed: int = 0, model: str = "", test_fraction: float = 0.3, scratch: str | None = None,
               options: dict | None = None) -> dict:
     """The whole probe on this machine (what `dcslurm audit bias` does): the stage's three steps as one task."""
     import tempfile

@@ -39,16 +39,18 @@ class AuditParams:
 @dataclass
 class BiasParams:
     # Each source: {name, metadata = folder of parquet + npz, subset = .npy (optional), shards = folder of tars
-    # (needed for image transformations)}.
+    # (needed for image transformations)}. Empty: this run's own pool (embed outputs or [pool] metadata) against
+    # the part of it its filter stage keeps, i.e. how distinguishable the filtered subset is from the pool.
     sources: list[dict] = field(default_factory=list)
     samples: int = 1000  # items sampled per source (seeded, by uid)
-    model: str = "l14"  # embedding key prefix in the npz: <model>_img, <model>_txt
+    model: str = ""  # embedding key prefix in the npz (<model>_img, <model>_txt); "" = the first *_img key
     features: list[str] = field(default_factory=lambda: ["img"])  # img, txt and/or TRANSFORMS
     test_fraction: float = 0.3
     tasks: int = 1  # array tasks of the sample and images steps
 
     def validate(self) -> None:
-        validate_sources(self.sources)
+        if self.sources:  # empty = the run's pool vs its filtered subset (checked at plan time)
+            validate_sources(self.sources)
         for f in self.features:
             if f not in EMBEDDING_FEATURES + TRANSFORMS:
                 raise ValueError(f"features: unknown {f!r} (known: {', '.join(EMBEDDING_FEATURES + TRANSFORMS)})")
@@ -60,7 +62,8 @@ class BiasParams:
             raise ValueError("test_fraction: must be in (0, 1)")
         if self.tasks < 1:
             raise ValueError("tasks: must be >= 1")
-        if any(f in TRANSFORMS for f in self.features) and not all(s.get("shards") for s in self.sources):
+        if any(f in TRANSFORMS for f in self.features) and not (
+                self.sources and all(s.get("shards") for s in self.sources)):
             raise ValueError("sources: image transformations need `shards` (a folder of tars) for every source")
 
 
@@ -94,6 +97,11 @@ def _audit_units(ctx: PlanContext) -> UnitSet:
 
 
 def _bias_tasks(ctx: PlanContext) -> UnitSet:
+    if not ctx.params.sources:
+        if not any(s.stage == "filter" for s in ctx.steps.values()):
+            raise UserError(f"{ctx.config.path}: [stages.audit_bias] sources: none given: list two or more sources, "
+                            "or add the filter stage to the run (then the pool is compared with its filtered subset)")
+        metadata_units(ctx)  # the run has metadata (raises the usual one-line error if not)
     return UnitSet(count=ctx.params.tasks, label="parts of the sources' files")
 
 

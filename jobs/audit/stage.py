@@ -44,9 +44,22 @@ def report(ctx: TaskContext) -> TaskResult:
 
 # -- bias probe -----------------------------------------------------------------
 
+def run_sources(ctx: TaskContext) -> list[dict]:
+    """The default sources: the run's metadata (embed outputs, else the [pool] metadata folder) as "pool",
+    and the same restricted to RUN/filter/subset.npy as "kept"."""
+    embed = next((s for s in ctx.plan.steps if s.stage == "embed"), None)
+    if embed is not None:
+        metadata = ctx.run.url_of("embed")
+    else:
+        up = next(s for s in ctx.plan.steps if s.stage == "filter" and s.units.names)
+        metadata = up.units.names[0].rstrip("/").rsplit("/", 1)[0]  # the pool folder the planner listed
+    return [{"name": "pool", "metadata": metadata},
+            {"name": "kept", "metadata": metadata, "subset": ctx.run.url_of("filter/subset.npy")}]
+
+
 def _bias_setup(ctx: TaskContext):
     p = ctx.params
-    sources = bias.sources_from(p.get("sources", []))
+    sources = bias.sources_from(p.get("sources") or run_sources(ctx))
     options = ctx.plan.storage_options
     features = list(p.get("features", ["img"]))
     return sources, options, features, int(p.get("samples", 1000))
@@ -55,7 +68,7 @@ def _bias_setup(ctx: TaskContext):
 def bias_sample(ctx: TaskContext) -> TaskResult:
     sources, options, features, samples = _bias_setup(ctx)
     files = bias.task_share(bias.metadata_files(sources, options), ctx.n_tasks, ctx.index)
-    stats = bias.sample_task(sources, files, samples, ctx.seed, ctx.params.get("model", "l14"), features,
+    stats = bias.sample_task(sources, files, samples, ctx.seed, ctx.params.get("model", ""), features,
                              ctx.output, ctx.scratch, options)
     return TaskResult(outputs=[_rel(ctx, f"{bias.CANDIDATES}/{s:03d}-{f.pid}.npz") for s, f in files], stats=stats)
 
