@@ -197,3 +197,27 @@ def test_eval_run_entirely_on_s3(tmp_path, evalsets, random_checkpoint, s3_bucke
     assert not submit_run(load_config(path)).failed
     runs = gather([f"{s3_bucket}/runs"], opts)
     assert [r.name for r in runs] == ["r1"] and "Demo fashion" in runs[0].aggregate.extras
+
+
+@pytest.mark.slurm
+def test_eval_as_slurm_array_then_gather(tmp_path, evalsets, random_checkpoint, slurm_cluster):
+    """On the real local SLURM cluster: one array element per task, then the gather job."""
+    from dcslurm.config import load_config
+    from dcslurm.runs import submit_run
+    from tests.core_helpers import wait_run_done
+
+    run = str(tmp_path / "slurm-run")
+    path = write_config(tmp_path, run, str(evalsets), random_checkpoint,
+                        '["demo/fashion", "demo/captions", "wilds/fmow"]')
+    text = open(path).read().replace('kind = "local"', 'kind = "slurm"')
+    # the emulated nodes have 2 CPUs and no GPUs (no gres)
+    open(path, "w").write(text + "\n[stages.eval.resources]\ngpus_per_node = 0\ncpus_per_task = 1\n")
+    cfg = load_config(path)
+    submit_run(cfg)
+    wait_run_done(path, timeout=600)
+    slurm_cluster.wait_jobs_done(60)
+    recs = [json.loads(line) for line in open(os.path.join(run, "eval", "results.jsonl"))]
+    assert [r["key"] for r in recs] == ["demo/fashion", "demo/captions", "wilds/fmow"]
+    # one job array of 3 elements plus one gather job, recorded in the submission
+    sub = json.load(open(os.path.join(run, "_submissions", sorted(os.listdir(os.path.join(run, "_submissions")))[0])))
+    assert "eval.run" in json.dumps(sub) and "eval.gather" in json.dumps(sub)
