@@ -38,7 +38,7 @@ class TrainParams:
     export: bool = True  # write RUN/train/model.pt (plain open_clip state_dict) at the end
     resume: str = ""  # a checkpoint folder to start from (default: the run's latest complete one)
     timeout_s: int = 600  # collective timeout: a dead rank fails the job after this long
-    stop_after: int = 0  # tests: stop (as if preempted) after this many steps; 0 = never
+    stop_after: int = 0  # tests: each attempt stops (as if preempted) after this many steps; 0 = never
     step_sleep: float = 0.0  # tests: seconds to sleep per step, so a test can preempt mid-run
 
     def validate(self) -> None:

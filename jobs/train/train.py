@@ -238,7 +238,7 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
                              lr, line["samples_per_s"])
         if params.step_sleep:
             time.sleep(params.step_sleep)
-        preempted = stop.agreed(device) or (params.stop_after and done == start_step + params.stop_after)
+        preempted = stop.agreed(device) or (done == start_step + params.stop_after and done < total_steps)
         if preempted or done % params.checkpoint_every == 0 or done == total_steps:
             save(done)
         if preempted:
