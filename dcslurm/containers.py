@@ -324,14 +324,14 @@ class LocalImage:
     current: bool  # built from this checkout's definition, lock and source
 
 
-def list_images(image_dir: str | None = None) -> list[LocalImage]:
+def list_images(image_dir: str | None = None, root: Path | None = None) -> list[LocalImage]:
     image_dir = image_dir or default_image_dir()
     if not os.path.isdir(image_dir):
         return []
     current = set()
     for kind in KINDS:
         with contextlib.suppress(UserError):
-            current.add(image_spec(kind).filename)
+            current.add(image_spec(kind, root=root).filename)
     out = []
     for name in sorted(os.listdir(image_dir)):
         m = _IMAGE_NAME.match(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -43,10 +44,12 @@ def build(
     apptainer: str = typer.Option("apptainer", help="The apptainer command."),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for --push."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if an image with this tag exists."),
+    source: Optional[Path] = typer.Option(None, help="The checkout to build (default: this package's)."),
 ) -> None:
     """Build the images (content-addressed: an existing tag is not rebuilt)."""
     for k in dict.fromkeys(_kinds(stage, kind)):
-        result = build_image(k, image_dir, apptainer=apptainer, header=header, force=force, log=console.print)
+        result = build_image(k, image_dir, apptainer=apptainer, header=header, force=force, log=console.print,
+                             root=source)
         if result.built:
             console.print(f"built {result.path} in {result.seconds:.0f} s")
         else:
@@ -72,9 +75,10 @@ def pull(
 
 
 @app.command("list")
-def list_(image_dir: Optional[str] = typer.Option(None, help="Local image folder.")) -> None:
+def list_(image_dir: Optional[str] = typer.Option(None, help="Local image folder."),
+          source: Optional[Path] = typer.Option(None, help="The checkout `current` refers to.")) -> None:
     """Images in the local image folder; `current` = built from this checkout."""
-    images = list_images(image_dir)
+    images = list_images(image_dir, root=source)
     if not images:
         console.print(f"no images in {image_dir or default_image_dir()}")
         return

@@ -10,11 +10,13 @@ builds and runs real images.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -68,36 +70,44 @@ def fake(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def defs(tmp_path, monkeypatch) -> Path:
-    """A private copy of containers/ (tests edit it)."""
-    d = tmp_path / "containers"
-    shutil.copytree(REPO / "containers", d)
-    monkeypatch.setenv(containers.CONTAINERS_DIR_ENV, str(d))
-    return d
+def checkout(tmp_path) -> Path:
+    """A private copy of the package source and containers/ (tests edit it; the
+    shared working tree may change under a running test)."""
+    root = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+    for d in ("dcslurm", "jobs", "containers"):
+        shutil.copytree(REPO / d, root / d, ignore=ignore)
+    shutil.copy(REPO / "pyproject.toml", root)
+    return root
+
+
+@pytest.fixture
+def defs(checkout) -> Path:
+    return checkout / "containers"
 
 
 # -- naming -------------------------------------------------------------------------
 
-def test_tag_is_stable_and_changes_with_definition_lock_and_kind(defs):
-    cpu = containers.image_spec("cpu")
-    assert cpu.tag == containers.image_spec("cpu").tag
+def test_tag_is_stable_and_changes_with_definition_lock_and_kind(defs, checkout):
+    cpu = containers.image_spec("cpu", root=checkout)
+    assert cpu.tag == containers.image_spec("cpu", root=checkout).tag
     assert cpu.filename == f"dcslurm-cpu-{cpu.tag}.sif"
-    gpu = containers.image_spec("gpu")
+    gpu = containers.image_spec("gpu", root=checkout)
     assert gpu.tag != cpu.tag
 
     (defs / "cpu.def").write_text((defs / "cpu.def").read_text().replace("%post\n", "%post\n    true\n", 1))
-    changed_def = containers.image_spec("cpu")
+    changed_def = containers.image_spec("cpu", root=checkout)
     assert changed_def.tag != cpu.tag
-    assert containers.image_spec("gpu").tag == gpu.tag  # the other image is untouched
+    assert containers.image_spec("gpu", root=checkout).tag == gpu.tag  # the other image is untouched
 
     with open(defs / "cpu.lock", "a") as f:
         f.write("# a comment is a change too\n")
-    assert containers.image_spec("cpu").tag not in (cpu.tag, changed_def.tag)
+    assert containers.image_spec("cpu", root=checkout).tag not in (cpu.tag, changed_def.tag)
 
 
-def test_header_swap_keeps_every_section_and_names_a_different_image(defs):
-    shipped = containers.image_spec("cpu")
-    swapped = containers.image_spec("cpu", header="debootstrap")
+def test_header_swap_keeps_every_section_and_names_a_different_image(defs, checkout):
+    shipped = containers.image_spec("cpu", root=checkout)
+    swapped = containers.image_spec("cpu", header="debootstrap", root=checkout)
     assert shipped.definition.count("Bootstrap: docker") == 1
     assert swapped.definition.startswith("Bootstrap: debootstrap\nOSVersion: bookworm\n")
     body = shipped.definition[shipped.definition.index("\n%"):]
@@ -107,17 +117,17 @@ def test_header_swap_keeps_every_section_and_names_a_different_image(defs):
 
 # -- build ----------------------------------------------------------------------------
 
-def test_build_twice_builds_once_and_a_changed_definition_builds_a_new_tag(tmp_path, fake, defs):
+def test_build_twice_builds_once_and_a_changed_definition_builds_a_new_tag(tmp_path, fake, defs, checkout):
     apptainer, record = fake
     images = tmp_path / "images"
-    first = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None)
-    assert first.built and os.path.basename(first.path) == containers.image_spec("cpu").filename
-    again = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None)
+    first = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None, root=checkout)
+    assert first.built and os.path.basename(first.path) == containers.image_spec("cpu", root=checkout).filename
+    again = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None, root=checkout)
     assert not again.built and again.path == first.path
     assert len(calls(record)) == 1
 
     (defs / "cpu.def").write_text((defs / "cpu.def").read_text() + "\n%labels\n    changed yes\n")
-    third = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None)
+    third = containers.build_image("cpu", str(images), apptainer=str(apptainer), log=lambda s: None, root=checkout)
     assert third.built and third.path != first.path
     assert len(calls(record)) == 2
     # The build context held the wheel and lock; the image is what apptainer wrote.
@@ -272,7 +282,7 @@ CACHE_NAME = 'cache, with: comma "dq"'  # --bind cannot hold it: goes through --
 def _hostile_setup(tmp_path: Path, fake, stages=("synth", "digest", "summary"), extra: str = ""):
     apptainer, record = fake
     root = tmp_path / HOSTILE
-    root.mkdir()
+    root.mkdir(exist_ok=True)
     weird_bin = root / 'bin "dq" $(x)'
     weird_app = make_fake_apptainer(weird_bin)
     image = _fake_image(root / 'images "dq"')
@@ -333,7 +343,14 @@ def test_render_scripts_pass_bash_n_quote_everything_and_hold_no_credentials(tmp
 def test_render_multi_node_training_runs_srun_inside_the_allocation_and_each_rank_in_the_gpu_image(
         tmp_path, fake, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    extra = ('\n[stages.train]\ndata = "s3://bucket/shards/{00000000..00000007}.tar"\n'
+    shards = tmp_path / HOSTILE / "shards"  # submit checks the training shards exist and are not empty
+    shards.mkdir(parents=True)
+    for i in range(2):
+        with tarfile.open(shards / f"{i:08d}.tar", "w") as tar:
+            member = tarfile.TarInfo(f"{i:03d}.txt")
+            member.size = 5
+            tar.addfile(member, io.BytesIO(b"a cat"))
+    extra = (f"\n[stages.train]\ndata = {json.dumps(str(shards) + '/{00000000..00000001}.tar')}\n"
              "[stages.train.resources]\nnodes = 2\ntasks_per_node = 4\ngpus_per_node = 4\n")
     root, cfg_path, weird_app, image, record = _hostile_setup(tmp_path, fake, stages=("train",), extra=extra)
     text = Path(cfg_path).read_text().replace("[stages.synth]\nunits = 3\n", "")
@@ -362,7 +379,7 @@ def test_render_multi_node_training_runs_srun_inside_the_allocation_and_each_ran
         assert c["argv"][-8:-2] == ["python3", "-m", "dcslurm.runner", str(root / "run folder"), "train", "0"]
 
 
-def test_cli_build_push_pull_list(tmp_path, fake, defs):
+def test_cli_build_push_pull_list(tmp_path, fake, defs, checkout):
     apptainer, record = fake
     images, shared, pulled = tmp_path / "images", tmp_path / "shared", tmp_path / "pulled"
 
@@ -373,16 +390,16 @@ def test_cli_build_push_pull_list(tmp_path, fake, defs):
         return proc.stdout
 
     build = ["build", "--stage", "filter", "--apptainer", str(apptainer), "--image-dir", str(images),
-             "--push", str(shared)]
+             "--push", str(shared), "--source", str(checkout)]
     first = cli(*build)
     assert "built " in first and "pushed to" in first
     second = cli(*build)
     assert "up to date" in second and "already in" in second
     assert len(calls(record)) == 1
-    name = containers.image_spec("cpu").filename
+    name = containers.image_spec("cpu", root=checkout).filename
     assert "pulled" in cli("pull", str(shared), "--image-dir", str(pulled))
     assert (pulled / name).read_bytes() == (images / name).read_bytes()
-    listing = cli("list", "--image-dir", str(pulled))
+    listing = cli("list", "--image-dir", str(pulled), "--source", str(checkout))
     assert name.split("-")[2].removesuffix(".sif") in listing and "yes" in listing  # current checkout's tag
 
 
