@@ -11,7 +11,7 @@ import pytest
 
 from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
-from dcslurm.tasks import get_task
+from dcslurm.tasks import Task, get_task
 from tests.test_eval_fixtures import make_classification_set, make_retrieval_set, make_winogavil_set
 
 torch = pytest.importorskip("torch")
@@ -221,3 +221,23 @@ def test_eval_as_slurm_array_then_gather(tmp_path, evalsets, random_checkpoint, 
     # one job array of 3 elements plus one gather job, recorded in the submission
     sub = json.load(open(os.path.join(run, "_submissions", sorted(os.listdir(os.path.join(run, "_submissions")))[0])))
     assert "eval.run" in json.dumps(sub) and "eval.gather" in json.dumps(sub)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, random_checkpoint):
+    from jobs.evaluate.stage import Evaluator
+    from tests.test_eval_fixtures import offline_images, png_bytes, write_shards
+
+    images, labels, classes = offline_images(12)
+    samples = [{"__key__": f"k{i:03d}", "png": png_bytes(im), "cls": str(lb).encode()}
+               for i, (im, lb) in enumerate(zip(images, labels))]
+    samples[3]["png"] = b"\x89PNG broken"  # undecodable image
+    del samples[5]["cls"]  # no label
+    samples[7]["cls"] = b"99"  # label outside the class list
+    folder = tmp_path / "wds_bad_test"
+    write_shards(str(folder), samples, per_shard=6)
+    (folder / "classnames.txt").write_text("\n".join(classes) + "\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    ev = Evaluator("dcslurm-tiny-vit", random_checkpoint, "cpu", batch_size=4, num_workers=1)
+    metrics, stats = ev.evaluate(Task(key="demo/bad", name="Bad", evalset="wds_bad_test"), DataFolder(str(tmp_path)))
+    assert stats["samples"] == 9 and stats["skipped"] == 3
+    assert 0 <= metrics["acc1"] <= 1

@@ -87,7 +87,7 @@ class Evaluator:
                 good.append((img, label, m))
             try:
                 emb = self.images.encode([g[0] for g in good]) if good else None
-            except Exception:  # noqa: BLE001 - one bad image: encode the batch image by image
+            except (OSError, ValueError):  # an undecodable image (PIL): encode the batch image by image
                 emb, good, bad = self._encode_each(good)
                 skipped += bad
             if emb is None or not good:
@@ -114,7 +114,7 @@ class Evaluator:
             try:
                 embs.append(self.images.encode([g[0]]))
                 kept.append(g)
-            except Exception:  # noqa: BLE001 - an undecodable image is a skipped sample
+            except (OSError, ValueError):  # an undecodable image is a skipped sample
                 bad += 1
         return (torch.cat(embs) if embs else None), kept, bad
 
