@@ -64,8 +64,9 @@ def sources_from(params_sources: list[dict]) -> list[Source]:
 
 
 def _split(url: str) -> tuple[str, str]:
-    parent, name = url.rstrip("/").rsplit("/", 1)
-    return parent, name
+    """(parent folder, name); a bare file name is in "."."""
+    url = url.rstrip("/")
+    return tuple(url.rsplit("/", 1)) if "/" in url else (".", url)
 
 
 def metadata_files(sources: list[Source], options: dict | None) -> list[tuple[int, InputFile]]:
@@ -426,11 +427,10 @@ def chart_png(report: dict) -> bytes:
     err = np.array([[r["accuracy"] - r["ci95"][0], r["ci95"][1] - r["accuracy"]] for _, r in items]).T
     ax.barh(y, acc, xerr=err if len(items) else None, capsize=3, color="tab:blue")
     if items:
-        ax.axvline(items[0][1]["chance"], color="black", linestyle="--", linewidth=1, label="chance")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axvline(items[0][1]["chance"], color="black", linestyle="--", linewidth=1)
     ax.set_yticks(y, [f for f, _ in items])
     ax.set_xlim(0, 1)
-    ax.set_xlabel("held-out accuracy (95% CI)")
+    ax.set_xlabel("held-out accuracy (95% CI); dashed = chance")
     ax.set_title("Which source? accuracy by feature set")
     fig.tight_layout()
     buf = io.BytesIO()

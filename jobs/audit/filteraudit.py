@@ -39,7 +39,9 @@ def read_columns(f: InputFile, names: set[str], storage_options: dict | None = N
     """uid and `names` of one parquet as Python lists (uid as pyarrow); one-line errors naming the file."""
     import pyarrow.parquet as pq
 
-    parent, name = f.url.rstrip("/").rsplit("/", 1)
+    from jobs.audit.bias import _split
+
+    parent, name = _split(f.url)
     try:
         with DataFolder(parent, storage_options).open(name) as fh:
             pf = pq.ParquetFile(fh)
@@ -224,10 +226,13 @@ def chart_png(rows: list[dict], dim: str, keep_rate: float) -> bytes:
     y = np.arange(len(rows))
     colours = ["tab:red" if r["exclusion_amplification"] else "tab:blue" for r in rows]
     ax.barh(y, [r["keep_ratio"] for r in rows], xerr=[r["se"] for r in rows], color=colours, capsize=3)
+    ax.scatter([r["keep_ratio"] for r in rows], y, color=colours, zorder=3, s=14)  # visible even at ratio 0
     ax.axvline(keep_rate, color="black", linestyle="--", linewidth=1, label=f"overall {keep_rate:.3f}")
     ax.set_yticks(y, [f"{r['group']} (n={r['raw']})" for r in rows], fontsize=8)
+    for label, colour in zip(ax.get_yticklabels(), colours):
+        label.set_color("tab:red" if colour == "tab:red" else "black")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("keep ratio (± SE)")
+    ax.set_xlabel("keep ratio (± SE); red = exclusion amplification")
     ax.set_title(f"keep ratio by {dim}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
