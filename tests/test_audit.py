@@ -216,3 +216,22 @@ def test_audit_without_a_subset_is_a_config_error(planted, tmp_path):
     with pytest.raises(UserError) as e:
         plan_run(load_config(path))
     assert "[stages.audit] subset" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.s3
+def test_pool_subset_and_report_on_s3(s3_server, s3_bucket, planted, tmp_path):
+    from dcslurm.audit_cli import app
+
+    root = planted[0]
+    fs = s3_server.fs()
+    bucket = s3_bucket.removeprefix("s3://")
+    for p in sorted((root / "pool").iterdir()):
+        fs.put_file(str(p), f"{bucket}/pool/{p.name}")
+    fs.put_file(str(root / "subset.npy"), f"{bucket}/subset.npy")
+    res = CliRunner().invoke(app, ["filter", "--pool", f"{s3_bucket}/pool", "--subset", f"{s3_bucket}/subset.npy",
+                                   "--column", "demo_kind", "--out", f"{s3_bucket}/report",
+                                   "--endpoint-url", s3_server.endpoint_url])
+    assert res.exit_code == 0, res.output
+    for name in REPORTS:
+        assert fs.cat_file(f"{bucket}/report/{name}").decode() == (root / "report" / name).read_text()
+    assert fs.cat_file(f"{bucket}/report/keep_ratio_gender.png")[:8] == b"\x89PNG\r\n\x1a\n"
