@@ -235,3 +235,25 @@ def test_pool_subset_and_report_on_s3(s3_server, s3_bucket, planted, tmp_path):
     for name in REPORTS:
         assert fs.cat_file(f"{bucket}/report/{name}").decode() == (root / "report" / name).read_text()
     assert fs.cat_file(f"{bucket}/report/keep_ratio_gender.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_row_groups_handle_missing_values_and_empty_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.audit.groups import row_groups
+    from jobs.filter.engine import InputFile
+
+    cfg = load_groups("")
+    cols = {"text": [None, "a woman and a man", "x"], "url": [None, "not a url", "http://1.2.3.4/a.jpg"],
+            "original_width": [None, 300.0, float("nan")], "original_height": [100.0, 100.0, 50.0]}
+    g = row_groups(cfg, cols, 3)
+    assert g["gender"] == [{"(none)"}, {"women", "men"}, {"(none)"}]
+    assert g["caption_words"] == ["(missing)", "[3, 6)", "[0, 3)"]
+    assert g["aspect_ratio"] == ["(missing)", ">= 3", "(missing)"]
+    assert g["domain"] == ["(missing)", "(missing)", "1.2.3.4"] and g["country_tld"][2] == "(missing)"
+    assert g["language"][0] == "(missing)"
+    pq.write_table(pa.table({"uid": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    np.save(tmp_path / "s.npy", np.zeros(0, np.dtype("u8,u8")))
+    counts = filteraudit.count_file(InputFile("0", str(tmp_path / "empty.parquet")), load_subset(str(tmp_path / "s.npy")), cfg)
+    assert counts["rows"] == 0 and counts["kept"] == 0

@@ -45,6 +45,8 @@ def read_columns(f: InputFile, names: set[str], storage_options: dict | None = N
     try:
         with DataFolder(parent, storage_options).open(name) as fh:
             pf = pq.ParquetFile(fh)
+            if pf.metadata.num_rows == 0:  # an empty shard (e.g. every download failed) may lack columns
+                return {**{c: [] for c in names}, "uid": []}, 0
             have = set(pf.schema_arrow.names)
             for c in sorted(names | {"uid"}):
                 if c not in have:

@@ -154,7 +154,9 @@ def url_domain(url) -> str:
     except ValueError:
         return MISSING
     host = host.rstrip(".")
-    return (host[4:] if host.startswith("www.") else host) or MISSING
+    if not host or any(c.isspace() for c in host):
+        return MISSING  # not a URL
+    return host[4:] if host.startswith("www.") else host
 
 
 def country_tld(domain: str) -> str:
