@@ -162,3 +162,29 @@ def test_slurm_arrays_give_the_local_report(slurm_cluster, pools, local_stage_ru
     slurm_cluster.wait_jobs_done(60)
     for name in REPORTS:
         assert (tmp_path / "run/audit_bias" / name).read_text() == (local_stage_run / "audit_bias" / name).read_text()
+
+
+def test_damaged_images_are_counted_not_fatal(tmp_path):
+    import io
+    import tarfile
+
+    from jobs.reshard.subset import uid_to_pair
+
+    good = synthetic.render(np.random.default_rng(0), 32, (0, 0, 0))
+    uids = [f"{i:032x}" for i in range(1, 5)]
+    members = [(uids[0], "jpg", good), (uids[1], "jpg", b"not a jpeg"), (uids[2], "txt", b"no image"),
+               (None, "jpg", good), (uids[3], "jpg", good)]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i, (uid, ext, data) in enumerate(members):
+            meta = json.dumps({"uid": uid} if uid else {}).encode()
+            for e, d in ((ext, data), ("json", meta)):
+                info = tarfile.TarInfo(f"{i:04d}.{e}")
+                info.size = len(d)
+                tar.addfile(info, io.BytesIO(d))
+    chosen = {uid_to_pair(u) for u in uids[:3]}  # uids[3] exists but is not chosen
+    counts = bias.images_file(0, "x", str(tmp_path / "s.tar"), chosen, ["mean_colour", "edges"],
+                              DataFolder(str(tmp_path / "w")), str(tmp_path), None)
+    assert counts == {"scanned": 5, "found": 1, "bad_image": 2, "bad_json": 1}
+    with np.load(tmp_path / "w/_bias/images/000-x.npz") as z:
+        assert z["mean_colour"].shape == (1, 3) and z["edges"].shape == (1, 256)
+        assert (int(z["hi"][0]), int(z["lo"][0])) == uid_to_pair(uids[0])
