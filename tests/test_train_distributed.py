@@ -118,3 +118,15 @@ def test_kill_9_of_one_rank_fails_the_job_and_resubmission_resumes(tmp_path, sha
     assert [m["step"] for m in read_metrics(folder)] == list(range(1, 11))
 
 
+
+
+def test_activation_checkpointing_and_per_block_units_match_the_plain_run(tmp_path, shards):
+    """2 ranks with activation checkpointing and one FSDP unit per block == 1 rank, one unit, no
+    recompute: the layout changes memory and communication, not the numbers."""
+    a, failed = run_train(tmp_path, "ac", shards, tasks_per_node=2, samples=16 * 3, grad_checkpointing=True,
+                          fsdp_units="block")
+    assert not failed
+    b, failed = run_train(tmp_path, "plain", shards, tasks_per_node=1, samples=16 * 3, fsdp_units="model")
+    assert not failed
+    diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(read_metrics(a), read_metrics(b))]
+    assert len(diffs) == 3 and max(diffs) < 1e-5, diffs
