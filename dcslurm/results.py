@@ -119,17 +119,18 @@ def _describe_run(run: DataFolder) -> tuple[str, str | None, str | None, int | N
         scale = plan.get("scale")
         params = plan.get("stage_params") or {}
         filter_name = _filter_name(params)
-    for rel, keys in (("filter/stats.json", ("subset_size", "kept", "n_kept", "selected", "count")),
-                      ("reshard/sizes.json", ("total", "samples", "n_samples"))):
+    # The subset's size: the filter stage's kept rows (repeats counted), else what
+    # the reshard stage wrote (a run that reshards a given subset file).
+    for rel, key in (("filter/stats.json", "kept_rows"), ("reshard/stats.json", "samples_written")):
         if subset_size is None and run.exists(rel):
-            subset_size = _first_int(run.read_json(rel), keys)
+            subset_size = _first_int(run.read_json(rel), (key,))
     return name, scale, filter_name, subset_size
 
 
 def _filter_name(params: dict) -> str | None:
     flt = params.get("filter")
     if isinstance(flt, dict):
-        for key in ("name", "method", "baseline", "filter", "kind"):
+        for key in ("spec", "name", "method", "baseline", "filter", "kind"):  # `spec`: the filter stage's param
             if isinstance(flt.get(key), str):
                 return flt[key]
         return "filter"

@@ -99,7 +99,7 @@ def write_run(root, name: str, scale: str, filter_name: str, scores: dict[str, f
     (run / "plan.json").write_text(json.dumps({"run_name": name, "scale": scale,
                                                "stage_params": {"filter": {"name": filter_name}}}))
     (run / "filter").mkdir()
-    (run / "filter" / "stats.json").write_text(json.dumps({"kept": subset}))
+    (run / "filter" / "stats.json").write_text(json.dumps({"kept_rows": subset, "input_rows": subset}))
     return run
 
 
