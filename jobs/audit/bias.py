@@ -372,7 +372,11 @@ def probe(sources: list[Source], files: list[tuple[int, InputFile]], tars: list[
         if len(set(y.tolist())) < k or np.bincount(y, minlength=k).min() < 2:
             results[feat] = {"error": "too few items with this feature in some source", "missing": missing}
             continue
-        r = classify(np.concatenate(xs).astype(np.float32), y, k, test_fraction, seed)
+        try:
+            r = classify(np.concatenate(xs).astype(np.float32), y, k, test_fraction, seed)
+        except ValueError as exc:  # e.g. a held-out set smaller than the number of sources
+            results[feat] = {"error": f"cannot split/train: {exc}".replace("\n", " "), "missing": missing}
+            continue
         r["missing"] = missing
         results[feat] = r
     if any(f in TRANSFORMS for f in features):
