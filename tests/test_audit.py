@@ -257,3 +257,21 @@ def test_row_groups_handle_missing_values_and_empty_files(tmp_path):
     np.save(tmp_path / "s.npy", np.zeros(0, np.dtype("u8,u8")))
     counts = filteraudit.count_file(InputFile("0", str(tmp_path / "empty.parquet")), load_subset(str(tmp_path / "s.npy")), cfg)
     assert counts["rows"] == 0 and counts["kept"] == 0
+
+
+def test_demo_pool_basic_filter_audit_recovers_the_noise_kinds(tmp_path):
+    """The demo pool's ground truth (demo_kind): the basic filter drops tiny images, extreme aspect ratios
+    and non-English captions; the audit shows exactly those kinds at keep ratio 0, clean rows above average."""
+    from dcslurm.demo_pool import generate_demo_pool
+    from jobs.filter import engine
+
+    generate_demo_pool(str(tmp_path / "pool"), samples=600, seed=0, heldout=0)
+    engine.run_local("basic", engine.list_inputs(str(tmp_path / "pool")), DataFolder(str(tmp_path / "fw")),
+                     str(tmp_path / "subset.npy"))
+    report = filteraudit.run_local(list_inputs(str(tmp_path / "pool")), load_subset(str(tmp_path / "subset.npy")),
+                                   load_groups("", ["demo_kind"]), DataFolder(str(tmp_path / "w")),
+                                   DataFolder(str(tmp_path / "r")))
+    kinds = {r["group"]: r for r in report["groups"] if r["dimension"] == "demo_kind"}
+    for kind in ("tiny_image", "extreme_aspect", "non_english_caption"):
+        assert kinds[kind]["raw"] > 0 and kinds[kind]["kept"] == 0 and kinds[kind]["significantly_lower"], kind
+    assert kinds["clean"]["keep_ratio"] > report["keep_rate"] and not kinds["clean"]["significantly_lower"]
