@@ -79,7 +79,9 @@ def s3fs_options(endpoint_url: str | None = None, profile: str | None = None,
     """
     options: dict[str, Any] = {}
     if endpoint_url:
-        options["client_kwargs"] = {"endpoint_url": endpoint_url}
+        # Top-level, not in client_kwargs: it then overrides an FSSPEC_S3_ENDPOINT_URL
+        # from the environment instead of clashing with it.
+        options["endpoint_url"] = endpoint_url
     if profile:
         options["profile"] = profile
     config_kwargs: dict[str, Any] = {}

@@ -94,7 +94,7 @@ def test_resources_merge_site_then_stage(tmp_path):
 def test_storage_options_have_no_credentials():
     cfg = parse_config({"run": {"folder": "s3://b/run", "stages": ["synth"]},
                         "storage": {"endpoint_url": "http://127.0.0.1:9", "profile": "lab"}})
-    assert cfg.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "profile": "lab"}
+    assert cfg.storage_options == {"endpoint_url": "http://127.0.0.1:9", "profile": "lab"}
     assert cfg.run_url == "s3://b/run"
 
 
