@@ -550,13 +550,13 @@ def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out
             for f in inputs:
                 if not sizes[f.pid]:
                     continue
-                rel = f"_kept/{f.pid}.npy"
-                # Locally a memory map reads only the pages of this partition's slice.
-                arr = (np.load(work.local_path(rel), mmap_mode="r") if work.is_local
-                       else np.load(io.BytesIO(work.read_bytes(rel))))
+                # One file's kept uids at a time (a file, not the pool: memory stays flat);
+                # no memory map, whose touched pages would add up in the resident set.
+                arr = np.load(io.BytesIO(work.read_bytes(f"_kept/{f.pid}.npy")))
                 a = int(np.searchsorted(arr["f0"], np.uint64(lo)))
                 b = len(arr) if hi == 1 << 64 else int(np.searchsorted(arr["f0"], np.uint64(hi)))
-                chunk.append(arr[a:b])
+                chunk.append(arr[a:b].copy())
+                del arr
             part = rules.sort_uids(np.concatenate(chunk)) if chunk else np.zeros(0, dtype)
             fh.write(part.tobytes())
             written += len(part)
