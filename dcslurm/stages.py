@@ -78,6 +78,7 @@ class StageSpec:
     default_resources: dict = field(default_factory=dict)
     estimate: Callable[[PlanContext, dict[str, UnitSet]], Estimate] | None = None
     test_only: bool = False  # registered for the test suite; not in `stages = "all"`
+    in_all: bool = True  # part of the DataComp workflow `stages = "all"` runs (analyses opt in)
     preflight: Callable[[RunConfig], None] | None = None  # input checks at submit (I/O allowed); raises UserError
 
     def step_name(self, step: StepSpec) -> str:
@@ -119,7 +120,7 @@ def get_stage(name: str) -> StageSpec:
 
 def pipeline_stages() -> list[str]:
     """The stages `stages = "all"` selects, in order."""
-    return [n for n, s in registry().items() if not s.test_only]
+    return [n for n, s in registry().items() if not s.test_only and s.in_all]
 
 
 # -- where a stage's inputs come from (shared by the stages) ------------------

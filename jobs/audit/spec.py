@@ -111,7 +111,7 @@ def _single(ctx: PlanContext) -> UnitSet:
 
 STAGES = [
     StageSpec(
-        name="audit", order=70, params=AuditParams,
+        name="audit", order=70, params=AuditParams, in_all=False,
         description="filter audit: raw and kept rows per group (keywords, domain, language, sizes), map-reduce",
         steps=(
             StepSpec("count", "jobs.audit.stage:count", _audit_units, default_units_per_task=1),
@@ -119,7 +119,7 @@ STAGES = [
         ),
     ),
     StageSpec(
-        name="audit_bias", order=70, params=BiasParams,
+        name="audit_bias", order=70, params=BiasParams, in_all=False,
         description="dataset-bias probe: linear classifier telling sources apart, per feature set",
         steps=(
             StepSpec("sample", "jobs.audit.stage:bias_sample", _bias_tasks, default_units_per_task=1),
