@@ -35,7 +35,8 @@ SIZES_FILE = "sizes.json"
 STATS_FILE = "stats.json"
 _HEX_UID = re.compile(r"[0-9a-fA-F]{32}")
 # Per-sample problems that make a sample unmatchable (counted, never raised).
-SAMPLE_PROBLEMS = ("samples_without_json", "samples_bad_json", "samples_without_uid", "samples_bad_uid")
+SAMPLE_PROBLEMS = ("samples_without_json", "samples_bad_json", "samples_without_uid", "samples_bad_uid",
+                   "samples_unsafe_key")
 _PROBLEM_KEY = {"no_json": "samples_without_json", "bad_json": "samples_bad_json",
                 "no_uid": "samples_without_uid", "bad_uid": "samples_bad_uid"}
 
@@ -76,6 +77,8 @@ def multiplicities(samples: list[Sample], subset: SubsetFile) -> tuple[np.ndarra
         uid, problem = sample.uid()
         if uid is None:
             problems[i] = _PROBLEM_KEY[problem]
+        elif sample.key.startswith("/") or ".." in sample.key.split("/"):  # would extract outside the folder
+            problems[i] = "samples_unsafe_key"
         elif not isinstance(uid, str) or not _HEX_UID.fullmatch(uid):
             problems[i] = "samples_bad_uid"
         else:
