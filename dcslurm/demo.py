@@ -279,7 +279,7 @@ class FilterSummary:
 
     filter: str
     spec: str
-    subset_size: int | None
+    subset_size: int | None  # samples in the training shards
     seeds: list[int] = field(default_factory=list)
     scores: dict[str, list[float]] = field(default_factory=dict)  # task name -> one value per seed
 
@@ -309,7 +309,7 @@ def summarize(runs_dir: str, seeds: int) -> list[FilterSummary]:
                 continue
             r = read_run(folder)
             if seed == 0:
-                summary.subset_size = r.subset_size
+                summary.subset_size = trained_samples(folder.url)
             summary.seeds.append(seed)
             for t in DEMO_TASKS:
                 value = r.aggregate.extras.get(t["name"])
@@ -319,16 +319,53 @@ def summarize(runs_dir: str, seeds: int) -> list[FilterSummary]:
     return out
 
 
+def _short_names() -> list[str]:
+    """Column names: "shapes", ..., "retrieval" (main metrics: accuracy, mean recall@1)."""
+    return [t["name"].removeprefix("Demo ") for t in DEMO_TASKS]
+
+
+def trained_samples(run_dir: str) -> int | None:
+    """Samples in a run's training shards (reshard/sizes.json): the subset's samples
+    that were downloaded (the nofilter subset also lists the pool's dead URLs)."""
+    folder = DataFolder(run_dir)
+    if not folder.exists("reshard/sizes.json"):
+        return None
+    return sum(folder.read_json("reshard/sizes.json").values())
+
+
+def run_rows(runs_dir: str, seeds: int) -> tuple[list[str], list[list[str]]]:
+    """(header, rows), one row per demo run with results: run, seed,
+    samples trained on (the reshard size table), each demo task's main metric."""
+    from dcslurm.results import read_run
+
+    header = ["run", "seed", "samples", *_short_names()]
+    rows = []
+    for name in (NOFILTER, CLIP30):
+        for seed in range(seeds):
+            run_name = name if seed == 0 else f"{name}-seed{seed}"
+            folder = DataFolder(os.path.join(runs_dir, run_name))
+            if not folder.exists("eval/results.jsonl"):
+                continue
+            r = read_run(folder)
+            size = trained_samples(os.path.join(runs_dir, name))
+            rows.append([run_name, str(seed), "-" if size is None else f"{size:,}",
+                         *(f"{r.aggregate.extras[t['name']]:.3f}" if t["name"] in r.aggregate.extras else "missing"
+                           for t in DEMO_TASKS)])
+    return header, rows
+
+
 def summary_rows(summaries: list[FilterSummary]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): filter, subset size, seeds, then "mean ± std" per demo task."""
+    """(header, rows): filter, samples trained on, then "mean±std" per demo task
+    (a filter with fewer seeds than the others says how many)."""
+    max_seeds = max((len(s.seeds) for s in summaries), default=0)
     tasks = [t["name"] for t in DEMO_TASKS]
-    header = ["filter", "subset size", "seeds", *tasks]
+    header = ["filter", "samples", *_short_names()]
     rows = []
     for s in summaries:
-        cells = [f"{s.filter}: {s.spec}", "-" if s.subset_size is None else f"{s.subset_size:,}",
-                 str(len(s.seeds))]
+        cells = [s.filter if len(s.seeds) == max_seeds else f"{s.filter} ({len(s.seeds)} seeds)",
+                 "-" if s.subset_size is None else f"{s.subset_size:,}"]
         for t in tasks:
-            cells.append(f"{s.mean(t):.3f} ± {s.std(t):.3f}" if s.scores.get(t) else "missing")
+            cells.append(f"{s.mean(t):.3f}±{s.std(t):.3f}" if s.scores.get(t) else "missing")
         rows.append(cells)
     return header, rows
 
@@ -340,6 +377,58 @@ def summary_markdown(summaries: list[FilterSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chance_row() -> dict[str, float | None]:
-    """Each demo task's chance score (retrieval: 1 / number of images is not fixed here)."""
-    return {t["name"]: t.get("random_score") for t in DEMO_TASKS}
+# The pool's noise kinds (docs/DEMO_POOL.md) that can reach training (dead URLs cannot).
+NOISE_COLUMNS = ("clean", "mismatched_caption", "boilerplate_caption", "non_english_caption", "tiny_image",
+                 "extreme_aspect")
+
+
+def noise_composition(out: str) -> dict[str, dict[str, int]]:
+    """Per filter: how many of the samples it trained on are of each of the pool's
+    noise kinds (the pool's `demo_kind` ground truth, which no filter reads).
+    Trained samples = the filter's subset.npy uids that the nofilter run downloaded."""
+    import glob
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    layout = DemoLayout(os.path.abspath(out))
+    kind_of: dict[str, str] = {}
+    for path in sorted(glob.glob(os.path.join(layout.pool, "*.parquet"))):
+        t = pq.read_table(path, columns=["uid", "demo_kind"])
+        kind_of.update(zip(t.column("uid").to_pylist(), t.column("demo_kind").to_pylist()))
+    downloaded: set[str] = set()
+    for path in sorted(glob.glob(os.path.join(layout.run(NOFILTER), "download", "*.parquet"))):
+        t = pq.read_table(path, columns=["uid", "status"])
+        downloaded.update(u for u, st in zip(t.column("uid").to_pylist(), t.column("status").to_pylist())
+                          if st == "success")
+    out_counts = {}
+    for name in (NOFILTER, CLIP30):
+        path = os.path.join(layout.run(name), "filter", "subset.npy")
+        if not os.path.exists(path):
+            continue
+        counts = {k: 0 for k in NOISE_COLUMNS}
+        for hi, lo in np.load(path).tolist():
+            uid = f"{int(hi):016x}{int(lo):016x}"
+            if uid in downloaded:
+                kind = kind_of.get(uid, "?")
+                counts[kind] = counts.get(kind, 0) + 1
+        out_counts[name] = counts
+    return out_counts
+
+
+def noise_rows(composition: dict[str, dict[str, int]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): filter, samples, then the percentage of each noise kind."""
+    short = {"clean": "clean", "mismatched_caption": "mismatch", "boilerplate_caption": "boilerpl.",
+             "non_english_caption": "non-EN", "tiny_image": "tiny", "extreme_aspect": "aspect"}
+    header = ["filter", "samples", *(short[k] for k in NOISE_COLUMNS)]
+    rows = []
+    for name, counts in composition.items():
+        total = sum(counts.values())
+        rows.append([name, f"{total:,}", *(f"{100 * counts.get(k, 0) / max(total, 1):.1f}%" for k in NOISE_COLUMNS)])
+    return header, rows
+
+
+def chance_row(heldout: int) -> dict[str, float | None]:
+    """Each demo task's chance score; retrieval's mean recall@1 is 1 / images either way
+    (text -> image: 1 of N images; image -> text: 3 of its 3N captions)."""
+    return {t["name"]: t.get("random_score", 1 / heldout) for t in DEMO_TASKS}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -45,23 +46,43 @@ def register(app: typer.Typer) -> None:
         for r in runs:
             console.print(f"[bold]{r.name}[/bold] (filter {r.filter}, seed {r.seed}): dcslurm submit -c {r.config_path}")
             d.run_one(r, log=console.print)
-        print_results(layout.runs, settings.seeds)
+        print_results(layout.runs, settings.seeds, settings.heldout)
         console.print(f"demo finished in {time.time() - started:.0f} s; results: dcslurm results {layout.runs}")
 
 
-def print_results(runs_dir: str, seeds: int) -> None:
-    """`dcslurm results` over the demo's runs, then mean ± std across seeds per filter."""
+def print_results(runs_dir: str, seeds: int, heldout: int = 300) -> None:
+    """Each run's demo-task scores (`dcslurm results` shows the same runs with DataComp's
+    columns), then the mean ± std across seeds per filter."""
     from dcslurm import demo as d
-    from dcslurm.results import gather
-    from dcslurm.results_cli import results_table
 
-    console.print(results_table(gather([runs_dir]), title="Evaluation results (every run)"))
-    header, rows = d.summary_rows(d.summarize(runs_dir, seeds))
-    table = Table(title=f"Per filter: mean ± std over seeds (sample std)")
+    per_run = Table(title=f"Evaluation results of the demo runs ({runs_dir})")
+    header, rows = d.run_rows(runs_dir, seeds)
     for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+        per_run.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
-        table.add_row(*row)
-    chance = d.chance_row()
-    table.add_row("chance", "", "", *(f"{v:.3f}" if v is not None else "-" for v in chance.values()))
-    console.print(table)
+        per_run.add_row(*row)
+    console.print(per_run)
+    summaries = d.summarize(runs_dir, seeds)
+    n = max((len(s.seeds) for s in summaries), default=0)
+    summary = Table(title=f"Per filter: mean±std over {n} seeds (sample std)")
+    header, rows = d.summary_rows(summaries)
+    for i, col in enumerate(header):
+        summary.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        summary.add_row(*row)
+    summary.add_row("chance", "", *(f"{v:.3f}" if v is not None else "-" for v in d.chance_row(heldout).values()))
+    console.print(summary)
+    out = os.path.dirname(os.path.abspath(runs_dir))
+    composition = d.noise_composition(out)
+    if composition:
+        noise = Table(title="What each filter trained on, by the pool's noise kind (ground truth no filter reads)")
+        header, rows = d.noise_rows(composition)
+        for i, col in enumerate(header):
+            noise.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in rows:
+            noise.add_row(*row)
+        console.print(noise)
+    for name, spec in d.FILTER_SPECS.items():
+        console.print(f"  {name}: {spec}")
+    console.print(f"DataComp's 38 tasks are not evaluated in the demo; `dcslurm results {runs_dir}` "
+                  "lists the same runs with DataComp's columns.")

@@ -84,7 +84,8 @@ def test_summary_mean_and_spread_across_seeds(tmp_path):
     assert by_name["nofilter"].std("Demo shapes") == pytest.approx(0.1)
     assert by_name["clip30"].seeds == [0, 1] and by_name["clip30"].std("Demo counts") == 0.0
     header, rows = d.summary_rows(list(by_name.values()))
-    assert rows[0][3] == "0.600 ± 0.100"
+    assert rows[0][2] == "0.600±0.100"
+    assert rows[1][0] == "clip30 (2 seeds)"
 
 
 def _check_demo_outputs(out: str, seeds: int) -> list[d.FilterSummary]:
