@@ -456,3 +456,11 @@ def test_subset_written_in_many_uid_partitions_equals_one(tmp_path):
     assert engine.write_subset(inputs, work, work, "many.npy", partition_bytes=16 * 37) == total == 2503
     one, many = np.load(tmp_path / "one.npy"), np.load(tmp_path / "many.npy")
     assert (one == many).all() and (np.sort(one) == one).all()
+
+
+def test_wordnet_lexnames_fallback_equals_debian_page():
+    page = "/usr/share/man/man5/lexnames.5WN.gz"
+    if not os.path.exists(page):
+        pytest.skip("wordnet-base's manual page is not installed")
+    lines = rules._lexnames_lines()
+    assert [line.split("\t")[1] for line in lines] == rules._LEXNAMES and len(lines) == 45

@@ -177,15 +177,28 @@ def laion2b_mask(texts: list[str], b32: np.ndarray) -> np.ndarray:
 
 # -- WordNet ------------------------------------------------------------------
 
+# WordNet 3.0's 45 lexicographer files, in file-number order (lexnames(5WN)); used when
+# the manual page that lists them is not installed (images often drop /usr/share/man).
+_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+
+
 def _lexnames_lines() -> list[str]:
-    """The 45 lexicographer files, read from Debian's lexnames(5WN) manual page."""
+    """The `lexnames` file nltk needs: from Debian's lexnames(5WN) page if present, else the table above."""
     page = "/usr/share/man/man5/lexnames.5WN.gz"
-    if not os.path.exists(page):
-        raise UserError(f"{page}: missing; install Debian's wordnet-base (apt-get install wordnet-base)")
-    with gzip.open(page, "rt") as f:
-        rows = [re.split(r"\t+", line.strip()) for line in f if re.match(r"^\d\d\t", line)]
+    names = list(_LEXNAMES)
+    if os.path.exists(page):
+        with gzip.open(page, "rt") as f:
+            rows = [re.split(r"\t+", line.strip()) for line in f if re.match(r"^\d\d\t", line)]
+        names = [name.strip() for _, name, *_ in rows]
     cat = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
-    return [f"{num}\t{name.strip()}\t{cat[name.strip().split('.')[0]]}" for num, name, *_ in rows]
+    return [f"{i:02d}\t{name}\t{cat[name.split('.')[0]]}" for i, name in enumerate(names)]
 
 
 @functools.lru_cache(maxsize=2)
