@@ -15,6 +15,7 @@ from rich.table import Table
 
 from dcslurm.errors import UserError
 from dcslurm.scales import SCALES, estimate_train_gpu_hours
+from dcslurm.humanize import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run the DataComp workflow as SLURM array jobs (or on this machine).")
@@ -34,12 +35,6 @@ SUBCOMMANDS = {
 }
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} EB"
 
 
 def _stages_option(stages: Optional[str]) -> Optional[list[str]]:
@@ -91,10 +86,10 @@ def _print_plan(plan) -> None:
     for s in plan.steps:
         table.add_row(s.name, s.layout, f"{s.units.count:,} {s.units.label}", f"{s.units_per_task:,}",
                       f"{s.n_tasks:,}", ",".join(s.depends_on) or "-", f"{s.estimate.gpu_hours:,.1f}",
-                      _human_bytes(s.estimate.bytes_written))
+                      human_bytes(s.estimate.bytes_written))
     total = plan.total_estimate
     table.add_row("total", "", "", "", f"{sum(s.n_tasks for s in plan.steps):,}", "",
-                  f"{total.gpu_hours:,.1f}", _human_bytes(total.bytes_written))
+                  f"{total.gpu_hours:,.1f}", human_bytes(total.bytes_written))
     console.print(table)
     bases = [f"{s.name}: {s.estimate.basis}" for s in plan.steps if s.estimate.basis]
     if bases:

@@ -10,17 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from dcslurm.storage import s3fs_options
+from dcslurm.humanize import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pools: inspect one, or generate the demo pool.")
 console = Console()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} EB"
 
 
 @app.command()
@@ -38,7 +33,7 @@ def demo(
     summary = generate_demo_pool(out, samples=samples, seed=seed, files=files, heldout=heldout,
                                  storage_options=s3fs_options(endpoint_url=endpoint_url))
     console.print(f"demo pool: {summary.samples:,} samples in {summary.files} parquet files, "
-                  f"{summary.heldout} held-out images, {_human(summary.bytes_served)} served; in {summary.url}")
+                  f"{summary.heldout} held-out images, {human_bytes(summary.bytes_served)} served; in {summary.url}")
     console.print("noise: " + ", ".join(f"{k} {v}" for k, v in summary.noise.items()))
     console.print(f"use it with:  [pool] metadata = \"{summary.url}\"   (docs/DEMO_POOL.md)")
 
@@ -69,16 +64,16 @@ def inspect(
             table.add_column(col, justify="right" if col in ("rows", "size") else "left")
         shown = report.files if len(report.files) <= 30 else [f for f in report.files if f.problems][:30]
         for f in shown:
-            table.add_row(f.name, f"{f.rows:,}", _human(f.bytes), "yes" if f.has_npz else "-",
+            table.add_row(f.name, f"{f.rows:,}", human_bytes(f.bytes), "yes" if f.has_npz else "-",
                           f.problems[0].split(": ", 1)[-1] if f.problems else "")
         console.print(table)
         if len(shown) < len(report.files):
             console.print(f"({len(report.files) - len(shown)} more files without problems not listed)")
         console.print(f"{len(report.files):,} parquet files, {report.rows:,} rows, "
-                      f"{_human(report.metadata_bytes)} of metadata; "
+                      f"{human_bytes(report.metadata_bytes)} of metadata; "
                       f"{sum(f.has_npz for f in report.files):,} with .npz embeddings beside them")
         console.print(f"columns: {', '.join(report.columns)}")
-        console.print(f"estimated image shards: {_human(report.estimated_shard_bytes)} (35 KB a sample)")
+        console.print(f"estimated image shards: {human_bytes(report.estimated_shard_bytes)} (35 KB a sample)")
         console.print("uids: " + ("checked (32 hex characters, no duplicates)" if report.uids_checked and report.ok
                                   else "checked" if report.uids_checked else "not checked (--no-uids)"))
     report.raise_first()

@@ -19,6 +19,7 @@ from rich.table import Table
 from dcslurm.markers import done_indexes
 from dcslurm.plan import Plan, read_plan
 from dcslurm.storage import DataFolder, s3fs_options
+from dcslurm.humanize import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reports on a run's stages.")
 console = Console()
@@ -92,12 +93,6 @@ def download_report_from_markers(run: DataFolder, plan: Plan) -> DownloadReport:
                           totals=totals, bytes=written)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} EB"
 
 
 def print_download_report(report: DownloadReport, out: Console) -> None:
@@ -107,7 +102,7 @@ def print_download_report(report: DownloadReport, out: Console) -> None:
     out.print(f"samples tried {t.samples:,}, succeeded {t.successes:,}: success rate "
               f"[bold]{100 * t.success_rate:.1f}%[/bold]; failed to download {t.failed_to_download:,}, "
               f"failed to resize {t.failed_to_resize:,}")
-    out.print(f"written {_human(report.bytes)} of shards; {t.samples_per_second:,.1f} samples/s "
+    out.print(f"written {human_bytes(report.bytes)} of shards; {t.samples_per_second:,.1f} samples/s "
               f"over {t.wall_seconds:,.1f} s (first start to last end)")
     if t.failures:
         table = Table(title="Failures by reason")

@@ -226,6 +226,18 @@ class DataFolder:
             names = [n for n in names if n.endswith(suffix)]
         return sorted(n for n in names if not n.startswith(".tmp-"))
 
+    def local_copy(self, rel: str, scratch: str) -> str:
+        """A path on this machine holding `rel`: the file itself when local, else
+        a copy downloaded into `scratch` (for libraries that want a real file)."""
+        local = self.local_path(rel)
+        if local is not None:
+            if not os.path.exists(local):
+                raise FileNotFoundError(local)
+            return local
+        target = os.path.join(scratch, f"{uuid.uuid4().hex}-{posixpath.basename(rel)}")
+        retry(lambda: self.fs.get_file(self._path(rel), target), self.url_of(rel))
+        return target
+
     def size(self, rel: str) -> int:
         return retry(lambda: self.fs.size(self._path(rel)), self.url_of(rel))
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,21 +101,9 @@ def task_share(items: list, tasks: int, index: int) -> list:
 
 def open_subset(url: str, scratch: str, options: dict | None):
     """A source's subset (jobs.reshard.subset's loader; copied to scratch first when remote)."""
-    import shutil
+    from jobs.reshard.subset import load_subset_url
 
-    from jobs.reshard.subset import load_subset
-
-    parent, name = _split(url)
-    folder = DataFolder(parent, options)
-    local = folder.local_path(name)
-    if local is None:
-        local = os.path.join(scratch, f"subset-{abs(hash(url))}.npy")
-        try:
-            with folder.open(name, "rb") as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-        except FileNotFoundError:
-            raise UserError(f"{url}: subset file does not exist") from None
-    return load_subset(local, url)
+    return load_subset_url(url, options, scratch)
 
 
 def _save(work: DataFolder, rel: str, **arrays) -> None:

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ from dcslurm.shards import split_evenly
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
 from jobs.reshard.spec import filter_in_run
-from jobs.reshard.subset import SubsetFile, load_subset
+from jobs.reshard.subset import SubsetFile, load_subset_url
 from jobs.reshard.tario import Member, ReadCounters, Sample, TarSampleReader, TarShardWriter, open_tar
 
 COUNTS_DIR = "_counts"
@@ -52,17 +51,7 @@ def subset_url(ctx: TaskContext) -> str:
 
 def load_run_subset(ctx: TaskContext) -> SubsetFile:
     """Load and validate the run's subset (copied to scratch first when remote)."""
-    url = subset_url(ctx)
-    folder, name = split_url(ctx, url)
-    local = folder.local_path(name)
-    if local is None:
-        local = os.path.join(ctx.scratch, "subset.npy")
-        try:
-            with folder.open(name, "rb") as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-        except FileNotFoundError:
-            raise UserError(f"{url}: subset file does not exist") from None
-    return load_subset(local, url)
+    return load_subset_url(subset_url(ctx), ctx.plan.storage_options, ctx.scratch)
 
 
 def split_url(ctx: TaskContext, url: str) -> tuple[DataFolder, str]:

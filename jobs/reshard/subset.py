@@ -161,3 +161,15 @@ def load_subset(path: str, url: str | None = None) -> SubsetFile:
     arr = check_dtype(arr, url)
     check_sorted(arr, url)
     return SubsetFile(url=url, rows=arr)
+
+
+def load_subset_url(url: str, storage_options: dict | None, scratch: str) -> SubsetFile:
+    """Load and validate a subset file from any URL (remote ones are copied to scratch)."""
+    from dcslurm.storage import DataFolder
+
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    try:
+        local = DataFolder(parent, storage_options).local_copy(name, scratch)
+    except FileNotFoundError:
+        raise UserError(f"{url}: subset file does not exist") from None
+    return load_subset(local, url)
