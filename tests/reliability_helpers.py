@@ -1,0 +1,58 @@
+"""Shared by tests/test_reliability.py: find and kill task processes, compare outputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _proc_args(pid: str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+
+
+def _proc_env(pid: str) -> dict[bytes, bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return {}
+
+
+def runner_pids(run_url: str, step: str | None = None) -> list[int]:
+    """PIDs of `dcslurm.runner` processes of a run (of one step if given), on any emulated node."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        args = _proc_args(pid)
+        if not args or "dcslurm.runner" not in args or run_url not in args:
+            continue
+        if step is None or step in args:
+            pids.append(int(pid))
+    return pids
+
+
+def pids_on_node(node: str) -> list[int]:
+    """PIDs of every job process SLURM started on emulated node `node` (found by SLURMD_NODENAME)."""
+    want = node.encode()
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if int(pid) != os.getpid() and _proc_env(pid).get(b"SLURMD_NODENAME") == want]
+
+
+def kill_all(pids: list[int]) -> list[int]:
+    """SIGKILL each pid (a crash); returns those that were alive."""
+    killed = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+def only_outputs(digest: dict[str, str], stage_dirs: tuple[str, ...]) -> dict[str, str]:
+    """The entries of a tree digest under the stages' output folders."""
+    return {k: v for k, v in digest.items() if k.startswith(stage_dirs)}
