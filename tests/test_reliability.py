@@ -161,15 +161,22 @@ def test_node_dying_mid_run_leaves_it_resumable(slurm_cluster, tmp_path):
 
 @pytest.mark.slurm
 def test_shell_metacharacters_in_the_run_folder_are_inert_on_slurm(slurm_cluster, tmp_path, monkeypatch):
+    from dcslurm.errors import UserError
+
     monkeypatch.chdir(tmp_path)
     reference = _synth_reference(tmp_path, units=3)
-    evil = str(tmp_path / "run $(touch PWNED1); `touch PWNED2` 'q' \"dq\" & x>y")
+    evil = str(tmp_path / "run $(touch PWNED1); `touch PWNED2` 'q' & x>y|z *")
     path = write_run_toml(tmp_path / "run.toml", evil, units=3, executor="slurm")
     cfg = load_config(path)
     submit_run(cfg)
     wait_run_done(path, timeout=240)
     slurm_cluster.wait_jobs_done(60)
     assert _synth_outputs(evil) == reference
+    # A double quote cannot go into an #SBATCH line (the job name): refused in one line, nothing queued.
+    quoted = write_run_toml(tmp_path / "quoted.toml", str(tmp_path / 'run "dq"'), units=3, executor="slurm")
+    with pytest.raises(UserError, match="contains a newline or double quote") as err:
+        submit_run(load_config(quoted))
+    assert "\n" not in str(err.value) and not slurm_cluster.jobs()
     found = [os.path.join(d, n) for d, _, names in os.walk(tmp_path) for n in names if n.startswith("PWNED")]
     assert not found
 
