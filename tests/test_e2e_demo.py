@@ -65,7 +65,9 @@ def test_bad_options_are_one_line_errors(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "demo", "--out", str(tmp_path), *argv],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"dcslurm: error: {message}" + proc.stderr.split(message, 1)[1].strip()]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dcslurm: error: {message}"), proc.stderr
+    assert not (tmp_path / "pool").exists()
 
 
 def test_summary_mean_and_spread_across_seeds(tmp_path):
