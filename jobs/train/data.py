@@ -207,7 +207,9 @@ class RankBatches:
         self.n_workers = max(1, min(workers, len(dataset.layout.rank_streams)))
         self.loader = DataLoader(dataset, batch_size=None, num_workers=workers and self.n_workers,
                                  persistent_workers=False, prefetch_factor=2 if workers else None)
-        self.positions = dict(dataset.positions)
+        # This rank's streams only: a resumed checkpoint holds every rank's, and the gather at the
+        # next save must not let this rank's stale copy of another rank's streams win.
+        self.positions = {s: p for s, p in dataset.positions.items() if s in dataset.layout.rank_streams}
         self.bad_samples = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
