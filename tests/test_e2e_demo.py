@@ -118,8 +118,10 @@ def _check_demo_outputs(out: str, seeds: int) -> list[d.FilterSummary]:
     return summaries
 
 
+@pytest.mark.slow
 def test_small_demo_runs_the_whole_workflow(tmp_path):
-    """A few hundred samples, 2 seeds, 2 training steps each: every stage really runs."""
+    """160 samples, 2 seeds, 2 training steps each: every stage really runs. About 40 task
+    processes, each importing torch: 4 to 9 minutes on 2 busy cores, hence slow."""
     from dcslurm.cli import app
 
     out = str(tmp_path / "demo")
@@ -127,7 +129,7 @@ def test_small_demo_runs_the_whole_workflow(tmp_path):
                                    "--train-samples", "512"])
     assert res.exit_code == 0, res.output
     _check_demo_outputs(out, 2)
-    assert "Per filter: mean ± std over seeds" in res.output
+    assert "Per filter: mean±std over 2 seeds" in res.output
     # Rerunning resumes: every task is committed, nothing reruns, the pool is reused.
     res = CliRunner().invoke(app, ["demo", "--out", out, "--samples", "160", "--seeds", "2",
                                    "--train-samples", "512"])
