@@ -68,6 +68,9 @@ class DemoSettings:
     files: int = 4  # pool parquet files = download tasks
 
     def validate(self) -> None:
+        if "://" in self.out:
+            raise UserError(f"--out {self.out}: the demo writes to a local folder (its runs can use s3:// "
+                            "when submitted by hand: see docs/DEMO.md)")
         if self.samples < 10:
             raise UserError(f"--samples {self.samples}: the demo needs at least 10 samples")
         if self.seeds < 1:

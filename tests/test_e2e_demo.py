@@ -58,11 +58,13 @@ def test_config_only_writes_configs_and_runs_nothing(tmp_path):
     (["--seeds", "0"], "--seeds 0: must be >= 1"),
     (["--executor", "ssh"], "--executor 'ssh': expected local or slurm"),
     (["--samples", "3"], "--samples 3"),
+    (["--out", "s3://bucket/demo"], "--out s3://bucket/demo: the demo writes to a local folder"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, argv, message):
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "demo", "--out", str(tmp_path), *argv],
+                          cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
