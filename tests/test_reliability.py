@@ -26,6 +26,7 @@ import os
 import random
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -195,12 +196,41 @@ COMPARED = {
 }
 
 
+def _content_digest(path: str) -> str:
+    """sha256 of what a file holds: tar members in order (names and bytes, not mtimes),
+    parquet rows, npz arrays, state_dict tensors; other files byte for byte."""
+    h = hashlib.sha256()
+    if path.endswith(".tar"):
+        with tarfile.open(path) as tar:
+            for m in tar:
+                h.update(m.name.encode() + b"\0" + hashlib.sha256(tar.extractfile(m).read()).digest())
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        h.update(pq.read_table(path).to_pandas().to_json(orient="split").encode())
+    elif path.endswith(".npz"):
+        import numpy as np
+
+        with np.load(path) as z:
+            for k in sorted(z.files):
+                h.update(k.encode() + z[k].tobytes())
+    elif path.endswith(".pt"):
+        import torch
+
+        for k, v in sorted(torch.load(path, weights_only=True).items()):
+            h.update(k.encode() + v.numpy().tobytes())
+    else:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def _pipeline_outputs(run: str) -> dict[str, str]:
     out = {}
-    for rel, digest in tree_digest(run).items():
+    for rel in tree_digest(run):
         stage = rel.split("/", 1)[0]
         if stage in COMPARED and rel.count("/") == 1 and rel.endswith(COMPARED[stage]):
-            out[rel] = digest
+            out[rel] = _content_digest(os.path.join(run, rel))
     return out
 
 
@@ -225,7 +255,7 @@ max_parallel = 2
 
 [stages.download]
 processes = 1
-threads = 4
+threads = 1  # img2dataset writes samples in completion order: one thread makes it the pool's order
 {cpu}
 
 [stages.embed]
