@@ -35,7 +35,7 @@ def demo(
     console.print(f"demo pool: {summary.samples:,} samples in {summary.files} parquet files, "
                   f"{summary.heldout} held-out images, {human_bytes(summary.bytes_served)} served; in {summary.url}")
     console.print("noise: " + ", ".join(f"{k} {v}" for k, v in summary.noise.items()))
-    console.print(f"use it with:  [pool] metadata = \"{summary.url}\"   (docs/DEMO_POOL.md)")
+    console.print(f"use it with:  \\[pool] metadata = \"{summary.url}\"   (docs/DEMO_POOL.md)")
 
 
 @app.command()
