@@ -145,3 +145,15 @@ def metadata_units(ctx: PlanContext) -> UnitSet:
     if ctx.inputs.metadata_files:
         return UnitSet(count=len(ctx.inputs.metadata_files), names=ctx.inputs.metadata_files, label="parquet files")
     raise UserError(f"{ctx.config.path}: no metadata: add the embed stage or set [pool] metadata")
+
+
+def check_subset_source(ctx: PlanContext, stage: str) -> None:
+    """A stage reading a subset takes it from the filter stage in the same run or
+    from its `subset` param: exactly one of the two."""
+    in_run = any(s.stage == "filter" for s in ctx.steps.values())
+    if in_run and ctx.params.subset:
+        raise UserError(f"{ctx.config.path}: [stages.{stage}] subset: the filter stage is in this run and writes "
+                        "the subset; remove `subset` or the filter stage")
+    if not in_run and not ctx.params.subset:
+        raise UserError(f"{ctx.config.path}: [stages.{stage}] subset: no subset: set `subset` to a .npy URL "
+                        "or add the filter stage to the run")

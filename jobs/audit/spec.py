@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec, metadata_units
+from dcslurm.stages import PlanContext, StageSpec, StepSpec, check_subset_source, metadata_units
 
 TRANSFORMS = ("grayscale", "mean_colour", "lowpass", "highpass", "pixel_shuffle", "patch_shuffle", "edges")
 EMBEDDING_FEATURES = ("img", "txt")
@@ -86,13 +86,7 @@ def validate_sources(sources: list[dict]) -> None:
 
 
 def _audit_units(ctx: PlanContext) -> UnitSet:
-    in_run = any(s.stage == "filter" for s in ctx.steps.values())
-    if in_run and ctx.params.subset:
-        raise UserError(f"{ctx.config.path}: [stages.audit] subset: the filter stage is in this run and writes the "
-                        "subset; remove `subset` or the filter stage")
-    if not in_run and not ctx.params.subset:
-        raise UserError(f"{ctx.config.path}: [stages.audit] subset: no subset: set `subset` to a .npy URL or add "
-                        "the filter stage to the run")
+    check_subset_source(ctx, "audit")
     return metadata_units(ctx)
 
 

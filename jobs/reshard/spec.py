@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, shard_units
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, check_subset_source, shard_units
 
 BYTES_PER_SAMPLE = 35_000  # DataComp: about 35 KB a sample (jpg + txt + json)
 
@@ -49,13 +48,7 @@ def filter_in_run(steps) -> bool:
 
 
 def _count_units(ctx: PlanContext) -> UnitSet:
-    in_run = filter_in_run(ctx.steps.values())
-    if in_run and ctx.params.subset:
-        raise UserError(f"{ctx.config.path}: [stages.reshard] subset: the filter stage is in this run and writes "
-                        "the subset; remove `subset` or the filter stage")
-    if not in_run and not ctx.params.subset:
-        raise UserError(f"{ctx.config.path}: [stages.reshard] subset: no subset: set `subset` to a .npy "
-                        "URL or add the filter stage to the run")
+    check_subset_source(ctx, "reshard")
     return shard_units(ctx)
 
 
