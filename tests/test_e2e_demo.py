@@ -136,7 +136,7 @@ def test_small_demo_runs_the_whole_workflow(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", out, "--samples", "160", "--seeds", "2",
                                    "--train-samples", "512"])
     assert res.exit_code == 0, res.output
-    assert "is complete; reusing it" in res.output
+    assert "is complete; reusing it" in " ".join(res.output.split())  # rich wraps long paths
 
 
 @pytest.mark.slow
