@@ -306,6 +306,70 @@ def test_corrupt_header_is_skipped_and_the_rest_of_the_shard_kept():
 
 # -- the stage, end to end on the local executor ---------------------------------------
 
+def _walk(reader: TarSampleReader) -> tuple[list, dict]:
+    """What a reader yields (keys, members, json bytes) and what it counted."""
+    with reader:
+        samples = [(s.key, [(m.name, m.ext, m.offset, m.size, bytes(m.data) if m.data is not None else None)
+                            for m in s.members]) for s in reader]
+        return samples, dict(vars(reader.counters))
+
+
+def _tar_variants() -> dict[str, bytes]:
+    """Valid tars in every header dialect tarfile writes, our writer's, and damaged ones."""
+    samples = _simple_samples(7)
+    samples[2]["key"] = "d/" * 70 + "long"  # GNU long name / PAX path
+    samples[4]["key"] = "sub/ünïcode"
+    out = {}
+    for label, fmt in (("ustar", tarfile.USTAR_FORMAT), ("gnu", tarfile.GNU_FORMAT), ("pax", tarfile.PAX_FORMAT)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            d = tarfile.TarInfo("sub")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            for s in samples if fmt != tarfile.USTAR_FORMAT else [x for x in samples if x["key"].isascii()]:
+                for ext in ("jpg", "txt", "json"):
+                    data = s[ext].encode() if isinstance(s[ext], str) else s[ext]
+                    info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo("README")  # no extension: not a sample field
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+        out[label] = buf.getvalue()
+    buf = io.BytesIO()
+    writer = TarShardWriter(buf)
+    for s in _simple_samples(4):
+        for ext in ("jpg", "txt", "json"):
+            writer.add(f"{s['key']}.{ext}", s[ext].encode() if isinstance(s[ext], str) else s[ext])
+    writer.close()
+    out["ours"] = buf.getvalue()
+    plain = _tar_bytes(_simple_samples(6))
+    headers = [m.offset for m in tarfile.open(fileobj=io.BytesIO(plain))]
+    out["truncated"] = plain[:headers[9] + 700]
+    corrupt = bytearray(plain)
+    corrupt[headers[7] + 10] ^= 0xFF
+    out["corrupt"] = bytes(corrupt)
+    return out
+
+
+def test_mapped_fast_walk_reads_exactly_what_the_careful_walk_reads(tmp_path):
+    """Local shards are mapped and walked by the lean pass (bulk checksums); any tar it cannot
+    vouch for goes to the careful walk. Both must yield the same samples and counters."""
+    from jobs.reshard.tario import _MappedSource
+
+    for label, data in _tar_variants().items():
+        path = tmp_path / f"{label}.tar"
+        path.write_bytes(data)
+        careful = _walk(TarSampleReader(io.BytesIO(data), len(data)))
+        mapped = _walk(TarSampleReader(None, source=_MappedSource(str(path))))
+        assert mapped == careful, label
+        lean = TarSampleReader(None, source=_MappedSource(str(path)))
+        taken = lean._undamaged_members() is not None
+        lean.close()
+        # ustar/ours: the lean pass; long-name records, truncation and corruption: the careful walk
+        assert taken == (label in ("ustar", "ours")), label
+
+
 def test_one_task_output_is_the_subset_multiset(pool, one_task_run):
     out = os.path.join(one_task_run, "reshard")
     multiset, keys, per_shard = read_output(out)

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import numpy as np
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: archives are padded to a multiple of it
 _ZERO_BLOCK = bytes(BLOCK)
@@ -144,7 +146,7 @@ class _MappedSource(_Source):
     def __init__(self, path: str):
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            self.mm = _map_whole(f.fileno()) if size else None
         if self.mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             self.mm.madvise(mmap.MADV_SEQUENTIAL)
         self.size = size
@@ -179,6 +181,22 @@ class _MappedSource(_Source):
                 pass  # views of it are still alive: the mapping goes when the last one is dropped
 
 
+def _map_whole(fd: int) -> mmap.mmap:
+    """A read-only mapping of the whole file, its page tables filled at once where Linux allows.
+
+    Every byte of a shard is read anyway (the walk touches every header, the
+    write copies the kept members); faulting 4 KiB pages in one by one while
+    the kernel copies them out made the copy 3x slower than one MAP_POPULATE.
+    """
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate:
+        try:
+            return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+        except OSError:
+            pass
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
 def _octal(field_bytes: bytes) -> int:
     if field_bytes and field_bytes[0] & 0x80:  # GNU base-256 for big values
         value = int.from_bytes(field_bytes[1:], "big")
@@ -201,6 +219,32 @@ def _check_header(block: bytes) -> None:
         (b - 256 if b > 127 else b) for b in block[148:156]) + 8 * 32
     if stored != signed:
         raise _Corrupt("checksum mismatch")
+
+
+_REGULAR = frozenset(b"0\0" b"7")  # typeflags of regular files (as ints, what indexing bytes gives)
+_NAME_RECORDS = frozenset(b"Lxg")  # GNU long name, PAX per-file and global records
+_BLOCK_OFFSETS = np.arange(BLOCK, dtype=np.int64)
+
+
+def _checksums_match(mm: mmap.mmap, heads: list[int], stored: list[int]) -> bool:
+    """Whether every header block at `heads` has the checksum stored in it (tar's
+    unsigned sum, or the signed one some old tars wrote), checked 8,192 at a time."""
+    data = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        for i in range(0, len(heads), 8192):
+            blocks = data[np.asarray(heads[i:i + 8192], dtype=np.int64)[:, None] + _BLOCK_OFFSETS]
+            want = np.asarray(stored[i:i + 8192], dtype=np.int64)
+            # the checksum field itself counts as 8 spaces
+            got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+            wrong = got != want
+            if wrong.any():
+                signed = blocks[wrong].view(np.int8)
+                got = signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+                if (got != want[wrong]).any():
+                    return False
+        return True
+    finally:
+        del data  # the mapping cannot close while an array exports it
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
@@ -238,6 +282,11 @@ class TarSampleReader:
     def _members(self) -> Iterator[Member | None]:
         """Members in order; None marks damage (a corrupt header or truncation)."""
         src = self.source
+        if isinstance(src, _MappedSource) and src.pos == 0:
+            members = self._undamaged_members()
+            if members is not None:
+                yield from members
+                return
         long_name: str | None = None
         pax: dict[str, str] = {}
         while True:
@@ -302,6 +351,60 @@ class TarSampleReader:
                 yield member  # a known key: the previous sample is complete
                 return
             yield member
+
+    def _undamaged_members(self) -> list[Member] | None:
+        """Every member of an undamaged mapped tar in one lean pass, or None for the careful walk.
+
+        The per-header checksum in Python was most of a walk's cost, so here the
+        headers are only located and their checksums verified together afterwards
+        (numpy over all header blocks). Anything the lean pass does not handle (a
+        checksum that fails, truncation, GNU long names, PAX records, base-256
+        numbers) returns None, and `_members` walks the tar carefully from the start.
+        """
+        mm, size = self.source.mm, self.source.size
+        if mm is None:
+            return None
+        heads: list[int] = []
+        stored: list[int] = []
+        members: list[Member] = []
+        without_key = 0
+        pos = 0
+        while True:
+            data_at = pos + BLOCK
+            if data_at > size:
+                return None
+            block = mm[pos:data_at]
+            if block == _ZERO_BLOCK:
+                break
+            try:  # int() takes the padded octal text as is; a NUL ends it
+                length = int(block[124:136].split(b"\0", 1)[0], 8)
+                stored.append(int(block[148:156].split(b"\0", 1)[0], 8))
+            except ValueError:
+                return None
+            if length < 0 or data_at + length > size:
+                return None
+            heads.append(pos)
+            typeflag = block[156]
+            if typeflag in _REGULAR:
+                raw = block[:100].split(b"\0", 1)[0]
+                if block[345] and block[257:263] == b"ustar\x00":
+                    raw = block[345:500].split(b"\0", 1)[0] + b"/" + raw
+                name = raw.decode("utf-8", "surrogateescape")
+                m = _KEY_EXT.match(name)
+                if m is None:
+                    without_key += 1
+                else:
+                    member = Member(name=name, key=m.group(1), ext=m.group(2), offset=data_at, size=length)
+                    if member.ext == "json":
+                        member.data = mm[data_at:data_at + length]
+                    members.append(member)
+            elif typeflag in _NAME_RECORDS:
+                return None
+            pos = data_at + -(-length // BLOCK) * BLOCK
+        if not _checksums_match(mm, heads, stored):
+            return None
+        self.counters.members_without_key += without_key
+        return members
 
     def _resync(self) -> bool:
         """Advance to the next block that is a valid header; False at end of file."""
