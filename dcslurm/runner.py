@@ -64,8 +64,9 @@ def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
             run=run, plan=plan, step=step, index=index, shards=step.shards(index),
             params=params, world=world, scratch=scratch, log=log,
         )
-        log.info("task %s[%d]: units %d..%d of %d (rank %d/%d)", step_name, index, ctx.shards.start,
-                 ctx.shards.stop, step.units.count, world.rank, world.world_size)
+        # the interpreter shows whether a task ran in its container image or on the host
+        log.info("task %s[%d]: units %d..%d of %d (rank %d/%d, python %s)", step_name, index, ctx.shards.start,
+                 ctx.shards.stop, step.units.count, world.rank, world.world_size, sys.executable)
         result = func(ctx)
         if result is None:
             result = TaskResult()

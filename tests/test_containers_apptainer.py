@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -146,11 +147,15 @@ def _outputs(run: Path, dirs=OUTPUT_DIRS) -> dict[str, str]:
     return {k: v for k, v in tree_digest(str(run)).items() if k.startswith(dirs)}
 
 
-def test_host_python_cannot_run_tasks_so_success_means_the_image_ran_them(tmp_path):
-    # [container] python is "python3": on this host that interpreter lacks dcslurm
-    # (outside the repo folder), so a task that succeeds ran inside the image.
-    proc = subprocess.run(["python3", "-c", "import dcslurm"], cwd=tmp_path, capture_output=True)
-    assert proc.returncode != 0
+def _interpreters(run: Path) -> set[str]:
+    """The interpreters that ran the run's tasks, from the runner's first log line of each task."""
+    found = set()
+    for log in (run / "logs").rglob("*.log"):
+        found |= set(re.findall(r"\(rank \d+/\d+, python (\S+)\)", log.read_text(errors="replace")))
+    return found
+
+
+IMAGE_PYTHON = "/opt/dcslurm/venv/bin/python3"  # containers/cpu.def's venv: exists only inside the image
 
 
 def test_stages_in_the_image_on_the_local_executor_match_a_run_without(apptainer, cpu_image, tmp_path):
@@ -159,6 +164,8 @@ def test_stages_in_the_image_on_the_local_executor_match_a_run_without(apptainer
     assert not submit_run(load_config(_run_toml(tmp_path, plain, "local", None, apptainer))).failed
     assert not submit_run(load_config(_run_toml(tmp_path, boxed, "local", cpu_image.path, apptainer))).failed
     assert _outputs(plain) and _outputs(boxed) == _outputs(plain)
+    # the same outputs, and every task of the boxed run ran on the image's interpreter
+    assert _interpreters(boxed) == {IMAGE_PYTHON} and IMAGE_PYTHON not in _interpreters(plain)
 
 
 @pytest.mark.slurm
@@ -180,6 +187,7 @@ def test_filter_in_the_image_on_slurm_matches_a_run_without(apptainer, cpu_image
     assert "filter/subset.npy" in filtered and "filter/stats.json" in filtered
     assert filtered == {k: v for k, v in _outputs(plain, ("filter/",)).items() if not k.endswith(".npz")}
     assert len(np.load(plain / "filter" / "subset.npy")) > 0
+    assert _interpreters(boxed) == {IMAGE_PYTHON} and IMAGE_PYTHON not in _interpreters(plain)
 
 
 @pytest.mark.s3
