@@ -223,28 +223,22 @@ def _check_header(block: bytes) -> None:
 
 _REGULAR = frozenset(b"0\0" b"7")  # typeflags of regular files (as ints, what indexing bytes gives)
 _NAME_RECORDS = frozenset(b"Lxg")  # GNU long name, PAX per-file and global records
-_BLOCK_OFFSETS = np.arange(BLOCK, dtype=np.int64)
 
 
-def _checksums_match(mm: mmap.mmap, heads: list[int], stored: list[int]) -> bool:
-    """Whether every header block at `heads` has the checksum stored in it (tar's
-    unsigned sum, or the signed one some old tars wrote), checked 8,192 at a time."""
-    data = np.frombuffer(mm, dtype=np.uint8)
-    try:
-        for i in range(0, len(heads), 8192):
-            blocks = data[np.asarray(heads[i:i + 8192], dtype=np.int64)[:, None] + _BLOCK_OFFSETS]
-            want = np.asarray(stored[i:i + 8192], dtype=np.int64)
-            # the checksum field itself counts as 8 spaces
-            got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
-            wrong = got != want
-            if wrong.any():
-                signed = blocks[wrong].view(np.int8)
-                got = signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
-                if (got != want[wrong]).any():
-                    return False
+def _checksums_match(headers: list[bytes], stored: list[int]) -> bool:
+    """Whether every header block has the checksum stored in it: tar's unsigned sum,
+    or the signed one some old tars wrote (the checksum field counts as 8 spaces)."""
+    if not headers:
         return True
-    finally:
-        del data  # the mapping cannot close while an array exports it
+    blocks = np.frombuffer(b"".join(headers), dtype=np.uint8).reshape(len(headers), BLOCK)
+    want = np.asarray(stored, dtype=np.int64)
+    got = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+    wrong = got != want
+    if wrong.any():
+        signed = blocks[wrong].view(np.int8)
+        got = signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
+        return bool((got == want[wrong]).all())
+    return True
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
@@ -357,14 +351,14 @@ class TarSampleReader:
 
         The per-header checksum in Python was most of a walk's cost, so here the
         headers are only located and their checksums verified together afterwards
-        (numpy over all header blocks). Anything the lean pass does not handle (a
+        (numpy over 8,192 header blocks at a time). Anything the lean pass does not handle (a
         checksum that fails, truncation, GNU long names, PAX records, base-256
         numbers) returns None, and `_members` walks the tar carefully from the start.
         """
         mm, size = self.source.mm, self.source.size
         if mm is None:
             return None
-        heads: list[int] = []
+        headers: list[bytes] = []
         stored: list[int] = []
         members: list[Member] = []
         without_key = 0
@@ -383,7 +377,11 @@ class TarSampleReader:
                 return None
             if length < 0 or data_at + length > size:
                 return None
-            heads.append(pos)
+            headers.append(block)
+            if len(headers) == 8192:  # verified in batches: memory stays bounded on huge tars
+                if not _checksums_match(headers, stored):
+                    return None
+                headers, stored = [], []
             typeflag = block[156]
             if typeflag in _REGULAR:
                 raw = block[:100].split(b"\0", 1)[0]
@@ -401,7 +399,7 @@ class TarSampleReader:
             elif typeflag in _NAME_RECORDS:
                 return None
             pos = data_at + -(-length // BLOCK) * BLOCK
-        if not _checksums_match(mm, heads, stored):
+        if not _checksums_match(headers, stored):
             return None
         self.counters.members_without_key += without_key
         return members
