@@ -132,8 +132,9 @@ def _toml_inline(d: dict) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-# The tiny model runs on CPUs: no GPU asked of SLURM, and 2 cores a task.
-_CPU_RESOURCES = "resources = {gpus_per_node = 0, cpus_per_task = 2}"
+# The tiny model runs on CPUs: no GPU asked of SLURM, 2 cores a task, and the site's default
+# memory (mem = "" drops the embed stage's 64G default: the demo's tasks need under 2 GB).
+_CPU_RESOURCES = 'resources = {gpus_per_node = 0, cpus_per_task = 2, mem = ""}'
 
 
 def _common(settings: DemoSettings, folder: str, seed: int, stages: list[str]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,14 @@ def test_configs_load_and_chain_the_runs(tmp_path):
             assert c.stages["filter"].params.spec == d.FILTER_SPECS[name]
     assert {c.stages["train"].params.samples for c in cfgs.values()} == {d.DEFAULT_TRAIN_SAMPLES}
     assert {c.stages["eval"].params.evalsets for c in cfgs.values()} == {str(tmp_path / "pool" / "heldout")}
+    # On SLURM the model stages ask for CPUs only and the site's default memory (not embed's 64G
+    # GPU-node default, which a small cluster rejects: "Requested node configuration is not available").
+    from dcslurm.stages import registry
+
+    for cfg in cfgs.values():
+        for stage in set(cfg.selected_stages()) & {"embed", "train", "eval"}:
+            res = cfg.resources_for(stage, registry()[stage].default_resources)
+            assert (res.gpus_per_node, res.mem, res.cpus_per_task) == (0, "", 2), (stage, res)
 
 
 def test_config_only_writes_configs_and_runs_nothing(tmp_path):
@@ -137,6 +146,26 @@ def test_small_demo_runs_the_whole_workflow(tmp_path):
                                    "--train-samples", "512"])
     assert res.exit_code == 0, res.output
     assert "is complete; reusing it" in " ".join(res.output.split())  # rich wraps long paths
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_small_demo_on_the_slurm_cluster(slurm_cluster, tmp_path):
+    """`dcslurm demo --executor slurm`: the same workflow as array jobs on the real cluster
+    (four emulated nodes, 2 CPUs each), one seed; the results table comes out the same way."""
+    from dcslurm.cli import app
+
+    out = str(tmp_path / "demo")
+    res = CliRunner().invoke(app, ["demo", "--out", out, "--samples", "160", "--seeds", "1",
+                                   "--train-samples", "512", "--executor", "slurm"])
+    assert res.exit_code == 0, res.output
+    _check_demo_outputs(out, 1)
+    assert "Per filter: mean±std over 1 seeds" in " ".join(res.output.split())
+    # every task ran as a SLURM job: the sbatch scripts are in each run's logs
+    layout = d.DemoLayout(out)
+    for run in ("nofilter", "clip30"):
+        assert list(Path(layout.run(run), "logs", "sbatch").glob("*.sbatch")), run
+    slurm_cluster.wait_jobs_done(60)
 
 
 @pytest.mark.slow
