@@ -396,6 +396,17 @@ def test_malformed_uid(tmp_path):
     assert "00000000.parquet" in _one_line(exc) and "'uid'" in str(exc.value) and "row 7" in str(exc.value)
 
 
+@pytest.mark.parametrize("bad", ["0a 1b" + "c" * 27, "é" + "a" * 31, "+" * 32, "a" * 31 + "\n"])
+def test_parse_uids_fast_path_refuses_what_the_slow_path_refuses(bad):
+    """The whole-column fast path (one unhexlify) must name the same malformed rows the
+    per-row path does; upper and lower case hex parse to the same numbers."""
+    good = [f"{i:032x}" for i in range(5)]
+    hi, lo = rules.parse_uids(good + [good[3].upper()], "fixture")
+    assert list(lo) == [0, 1, 2, 3, 4, 3] and not hi.any()
+    with pytest.raises(UserError, match="row 2: malformed uid"):
+        rules.parse_uids(good[:2] + [bad] + good[2:], "fixture")
+
+
 @pytest.mark.parametrize("spec,message", [
     ("clip_scor(fraction=0.3)", "unknown filter 'clip_scor'"),
     ("clip_score(l14, fractio=0.3)", "unknown parameter 'fractio'"),

@@ -11,6 +11,7 @@ are what the rule names. LAION-2B uses gcld3 (module `gcld3` of cld3-py).
 
 from __future__ import annotations
 
+import binascii
 import functools
 import gzip
 import os
@@ -58,6 +59,11 @@ def parse_uids(uids, where: str) -> tuple[np.ndarray, np.ndarray]:
         row = int(bad[0])
         raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} (expected 32 hex characters)")
     raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+    try:  # the whole column in one C call, straight from arrow's buffer; any non-hex byte raises
+        words = np.frombuffer(binascii.unhexlify(raw), dtype=">u8").astype(np.uint64)
+        return np.ascontiguousarray(words[0::2]), np.ascontiguousarray(words[1::2])
+    except binascii.Error:
+        pass  # the slow path below names the first malformed row
     nib = _HEX[raw].reshape(n, 32)
     bad = np.nonzero((nib == 255).any(axis=1))[0]
     if bad.size:
@@ -98,12 +104,10 @@ def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
     """DataComp's `get_fasttext_language(text) == "en"` for each caption."""
     # The pybind call under FastText.predict(text): same input (one line + "\n"), same top-1.
     predict = fasttext_model(model_path).f.predict
-
-    def english(text: str) -> bool:
-        top = predict(text.replace("\n", " ") + "\n", 1, 0.0, "strict")
-        return bool(top) and top[0][1] == "__label__en"
-
-    return np.fromiter((english(t) for t in texts), dtype=bool, count=len(texts))
+    en = "__label__en"
+    # one comprehension, no Python call per caption besides fastText's own (it runs on millions)
+    return np.array([bool(top := predict(t.replace("\n", " ") + "\n", 1, 0.0, "strict")) and top[0][1] == en
+                     for t in texts], dtype=bool)
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,20 +144,33 @@ def fasttext_token_count(text: str) -> int:
 
 # -- rules --------------------------------------------------------------------
 
-def basic_mask(texts: list[str], width: np.ndarray, height: np.ndarray, lid_model: str = "") -> np.ndarray:
-    """DataComp basic: English, > 2 words, > 5 chars, min side >= 200, max/min <= 3 (NaN sizes fail)."""
+def basic_image_mask(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """DataComp basic's image rule: min side >= 200 and max/min <= 3 (NaN sizes fail)."""
     w = np.asarray(width, dtype=np.float64)
     h = np.asarray(height, dtype=np.float64)
     lo, hi = np.minimum(w, h), np.maximum(w, h)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mask = (lo >= 200) & (hi / lo <= 3.0)
-    # Cheapest test first; each later (slower) one only on the rows still in.
+        return (lo >= 200) & (hi / lo <= 3.0)
+
+
+def basic_caption_mask(texts: list[str], lid_model: str = "") -> np.ndarray:
+    """DataComp basic's caption rule: > 5 chars, > 2 words, English (fastText)."""
+    mask = np.ones(len(texts), bool)
+    # Cheapest test first; each later (slower) one only on the captions still in.
     for test in (lambda sub: char_counts(sub) > 5, lambda sub: word_counts(sub) > 2,
                  lambda sub: fasttext_english(sub, lid_model)):
         idx = np.nonzero(mask)[0]
         if not idx.size:
             break
-        mask[idx] = test([texts[i] for i in idx])
+        mask[idx] = test(texts if idx.size == len(texts) else [texts[i] for i in idx])
+    return mask
+
+
+def basic_mask(texts: list[str], width: np.ndarray, height: np.ndarray, lid_model: str = "") -> np.ndarray:
+    """DataComp basic: English, > 2 words, > 5 chars, min side >= 200, max/min <= 3 (NaN sizes fail)."""
+    mask = basic_image_mask(width, height)
+    idx = np.nonzero(mask)[0]
+    mask[idx] = basic_caption_mask([texts[i] for i in idx], lid_model)
     return mask
 
 
