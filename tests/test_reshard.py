@@ -352,6 +352,31 @@ def _tar_variants() -> dict[str, bytes]:
     return out
 
 
+def test_tars_opened_ahead_come_in_order_and_an_early_stop_closes_the_next(tmp_path, monkeypatch):
+    """Count and write open each input tar in a thread while the one before is processed."""
+    from dcslurm.storage import DataFolder
+    from jobs.reshard import tario
+
+    for i, name in enumerate(("a.tar", "c.tar", "d.tar")):
+        (tmp_path / name).write_bytes(_tar_bytes(_simple_samples(i + 1)))
+    folder = DataFolder(str(tmp_path))
+    sources = [(folder, n, str(tmp_path), n) for n in ("a.tar", "b.tar", "c.tar", "d.tar")]
+    readers = list(tario.open_tars_ahead(sources))
+    assert [None if r is None else r.name for r in readers] == ["a.tar", None, "c.tar", "d.tar"]  # b is missing
+    assert [len(list(r)) for r in readers if r is not None] == [1, 2, 3]
+    for r in readers:
+        if r is not None:
+            r.close()
+    closed = []
+    close = tario.TarSampleReader.close
+    monkeypatch.setattr(tario.TarSampleReader, "close", lambda self: (closed.append(self.name), close(self)))
+    ahead = tario.open_tars_ahead([sources[0], sources[2], sources[3]])
+    first = next(ahead)  # c.tar is being opened meanwhile
+    ahead.close()  # the caller stops early: c.tar is closed for it, a.tar stays the caller's
+    assert closed == ["c.tar"] and first.name == "a.tar"
+    first.close()
+
+
 def test_mapped_fast_walk_reads_exactly_what_the_careful_walk_reads(tmp_path):
     """Local shards are mapped and walked by the lean pass (bulk checksums); any tar it cannot
     vouch for goes to the careful walk. Both must yield the same samples and counters."""

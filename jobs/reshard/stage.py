@@ -10,13 +10,14 @@ inputs, the subset and the params, never on the number of tasks.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import io
 import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
 from jobs.reshard.spec import filter_in_run
 from jobs.reshard.subset import SubsetFile, load_subset_url
-from jobs.reshard.tario import Member, ReadCounters, Sample, TarSampleReader, TarShardWriter, open_tar
+from jobs.reshard.tario import Member, ReadCounters, Sample, TarSampleReader, TarShardWriter, open_tars_ahead
 
 COUNTS_DIR = "_counts"
 INDEX_FILE = "_index.json"
@@ -81,12 +82,14 @@ def multiplicities(samples: list[Sample], subset: SubsetFile) -> tuple[np.ndarra
     return counts, first, problems
 
 
-def _open_reader(ctx: TaskContext, url: str) -> TarSampleReader | None:
-    folder, name = split_url(ctx, url)
-    try:
-        return open_tar(folder, name, ctx.scratch, url)
-    except FileNotFoundError:
-        return None
+def _readers(ctx: TaskContext, urls: list[str]) -> contextlib.closing:
+    """Readers of the input tars `urls`, in order (None where one is missing), each opened
+    while the one before is processed; use as `with _readers(...) as readers:`."""
+    sources = []
+    for url in urls:
+        folder, name = split_url(ctx, url)
+        sources.append((folder, name, ctx.scratch, url))
+    return contextlib.closing(open_tars_ahead(sources))
 
 
 # -- step 1: count ----------------------------------------------------------------
@@ -95,29 +98,10 @@ def count(ctx: TaskContext) -> TaskResult:
     """Per input shard of this task: samples scanned, samples the subset keeps (with repeats)."""
     subset = load_run_subset(ctx)
     shards, positions = [], []
-    for url in ctx.input_names():
-        if not url.endswith(".tar"):
-            continue  # upstream outputs beside the tars (parquet, stats)
-        record = {"url": url, "missing": False, "scanned": 0, "kept": 0, "matched": 0,
-                  **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
-        reader = _open_reader(ctx, url)
-        if reader is None:
-            ctx.log.warning("%s: input shard does not exist: counted as missing", url)
-            record["missing"] = True
-            shards.append(record)
-            continue
-        with reader:
-            samples = list(reader)  # headers and json only: the image bytes stay unread
-        counts, first, problems = multiplicities(samples, subset)
-        record["scanned"] = len(samples)
-        for problem in problems:
-            if problem:
-                record[problem] += 1
-        record["kept"] = int(counts.sum())
-        record["matched"] = int(np.count_nonzero(counts))
-        positions.append(first[counts > 0])
-        record.update(dataclasses.asdict(reader.counters))
-        shards.append(record)
+    tars = [url for url in ctx.input_names() if url.endswith(".tar")]  # not the parquet/stats beside them
+    with _readers(ctx, tars) as readers:
+        for url, reader in zip(tars, readers):
+            _count_shard(ctx, url, reader, subset, shards, positions)
     rel = f"{COUNTS_DIR}/{ctx.index:06d}"
     buf = io.BytesIO()
     np.save(buf, np.concatenate(positions) if positions else np.zeros(0, np.int64))
@@ -125,6 +109,30 @@ def count(ctx: TaskContext) -> TaskResult:
     ctx.output.write_json(f"{rel}.json", {"subset": subset.url, "subset_rows": len(subset), "shards": shards})
     totals = _sum_records(shards)
     return TaskResult(outputs=[f"{ctx.step.stage}/{rel}.json", f"{ctx.step.stage}/{rel}.npy"], stats=totals)
+
+
+def _count_shard(ctx: TaskContext, url: str, reader: TarSampleReader | None, subset: SubsetFile,
+                 shards: list[dict], positions: list[np.ndarray]) -> None:
+    """Append one input shard's record (and its kept samples' first subset rows)."""
+    record = {"url": url, "missing": False, "scanned": 0, "kept": 0, "matched": 0,
+              **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
+    if reader is None:
+        ctx.log.warning("%s: input shard does not exist: counted as missing", url)
+        record["missing"] = True
+        shards.append(record)
+        return
+    with reader:
+        samples = list(reader)  # headers and json only: the image bytes stay unread
+    counts, first, problems = multiplicities(samples, subset)
+    record["scanned"] = len(samples)
+    for problem in problems:
+        if problem:
+            record[problem] += 1
+    record["kept"] = int(counts.sum())
+    record["matched"] = int(np.count_nonzero(counts))
+    positions.append(first[counts > 0])
+    record.update(dataclasses.asdict(reader.counters))
+    shards.append(record)
 
 
 def _sum_records(records: list[dict]) -> dict:
@@ -205,16 +213,20 @@ def write(ctx: TaskContext) -> TaskResult:
     n_parts = ctx.step.units.count
     shards = [s for part in ctx.shards for s in split_evenly(layout["n_shards"], n_parts, part)]
     _remove_stale_temporaries(ctx.output, shards)
+    todo = {shard: _shard_inputs(layout, shard) for shard in shards
+            if not (ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)))}
     outputs, stats = [], Counter()
-    for shard in shards:
-        if ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)):
-            stats["shards_resumed"] += 1
-        else:
-            written = _write_shard(ctx, layout, subset, shard)
-            for k in ("samples", "bytes", "repeats"):
-                stats[k] += written[k]
-            stats["shards_written"] += 1
-        outputs.append(f"{ctx.step.stage}/{shard_name(shard)}")
+    # every input tar this task reads, in reading order, each opened while the one before is copied
+    with _readers(ctx, [e["url"] for entries in todo.values() for e in entries]) as readers:
+        for shard in shards:
+            if shard not in todo:
+                stats["shards_resumed"] += 1
+            else:
+                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers)
+                for k in ("samples", "bytes", "repeats"):
+                    stats[k] += written[k]
+                stats["shards_written"] += 1
+            outputs.append(f"{ctx.step.stage}/{shard_name(shard)}")
     out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **stats}
     return TaskResult(outputs=outputs, stats=out)
 
@@ -231,11 +243,28 @@ def _remove_stale_temporaries(folder: DataFolder, shards: list[int]) -> None:
                 os.unlink(e.path)
 
 
-def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int) -> dict:
+def _shard_range(layout: dict, shard: int) -> tuple[int, int]:
+    """The global sample indexes [lo, hi) of output shard `shard`."""
     per_shard = layout["samples_per_shard"]
-    lo, hi = shard * per_shard, min((shard + 1) * per_shard, layout["total"])
+    return shard * per_shard, min((shard + 1) * per_shard, layout["total"])
+
+
+def _shard_inputs(layout: dict, shard: int) -> list[dict]:
+    """The index entries of the input shards whose kept samples fall in output shard `shard`."""
+    lo, hi = _shard_range(layout, shard)
     inputs = layout["inputs"]
     i = bisect.bisect_right([e["start"] for e in inputs], lo) - 1
+    entries = []
+    while i < len(inputs) and inputs[i]["start"] < hi:
+        entries.append(inputs[i])
+        i += 1
+    return entries
+
+
+def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int, entries: list[dict],
+                 readers: Iterator[TarSampleReader | None]) -> dict:
+    """Write output shard `shard` from `entries`, taking one reader from `readers` for each."""
+    lo, hi = _shard_range(layout, shard)
     shuffle = bool(ctx.params.get("shuffle"))
     collected: list[tuple[str, list[Member]]] = []
     used: list[str] = []
@@ -250,10 +279,9 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int)
             else:
                 _add_sample(writer, key, members)
 
-        while i < len(inputs) and inputs[i]["start"] < hi:
-            used.append(inputs[i]["url"])
-            _copy_range(ctx, inputs[i], subset, lo, hi, emit, stats)
-            i += 1
+        for entry in entries:
+            used.append(entry["url"])
+            _copy_range(entry, next(readers), subset, lo, hi, emit, stats)
         if shuffle:
             for j in np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard]).permutation(len(collected)):
                 _add_sample(writer, *collected[j])
@@ -274,11 +302,10 @@ def _add_sample(writer: TarShardWriter, key: str, members: list[Member]) -> None
         writer.add(f"{key}.{m.ext}", m.data)
 
 
-def _copy_range(ctx: TaskContext, entry: dict, subset: SubsetFile, lo: int, hi: int,
+def _copy_range(entry: dict, reader: TarSampleReader | None, subset: SubsetFile, lo: int, hi: int,
                 emit: Callable[[str, list[Member]], None], stats: dict) -> None:
-    """Emit the kept samples of input shard `entry` whose global indexes fall in [lo, hi)."""
+    """Emit the kept samples of input shard `entry` (read by `reader`) whose global indexes fall in [lo, hi)."""
     url = entry["url"]
-    reader = _open_reader(ctx, url)
     if reader is None:
         raise RuntimeError(f"{url}: input shard disappeared since it was counted")
     g = entry["start"]

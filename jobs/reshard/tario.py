@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -481,6 +482,40 @@ def open_tar(folder, name: str, scratch: str, url: str = "") -> TarSampleReader:
     finally:
         if os.path.exists(copy):
             os.unlink(copy)  # the mapping keeps the data until it is closed
+
+
+def open_tars_ahead(sources: list[tuple]) -> Iterator[TarSampleReader | None]:
+    """`open_tar(*source)` for each source in order, each one opened while the caller reads
+    the one before it; None for a tar that does not exist.
+
+    Opening is the I/O of a shard: a local one is paged in whole (MAP_POPULATE),
+    a remote one downloaded to scratch. Both release the GIL, so one thread
+    overlaps the next shard's reading with the Python work on this one. The
+    caller closes each reader it is given; one it never takes is closed here.
+    """
+    def opened(source: tuple) -> TarSampleReader | None:
+        try:
+            return open_tar(*source)
+        except FileNotFoundError:
+            return None
+
+    if not sources:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tar-ahead") as pool:
+        pending: Future | None = pool.submit(opened, sources[0])
+        try:
+            for i in range(len(sources)):
+                reader = pending.result()
+                pending = pool.submit(opened, sources[i + 1]) if i + 1 < len(sources) else None
+                yield reader
+        finally:
+            if pending is not None:  # the caller stopped early: close what was opened for it
+                try:
+                    leftover = pending.result()
+                except Exception:  # noqa: BLE001 - the caller's own error is what matters now
+                    leftover = None
+                if leftover is not None:
+                    leftover.close()
 
 
 def _header_template() -> bytes:
