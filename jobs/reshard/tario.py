@@ -222,6 +222,14 @@ def _check_header(block: bytes) -> None:
         raise _Corrupt("checksum mismatch")
 
 
+def _ustar_name(block: bytes) -> str:
+    """The member name a header block holds: its name field, behind the prefix field in POSIX ustar."""
+    name = block[:100].split(b"\0", 1)[0]
+    if block[345] and block[257:263] == b"ustar\x00":
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
 _REGULAR = frozenset(b"0\0" b"7")  # typeflags of regular files (as ints, what indexing bytes gives)
 _NAME_RECORDS = frozenset(b"Lxg")  # GNU long name, PAX per-file and global records
 
@@ -302,33 +310,28 @@ class TarSampleReader:
                     return
                 long_name, pax = None, {}
                 continue
-            typeflag = block[156:157]
+            typeflag = block[156]
             padded = -(-size // BLOCK) * BLOCK
-            if typeflag in (b"L", b"x", b"g"):
+            if typeflag in _NAME_RECORDS:
                 data = src.read(padded)
                 if len(data) < padded:
                     self.counters.truncated_tars += 1
                     yield None
                     return
-                if typeflag == b"L":
+                if typeflag == ord("L"):
                     long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                elif typeflag == b"x":
+                elif typeflag == ord("x"):
                     pax = _parse_pax(data[:size])
                 continue
-            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if block[257:263] == b"ustar\x00":  # POSIX ustar: name may have a prefix
-                prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if prefix:
-                    name = f"{prefix}/{name}"
-            name = pax.get("path", long_name or name)
+            name = pax.get("path", long_name or _ustar_name(block))
             if "size" in pax:
                 size = int(pax["size"])
                 padded = -(-size // BLOCK) * BLOCK
             long_name, pax = None, {}
             offset = src.pos
             m = _KEY_EXT.match(name)
-            if typeflag not in (b"0", b"\0", b"7") or m is None:  # directories, links, no extension
-                self.counters.members_without_key += typeflag in (b"0", b"\0", b"7")
+            if typeflag not in _REGULAR or m is None:  # directories, links, no extension
+                self.counters.members_without_key += typeflag in _REGULAR
                 if not src.skip(padded):
                     self.counters.truncated_tars += 1
                     yield None
@@ -385,10 +388,7 @@ class TarSampleReader:
                 headers, stored = [], []
             typeflag = block[156]
             if typeflag in _REGULAR:
-                raw = block[:100].split(b"\0", 1)[0]
-                if block[345] and block[257:263] == b"ustar\x00":
-                    raw = block[345:500].split(b"\0", 1)[0] + b"/" + raw
-                name = raw.decode("utf-8", "surrogateescape")
+                name = _ustar_name(block)
                 m = _KEY_EXT.match(name)
                 if m is None:
                     without_key += 1
