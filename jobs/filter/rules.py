@@ -166,14 +166,6 @@ def basic_caption_mask(texts: list[str], lid_model: str = "") -> np.ndarray:
     return mask
 
 
-def basic_mask(texts: list[str], width: np.ndarray, height: np.ndarray, lid_model: str = "") -> np.ndarray:
-    """DataComp basic: English, > 2 words, > 5 chars, min side >= 200, max/min <= 3 (NaN sizes fail)."""
-    mask = basic_image_mask(width, height)
-    idx = np.nonzero(mask)[0]
-    mask[idx] = basic_caption_mask([texts[i] for i in idx], lid_model)
-    return mask
-
-
 def image_caption_mask(texts: list[str], lid_model: str = "") -> np.ndarray:
     """DataComp's caption filter of the image-based baseline: English, > 1 fastText token, > 5 chars."""
     mask = (np.fromiter((fasttext_token_count(t) for t in texts), np.int64, len(texts)) > 1) & (char_counts(texts) > 5)
