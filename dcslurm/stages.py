@@ -147,10 +147,15 @@ def metadata_units(ctx: PlanContext) -> UnitSet:
     raise UserError(f"{ctx.config.path}: no metadata: add the embed stage or set [pool] metadata")
 
 
+def filter_in_run(steps) -> bool:
+    """True when the filter stage is planned in this run (its subset.npy is then the subset)."""
+    return any(s.stage == "filter" for s in steps)
+
+
 def check_subset_source(ctx: PlanContext, stage: str) -> None:
     """A stage reading a subset takes it from the filter stage in the same run or
     from its `subset` param: exactly one of the two."""
-    in_run = any(s.stage == "filter" for s in ctx.steps.values())
+    in_run = filter_in_run(ctx.steps.values())
     if in_run and ctx.params.subset:
         raise UserError(f"{ctx.config.path}: [stages.{stage}] subset: the filter stage is in this run and writes "
                         "the subset; remove `subset` or the filter stage")

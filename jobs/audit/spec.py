@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec, check_subset_source, metadata_units
+from dcslurm.stages import PlanContext, StageSpec, StepSpec, check_subset_source, filter_in_run, metadata_units
 
 TRANSFORMS = ("grayscale", "mean_colour", "lowpass", "highpass", "pixel_shuffle", "patch_shuffle", "edges")
 EMBEDDING_FEATURES = ("img", "txt")
@@ -92,7 +92,7 @@ def _audit_units(ctx: PlanContext) -> UnitSet:
 
 def _bias_tasks(ctx: PlanContext) -> UnitSet:
     if not ctx.params.sources:
-        if not any(s.stage == "filter" for s in ctx.steps.values()):
+        if not filter_in_run(ctx.steps.values()):
             raise UserError(f"{ctx.config.path}: [stages.audit_bias] sources: none given: list two or more sources, "
                             "or add the filter stage to the run (then the pool is compared with its filtered subset)")
         metadata_units(ctx)  # the run has metadata (raises the usual one-line error if not)

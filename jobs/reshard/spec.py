@@ -42,11 +42,6 @@ class ReshardParams:
             raise ValueError("tasks: must be >= 0 (0 = one write task per count task)")
 
 
-def filter_in_run(steps) -> bool:
-    """True when the filter stage is planned in this run (its subset.npy is then our input)."""
-    return any(s.stage == "filter" for s in steps)
-
-
 def _count_units(ctx: PlanContext) -> UnitSet:
     check_subset_source(ctx, "reshard")
     return shard_units(ctx)

@@ -23,9 +23,9 @@ import numpy as np
 
 from dcslurm.errors import UserError
 from dcslurm.shards import split_evenly
+from dcslurm.stages import filter_in_run
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
-from jobs.reshard.spec import filter_in_run
 from jobs.reshard.subset import SubsetFile, load_subset_url
 from jobs.reshard.tario import Member, ReadCounters, Sample, TarSampleReader, TarShardWriter, open_tars_ahead
 
