@@ -235,11 +235,10 @@ def _pipeline_outputs(run: str) -> dict[str, str]:
 
 
 def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str) -> str:
-    from dcslurm.demo import DEMO_TASKS
+    from dcslurm.demo import DEMO_TASKS, _toml_inline
 
     cpu = "resources = {gpus_per_node = 0, cpus_per_task = 1, mem = \"1000M\", time = \"00:20:00\"}"
-    extra_tasks = ",\n  ".join(
-        "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + "}" for t in DEMO_TASKS)
+    extra_tasks = ",\n  ".join(_toml_inline(t) for t in DEMO_TASKS)
     text = f"""
 [run]
 folder = {json.dumps(run)}
