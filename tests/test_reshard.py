@@ -280,6 +280,48 @@ def test_writer_output_is_readable_by_tarfile_and_deterministic():
     assert _read_keys_any(data) == ["a", "b" * 120, "dir/" + "c" * 150, "ünï"]
 
 
+def test_writer_headers_made_together_equal_one_header_per_member():
+    """The writer makes a flush's headers in one numpy pass; each must be the header
+    `member_header` gives that member alone (names of every length, sizes up to 8 GiB)."""
+    from jobs.reshard.tario import BLOCK, RECORD, member_header
+
+    members = [("a.jpg", b"x" * 1000), ("k" * 100 + ".txt", b""), ("b" * 99 + ".j", b"y" * 512),
+               ("d/" * 60 + "e.json", b"{}"), ("ünï.txt", b"u"), ("0" * 9 + ".cls", b"7" * 513)]
+    buf = io.BytesIO()
+    writer = TarShardWriter(buf)
+    for name, data in members:
+        writer.add(name, data)
+    writer.close()
+    expected = b"".join(member_header(n, len(d)) + d + bytes(-len(d) % BLOCK) for n, d in members)
+    expected += bytes(2 * BLOCK + -(len(expected) + 2 * BLOCK) % RECORD)
+    assert buf.getvalue() == expected
+    from jobs.reshard.tario import _simple_headers
+    big = _simple_headers([b"big.bin"], np.array([8 ** 11 - 1], np.int64)).tobytes()
+    assert big == member_header("big.bin", 8 ** 11 - 1)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'{"uid": "ab", "x": [1, {"uid": "no"}]}', ("ab", "")),
+    (b' \n{"uid": "ab"}\n ', ("ab", "")),  # whitespace around the value
+    ('\ufeff{"uid": "ab"}'.encode(), ("ab", "")),  # a UTF-8 byte order mark
+    ('{"uid": "ab"}'.encode("utf-16"), ("ab", "")),  # json.loads detects UTF-16/32
+    (b'{"uid": "ab"} x', (None, "bad_json")),  # trailing data
+    (b'{"uid": "ab"}{"uid": "cd"}', (None, "bad_json")),
+    (b'{"uid": "a\xff"}', (None, "bad_json")),  # not UTF-8
+    (b'', (None, "bad_json")),
+    (b'[1, 2]', (None, "no_uid")),
+    (b'{"uid": null}', (None, "no_uid")),
+    (b'{"uid": 12}', (12, "")),  # returned as found: the caller refuses non-hex uids
+    (None, (None, "no_json")),
+])
+def test_json_uid_reads_what_json_loads_reads(data, expected):
+    from jobs.reshard.tario import json_uid
+
+    assert json_uid(data) == expected
+    if data is not None:
+        assert json_uid(memoryview(data)) == expected
+
+
 def _read_keys_any(data: bytes) -> list[str]:
     return [s.key for s in TarSampleReader(io.BytesIO(data), len(data))]
 
@@ -388,8 +430,15 @@ def test_mapped_fast_walk_reads_exactly_what_the_careful_walk_reads(tmp_path):
         careful = _walk(TarSampleReader(io.BytesIO(data), len(data)))
         mapped = _walk(TarSampleReader(None, source=_MappedSource(str(path))))
         assert mapped == careful, label
+        # the columns count and write work from hold the same samples, members and json
+        table = TarSampleReader(None, source=_MappedSource(str(path))).table()
+        assert [(k, [(f"{k}.{table.exts[j]}", table.exts[j], int(table.offsets[j]), int(table.sizes[j]))
+                     for j in range(table.starts[i], table.starts[i + 1])])
+                for i, k in enumerate(table.keys)] == [(k, [m[:4] for m in ms]) for k, ms in careful[0]], label
+        assert [None if j is None else bytes(j) for j in table.jsons] == [
+            next((m[4] for m in ms if m[1] == "json"), None) for _, ms in careful[0]], label
         lean = TarSampleReader(None, source=_MappedSource(str(path)))
-        taken = lean._undamaged_members() is not None
+        taken = lean._lean_table() is not None
         lean.close()
         # ustar/ours: the lean pass; long-name records, truncation and corruption: the careful walk
         assert taken == (label in ("ustar", "ours")), label

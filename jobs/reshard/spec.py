@@ -4,12 +4,14 @@ Four steps, because output shard ids must be global and independent of how
 the work is split:
 
   reshard.count    array over the input shards: per shard, how many samples
-                   the subset keeps (sum of each uid's multiplicity);
+                   the subset keeps (sum of each uid's multiplicity), and where
+                   each kept sample's members lie in its tar (_counts/*.npz);
   reshard.index    one task: the global order of the kept samples (input
                    shard starts), the number of output shards, uids found/missing;
   reshard.write    array over `tasks` parts: part p writes output shards
                    split_evenly(n_shards, tasks, p), shard s holding global
-                   samples [s * samples_per_shard, (s + 1) * samples_per_shard);
+                   samples [s * samples_per_shard, (s + 1) * samples_per_shard),
+                   copied from the spans count recorded (no second walk);
   reshard.finalize one task: sizes.json (the size table training reads) and stats.json.
 
 Inputs: shard_units (download outputs or [pool] shards) and the subset:

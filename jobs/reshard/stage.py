@@ -9,6 +9,7 @@ inputs, the subset and the params, never on the number of tasks.
 
 from __future__ import annotations
 
+import binascii
 import bisect
 import contextlib
 import dataclasses
@@ -27,7 +28,8 @@ from dcslurm.stages import filter_in_run
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
 from jobs.reshard.subset import SubsetFile, load_subset_url
-from jobs.reshard.tario import Member, ReadCounters, Sample, TarSampleReader, TarShardWriter, open_tars_ahead
+from jobs.reshard.tario import (ReadCounters, SampleTable, TarSampleReader, TarShardWriter, json_uid,
+                                open_tars_ahead)
 
 COUNTS_DIR = "_counts"
 INDEX_FILE = "_index.json"
@@ -60,25 +62,50 @@ def split_url(ctx: TaskContext, url: str) -> tuple[DataFolder, str]:
     return ctx.folder(parent), name
 
 
-def multiplicities(samples: list[Sample], subset: SubsetFile) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def hex_uid_pairs(uids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upper halves, lower halves, valid) of uids that should be 32 hex characters; the
+    halves of an invalid one are 0. All valid (the usual case): one C call for the lot."""
+    n = len(uids)
+    if n and all(isinstance(u, str) and len(u) == 32 for u in uids):
+        try:
+            words = np.frombuffer(binascii.unhexlify("".join(uids).encode("ascii")), ">u8").astype(np.uint64)
+            return words[0::2].copy(), words[1::2].copy(), np.ones(n, bool)
+        except (binascii.Error, UnicodeEncodeError):
+            pass  # some uid is not hex: sort them out one by one
+    his, los, valid = np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, bool)
+    for i, u in enumerate(uids):
+        if isinstance(u, str) and _HEX_UID.fullmatch(u):
+            his[i], los[i], valid[i] = int(u[:16], 16), int(u[16:], 16), True
+    return his, los, valid
+
+
+def _unsafe_key(key: str) -> bool:
+    """A key that would extract outside the output folder."""
+    return "/" in key and (key.startswith("/") or ".." in key.split("/"))
+
+
+def multiplicities(table: SampleTable, subset: SubsetFile) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Per sample: (times the subset keeps it, its uid's first subset row, problem key or "")."""
-    his, los, rows, problems = [], [], [], [""] * len(samples)
-    for i, sample in enumerate(samples):
-        uid, problem = sample.uid()
+    n = len(table)
+    problems = [""] * n
+    uids, rows = [], []
+    for i, (key, data) in enumerate(zip(table.keys, table.jsons)):
+        uid, problem = json_uid(data)
         if uid is None:
             problems[i] = _PROBLEM_KEY[problem]
-        elif sample.key.startswith("/") or ".." in sample.key.split("/"):  # would extract outside the folder
+        elif _unsafe_key(key):
             problems[i] = "samples_unsafe_key"
-        elif not isinstance(uid, str) or not _HEX_UID.fullmatch(uid):
-            problems[i] = "samples_bad_uid"
         else:
-            his.append(int(uid[:16], 16))
-            los.append(int(uid[16:], 16))
+            uids.append(uid)
             rows.append(i)
-    counts, first = np.zeros(len(samples), np.int64), np.full(len(samples), -1, np.int64)
-    if rows:
-        f, c = subset.lookup_many(np.array(his, np.uint64), np.array(los, np.uint64))
-        counts[rows], first[rows] = c, f
+    his, los, valid = hex_uid_pairs(uids)
+    for i in np.asarray(rows, np.int64)[~valid].tolist():
+        problems[i] = "samples_bad_uid"
+    rows_ok = np.asarray(rows, np.int64)[valid]
+    counts, first = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    if rows_ok.size:
+        f, c = subset.lookup_many(his[valid], los[valid])
+        counts[rows_ok], first[rows_ok] = c, f
     return counts, first, problems
 
 
@@ -95,26 +122,71 @@ def _readers(ctx: TaskContext, urls: list[str]) -> contextlib.closing:
 # -- step 1: count ----------------------------------------------------------------
 
 def count(ctx: TaskContext) -> TaskResult:
-    """Per input shard of this task: samples scanned, samples the subset keeps (with repeats)."""
+    """Per input shard of this task: samples scanned, samples the subset keeps (with repeats),
+    and where each kept sample's members lie in the tar (what the write step copies)."""
     subset = load_run_subset(ctx)
-    shards, positions = [], []
+    shards: list[dict] = []
+    kept = KeptSamples()
     tars = [url for url in ctx.input_names() if url.endswith(".tar")]  # not the parquet/stats beside them
     with _readers(ctx, tars) as readers:
         for url, reader in zip(tars, readers):
-            _count_shard(ctx, url, reader, subset, shards, positions)
+            _count_shard(ctx, url, reader, subset, shards, kept)
     rel = f"{COUNTS_DIR}/{ctx.index:06d}"
-    buf = io.BytesIO()
-    np.save(buf, np.concatenate(positions) if positions else np.zeros(0, np.int64))
-    ctx.output.write_bytes(f"{rel}.npy", buf.getvalue())
+    ctx.output.write_bytes(f"{rel}.npz", kept.to_npz())
     ctx.output.write_json(f"{rel}.json", {"subset": subset.url, "subset_rows": len(subset), "shards": shards})
     totals = _sum_records(shards)
-    return TaskResult(outputs=[f"{ctx.step.stage}/{rel}.json", f"{ctx.step.stage}/{rel}.npy"], stats=totals)
+    return TaskResult(outputs=[f"{ctx.step.stage}/{rel}.json", f"{ctx.step.stage}/{rel}.npz"], stats=totals)
+
+
+class KeptSamples:
+    """The kept samples of a count task's input shards, as columns saved in one .npz:
+    per kept sample its input shard (position in the task), uid's first subset row,
+    multiplicity and key; per member its extension, data offset and size."""
+
+    COLUMNS = ("shard", "first", "count", "key", "starts", "ext", "offset", "size")
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {c: [] for c in self.COLUMNS}
+        self.members = 0
+
+    def add(self, shard: int, table: SampleTable, counts: np.ndarray, first: np.ndarray) -> None:
+        picked = np.flatnonzero(counts > 0)
+        lo, hi = table.starts[picked], table.starts[picked + 1]
+        lengths = hi - lo
+        rows = np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        p = self.parts
+        p["shard"].append(np.full(len(picked), shard, np.int32))
+        p["first"].append(first[picked])
+        p["count"].append(counts[picked])
+        p["key"].append(_byte_strings([table.keys[i] for i in picked.tolist()]))
+        p["starts"].append(self.members + np.cumsum(lengths) - lengths)
+        p["ext"].append(_byte_strings([table.exts[j] for j in rows.tolist()]))
+        p["offset"].append(table.offsets[rows])
+        p["size"].append(table.sizes[rows])
+        self.members += int(lengths.sum())
+
+    def to_npz(self) -> bytes:
+        arrays = {c: np.concatenate(v) if v else np.zeros(0, np.int64) for c, v in self.parts.items()}
+        arrays["starts"] = np.append(arrays["starts"], self.members).astype(np.int64)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+
+def _byte_strings(texts: list[str]) -> np.ndarray:
+    """Names as a numpy bytes array (no pickling; tar names never hold NUL)."""
+    return np.array([t.encode("utf-8", "surrogateescape") for t in texts], dtype=bytes) if texts \
+        else np.zeros(0, "S1")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _count_shard(ctx: TaskContext, url: str, reader: TarSampleReader | None, subset: SubsetFile,
-                 shards: list[dict], positions: list[np.ndarray]) -> None:
-    """Append one input shard's record (and its kept samples' first subset rows)."""
-    record = {"url": url, "missing": False, "scanned": 0, "kept": 0, "matched": 0,
+                 shards: list[dict], kept: KeptSamples) -> None:
+    """Append one input shard's record and its kept samples."""
+    record = {"url": url, "missing": False, "input_bytes": 0, "scanned": 0, "kept": 0, "matched": 0,
               **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
     if reader is None:
         ctx.log.warning("%s: input shard does not exist: counted as missing", url)
@@ -122,15 +194,16 @@ def _count_shard(ctx: TaskContext, url: str, reader: TarSampleReader | None, sub
         shards.append(record)
         return
     with reader:
-        samples = list(reader)  # headers and json only: the image bytes stay unread
-    counts, first, problems = multiplicities(samples, subset)
-    record["scanned"] = len(samples)
+        table = reader.table()  # headers and json only: the image bytes stay unread
+        record["input_bytes"] = reader.source.size
+    counts, first, problems = multiplicities(table, subset)
+    record["scanned"] = len(table)
     for problem in problems:
         if problem:
             record[problem] += 1
     record["kept"] = int(counts.sum())
     record["matched"] = int(np.count_nonzero(counts))
-    positions.append(first[counts > 0])
+    kept.add(len(shards), table, counts, first)
     record.update(dataclasses.asdict(reader.counters))
     shards.append(record)
 
@@ -141,7 +214,7 @@ def _sum_records(records: list[dict]) -> dict:
         totals["input_shards"] += 1
         totals["input_shards_missing"] += int(r["missing"])
         for k, v in r.items():
-            if k not in ("url", "missing"):
+            if k not in ("url", "missing", "task", "position"):
                 totals[k] += v
     out = dict(totals)
     out["input_samples_scanned"] = out.pop("scanned", 0)
@@ -164,8 +237,10 @@ def index(ctx: TaskContext) -> TaskResult:
         if counted["subset"] != subset.url or counted["subset_rows"] != len(subset):
             raise UserError(f"{subset.url}: the subset changed since count task {i} ran "
                             f"({counted['subset_rows']} rows then, {len(subset)} now); use a new run folder")
-        found[np.load(io.BytesIO(ctx.output.read_bytes(f"{rel}.npy")))] = True
-        records.extend(counted["shards"])
+        with np.load(io.BytesIO(ctx.output.read_bytes(f"{rel}.npz"))) as kept:
+            found[kept["first"]] = True
+        for position, record in enumerate(counted["shards"]):
+            records.append({**record, "task": i, "position": position})
     stats = _sum_records(records)
     if records and stats["input_shards_missing"] == len(records):
         raise UserError(f"{records[0]['url']}: none of the {len(records)} input shards exists")
@@ -178,7 +253,8 @@ def index(ctx: TaskContext) -> TaskResult:
         kept = [kept[j] for j in order]
     inputs, start = [], 0
     for r in kept:
-        inputs.append({"url": r["url"], "start": start, "kept": r["kept"]})
+        inputs.append({"url": r["url"], "start": start, "kept": r["kept"], "input_bytes": r["input_bytes"],
+                       "task": r["task"], "position": r["position"]})
         start += r["kept"]
     if start == 0:
         raise UserError(f"{subset.url}: no uid of the subset occurs in the {len(records)} input shards "
@@ -216,13 +292,14 @@ def write(ctx: TaskContext) -> TaskResult:
     todo = {shard: _shard_inputs(layout, shard) for shard in shards
             if not (ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)))}
     outputs, stats = [], Counter()
+    kept = _KeptColumns(ctx)
     # every input tar this task reads, in reading order, each opened while the one before is copied
     with _readers(ctx, [e["url"] for entries in todo.values() for e in entries]) as readers:
         for shard in shards:
             if shard not in todo:
                 stats["shards_resumed"] += 1
             else:
-                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers)
+                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers, kept)
                 for k in ("samples", "bytes", "repeats"):
                     stats[k] += written[k]
                 stats["shards_written"] += 1
@@ -261,19 +338,43 @@ def _shard_inputs(layout: dict, shard: int) -> list[dict]:
     return entries
 
 
+class _KeptColumns:
+    """The count steps' kept-sample columns, read once per count task (write tasks take input
+    shards in index order, so one task's file is used for a run of entries)."""
+
+    def __init__(self, ctx: TaskContext):
+        self.ctx = ctx
+        self.task: int | None = None
+        self.columns: dict[str, np.ndarray] = {}
+
+    def of(self, entry: dict) -> tuple[dict[str, np.ndarray], int, int]:
+        """(columns, a, b): kept samples a..b-1 of the columns are input shard `entry`'s."""
+        if entry["task"] != self.task:
+            data = self.ctx.output.read_bytes(f"{COUNTS_DIR}/{entry['task']:06d}.npz")
+            with np.load(io.BytesIO(data)) as npz:
+                self.columns = {c: npz[c] for c in KeptSamples.COLUMNS}
+            self.task = entry["task"]
+        shard = self.columns["shard"]
+        a, b = np.searchsorted(shard, entry["position"], "left"), np.searchsorted(shard, entry["position"], "right")
+        return self.columns, int(a), int(b)
+
+
+Members = list[tuple[str, bytes | memoryview]]  # (extension, data) of one sample
+
+
 def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int, entries: list[dict],
-                 readers: Iterator[TarSampleReader | None]) -> dict:
+                 readers: Iterator[TarSampleReader | None], kept: _KeptColumns) -> dict:
     """Write output shard `shard` from `entries`, taking one reader from `readers` for each."""
     lo, hi = _shard_range(layout, shard)
     shuffle = bool(ctx.params.get("shuffle"))
-    collected: list[tuple[str, list[Member]]] = []
+    collected: list[tuple[str, Members]] = []
     used: list[str] = []
     stats = {"samples": 0, "bytes": 0, "repeats": 0}
 
     with ctx.output.writer(shard_name(shard)) as f:
         writer = TarShardWriter(f)
 
-        def emit(key: str, members: list[Member]) -> None:
+        def emit(key: str, members: Members) -> None:
             if shuffle:
                 collected.append((key, members))
             else:
@@ -281,7 +382,7 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
 
         for entry in entries:
             used.append(entry["url"])
-            _copy_range(entry, next(readers), subset, lo, hi, emit, stats)
+            _copy_range(entry, next(readers), kept, subset, lo, hi, emit, stats)
         if shuffle:
             for j in np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard]).permutation(len(collected)):
                 _add_sample(writer, *collected[j])
@@ -297,35 +398,58 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
     return stats
 
 
-def _add_sample(writer: TarShardWriter, key: str, members: list[Member]) -> None:
-    for m in members:
-        writer.add(f"{key}.{m.ext}", m.data)
+def _add_sample(writer: TarShardWriter, key: str, members: Members) -> None:
+    for ext, data in members:
+        writer.add(f"{key}.{ext}", data)
 
 
-def _copy_range(entry: dict, reader: TarSampleReader | None, subset: SubsetFile, lo: int, hi: int,
-                emit: Callable[[str, list[Member]], None], stats: dict) -> None:
-    """Emit the kept samples of input shard `entry` (read by `reader`) whose global indexes fall in [lo, hi)."""
+def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns, subset: SubsetFile,
+                lo: int, hi: int, emit: Callable[[str, Members], None], stats: dict) -> None:
+    """Emit the kept samples of input shard `entry` (read by `reader`) whose global indexes fall in
+    [lo, hi): their members are copied from where the count step found them, no second walk."""
     url = entry["url"]
     if reader is None:
         raise RuntimeError(f"{url}: input shard disappeared since it was counted")
-    g = entry["start"]
+    cols, a, b = kept.of(entry)
+    counts = cols["count"][a:b]
+    if int(counts.sum()) != entry["kept"]:
+        raise RuntimeError(f"{url}: the count step's records disagree ({int(counts.sum())} kept samples in "
+                           f"{COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): rerun the count step")
+    ends = entry["start"] + np.cumsum(counts)
+    begins = ends - counts
+    inside = np.flatnonzero((ends > lo) & (begins < hi)) + a  # the kept samples this output shard takes
+    starts, exts, offsets, sizes = cols["starts"], cols["ext"], cols["offset"].tolist(), cols["size"].tolist()
     with reader:
-        samples = list(reader)
-        counts, _, _ = multiplicities(samples, subset)
-        for sample, c in zip(samples, counts.tolist()):
-            if c == 0:
-                continue
-            if g >= hi:
-                return
-            if g + c > lo:
-                members = sample.load()
-                for r in range(max(0, lo - g), min(c, hi - g)):
-                    emit(repeat_key(sample.key, r), members)
-                    stats["samples"] += 1
-                    stats["repeats"] += int(r > 0)
-            g += c
-    if g != entry["start"] + entry["kept"]:
-        raise RuntimeError(f"{url}: has {g - entry['start']} subset samples now, {entry['kept']} when counted: "
+        source = reader.source
+        if source.size != entry["input_bytes"]:
+            raise RuntimeError(f"{url}: {source.size} bytes now, {entry['input_bytes']} when counted: "
+                               "the input changed during the run")
+        picked = []
+        for i in inside.tolist():
+            members = [(_text(exts[j]), source.read_at(offsets[j], sizes[j])) for j in range(starts[i], starts[i + 1])]
+            picked.append((i, _text(cols["key"][i]), members))
+        _check_uids(url, picked, cols["first"], subset)
+        for i, key, members in picked:
+            begin, c = int(begins[i - a]), int(counts[i - a])
+            for r in range(max(0, lo - begin), min(c, hi - begin)):
+                emit(repeat_key(key, r), members)
+                stats["samples"] += 1
+                stats["repeats"] += int(r > 0)
+
+
+def _check_uids(url: str, picked: list[tuple[int, str, Members]], first: np.ndarray, subset: SubsetFile) -> None:
+    """Each sample about to be copied still holds the uid it was counted with (a shard rewritten
+    in place to the same size would otherwise go unnoticed)."""
+    uids = []
+    for _, _, members in picked:
+        uid, _ = json_uid(next((data for ext, data in members if ext == "json"), None))
+        uids.append(uid)
+    his, los, valid = hex_uid_pairs(uids)
+    rows = first[[i for i, _, _ in picked]]
+    same = valid & (his == subset.rows["f0"][rows]) & (los == subset.rows["f1"][rows])
+    if not same.all():
+        key = picked[int(np.flatnonzero(~same)[0])][1]
+        raise RuntimeError(f"{url}: sample {key!r} no longer holds the uid it was counted with: "
                            "the input changed during the run")
 
 
