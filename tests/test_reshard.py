@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -531,6 +532,44 @@ def test_killed_write_task_resubmits_to_identical_shards(pool, tmp_path):
     assert marker["stats"]["shards_resumed"] >= 1
     assert shard_digests(out) == reference
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("change", ["uid rewritten in place", "shard grown"])
+def test_input_changed_after_count_fails_the_write_with_one_line(pool, tmp_path, change):
+    """Write copies the spans count recorded; an input that changed since is refused, never copied."""
+    shards = tmp_path / "shards"
+    shutil.copytree(pool["shards"], shards)
+    cfg = load_config(write_toml(tmp_path / "run.toml", str(tmp_path / "run"), str(shards), pool["subset"], tasks=1))
+    assert not submit_run(cfg).failed
+    run = str(tmp_path / "run")
+    os.remove(os.path.join(run, "_markers", "reshard.write", "000000.json"))
+    out = os.path.join(run, "reshard")
+    for n in os.listdir(out):
+        if n.endswith((".tar", "_stats.json")):
+            os.remove(os.path.join(out, n))
+    first = sorted(n for n in os.listdir(shards) if n.endswith(".tar"))[0]
+    path = shards / first
+    data = bytearray(path.read_bytes())
+    if change == "shard grown":
+        data += bytes(10240)
+        expected = "bytes now"
+    else:
+        kept = set(pool["uids"])
+        uid = next(u for u in (json.loads(m)["uid"] for m in _json_members(bytes(data))) if u in kept)
+        at = data.find(uid.encode())
+        data[at:at + 32] = ("f" * 32 if uid != "f" * 32 else "e" * 32).encode()  # same length, other uid
+        expected = "no longer holds the uid it was counted with"
+    path.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "dcslurm.runner", run, "reshard.write", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"{first}" in proc.stderr and expected in proc.stderr and "the input changed during the run" in proc.stderr
+    assert not [n for n in os.listdir(out) if n.endswith(".tar")]  # nothing committed from the changed input
+
+
+def _json_members(data: bytes) -> list[bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [tar.extractfile(m).read() for m in tar if m.name.endswith(".json")]
 
 
 def test_damaged_input_shards_are_counted_and_the_rest_kept(pool, tmp_path):
