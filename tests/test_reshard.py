@@ -395,6 +395,22 @@ def _tar_variants() -> dict[str, bytes]:
     return out
 
 
+def test_member_names_split_into_samples_as_webdataset_does():
+    from jobs.reshard.tario import _split_names
+
+    raw = [b"k1.jpg", b"k1.txt", b"k1.json", b"k1.json", b"noext", b"k2.seg.json", b"k2.json", b".hidden",
+           b"k2.", b"k1.jpg", "\u00fc\u00df.txt".encode(), b"\xff\xfe.cls", b"d/k3.json", b"x" * 95 + b".json"]
+    names = np.zeros((len(raw), 100), np.uint8)
+    for i, r in enumerate(raw):
+        names[i, :len(r)] = np.frombuffer(r, np.uint8)
+    keyed, keys, starts, exts, json_at = _split_names(names, {})
+    assert keyed.tolist() == [0, 1, 2, 3, 5, 6, 8, 9, 10, 11, 12, 13]  # "noext" and ".hidden" have no key
+    assert keys == ["k1", "k2", "k1", "\u00fc\u00df", "\udcff\udcfe", "d/k3", "x" * 95]
+    assert starts.tolist() == [0, 4, 7, 8, 9, 10, 11, 12]
+    assert exts == ["jpg", "txt", "json", "json", "seg.json", "json", "", "jpg", "txt", "cls", "json", "json"]
+    assert json_at.tolist() == [2, 5, -1, -1, -1, 10, 11]  # the first .json of each sample
+
+
 def test_tars_opened_ahead_come_in_order_and_an_early_stop_closes_the_next(tmp_path, monkeypatch):
     """Count and write open each input tar in a thread while the one before is processed."""
     from dcslurm.storage import DataFolder

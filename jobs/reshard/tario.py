@@ -322,6 +322,36 @@ def _checksums_match(blocks: np.ndarray, stored: np.ndarray) -> bool:
     return True
 
 
+def _split_names(names: np.ndarray, prefixed: dict[int, str]
+                 ) -> tuple[np.ndarray, list[str], np.ndarray, list[str], np.ndarray]:
+    """Regular members' names (rows of their 100-byte name fields) split the way webdataset
+    does (`_KEY_EXT`) and grouped into samples (consecutive equal keys): (rows with a key,
+    sample keys, sample starts, extensions, each sample's first .json member or -1).
+    `prefixed` holds the full names of ustar members whose prefix field has their directory."""
+    keyed, keys, starts, exts, json_at = [], [], [], [], []
+    current = None
+    for i, raw in enumerate(np.ascontiguousarray(names).view(f"S{names.shape[1]}").ravel().tolist()):
+        if i in prefixed:
+            name = prefixed[i]
+        else:
+            name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        m = _KEY_EXT.match(name)
+        if m is None:
+            continue
+        key, ext = m.groups()
+        if key != current:
+            current = key
+            keys.append(key)
+            starts.append(len(exts))
+            json_at.append(-1)
+        if ext == "json" and json_at[-1] < 0:
+            json_at[-1] = len(exts)
+        exts.append(ext)
+        keyed.append(i)
+    starts.append(len(exts))
+    return np.array(keyed, np.int64), keys, np.array(starts, np.int64), exts, np.array(json_at, np.int64)
+
+
 def _parse_pax(data: bytes) -> dict[str, str]:
     out = {}
     pos = 0
@@ -454,51 +484,33 @@ class TarSampleReader:
             pos += BLOCK + -(-length // BLOCK) * BLOCK
         # every member's data ends before the end-of-archive block found above: no bounds to check
         rows = np.array(at, np.int64) // BLOCK
-        data_at = np.array(at, np.int64) + BLOCK
+        data_at = rows * BLOCK + BLOCK
         sizes = np.array(lengths, np.int64)
+        regular, name_fields, prefixed = [], [], {}
         blocks = np.frombuffer(mm, np.uint8, count=size // BLOCK * BLOCK).reshape(-1, BLOCK)
         try:
-            typeflags = blocks[rows, 156]
-            if np.isin(typeflags, _NAME_RECORD_FLAGS).any():
-                return None
             for lo in range(0, len(rows), _CHECK_ROWS):
-                if not _checksums_match(blocks[rows[lo:lo + _CHECK_ROWS]], stored[lo:lo + _CHECK_ROWS]):
+                heads = blocks[rows[lo:lo + _CHECK_ROWS]]
+                flags = heads[:, 156]
+                if np.isin(flags, _NAME_RECORD_FLAGS).any() or not _checksums_match(heads, stored[lo:lo + _CHECK_ROWS]):
                     return None
-            regular = np.flatnonzero(np.isin(typeflags, _REGULAR_FLAGS))
-            heads = blocks[rows[regular]]
+                is_regular = np.isin(flags, _REGULAR_FLAGS)
+                heads = heads[is_regular]
+                before = sum(map(len, name_fields))  # regular members in the chunks before this one
+                for i in np.flatnonzero((heads[:, 345] != 0) & (heads[:, 257:263] == _USTAR_MAGIC).all(1)).tolist():
+                    prefixed[before + i] = _ustar_name(heads[i].tobytes())
+                regular.append(np.flatnonzero(is_regular) + lo)
+                name_fields.append(heads[:, :100])
         finally:
             del blocks  # the mapping cannot close while a view of it lives
-        raw_names = np.ascontiguousarray(heads[:, :100]).view("S100").ravel().tolist()  # trailing NULs dropped
-        prefixed = set(np.flatnonzero((heads[:, 345] != 0) & (heads[:, 257:263] == _USTAR_MAGIC).all(1)).tolist())
-        keys, starts, jsons, exts, picked = [], [], [], [], []
-        without_key = 0
-        current = None
-        for i, (row, raw) in enumerate(zip(regular.tolist(), raw_names)):
-            if i in prefixed:
-                name = _ustar_name(heads[i].tobytes())
-            else:
-                if b"\0" in raw:
-                    raw = raw.split(b"\0", 1)[0]
-                name = raw.decode("utf-8", "surrogateescape")
-            m = _KEY_EXT.match(name)
-            if m is None:
-                without_key += 1
-                continue
-            key, ext = m.groups()
-            if key != current:
-                current = key
-                keys.append(key)
-                starts.append(len(exts))
-                jsons.append(None)
-            if ext == "json" and jsons[-1] is None:
-                offset = at[row] + BLOCK
-                jsons[-1] = mm[offset:offset + lengths[row]]
-            exts.append(ext)
-            picked.append(row)
-        starts.append(len(exts))
-        self.counters.members_without_key += without_key
-        picked_rows = np.array(picked, np.int64)
-        return SampleTable(keys, np.array(starts, np.int64), jsons, exts, data_at[picked_rows], sizes[picked_rows])
+        names = np.concatenate(name_fields) if name_fields else np.zeros((0, 100), np.uint8)
+        keyed, keys, starts, exts, json_at = _split_names(names, prefixed)
+        self.counters.members_without_key += len(names) - len(keyed)
+        picked = np.concatenate(regular)[keyed] if regular else np.zeros(0, np.int64)
+        offsets, member_sizes = data_at[picked], sizes[picked]
+        at_list, size_list = offsets.tolist(), member_sizes.tolist()
+        jsons = [None if j < 0 else mm[at_list[j]:at_list[j] + size_list[j]] for j in json_at.tolist()]
+        return SampleTable(keys, starts, jsons, exts, offsets, member_sizes)
 
     def _resync(self) -> bool:
         """Advance to the next block that is a valid header; False at end of file."""
