@@ -277,9 +277,11 @@ def shard_stats_name(shard: int) -> str:
     return f"{shard:08d}_stats.json"
 
 
-def repeat_key(key: str, repeat: int) -> str:
+def repeat_key(key: str | bytes, repeat: int) -> str | bytes:
     """The key of a sample's `repeat`-th copy: the original key first, then key_r1, key_r2, ..."""
-    return key if repeat == 0 else f"{key}_r{repeat}"
+    if repeat == 0:
+        return key
+    return key + (b"_r%d" % repeat if isinstance(key, bytes) else f"_r{repeat}")
 
 
 def write(ctx: TaskContext) -> TaskResult:
@@ -359,7 +361,7 @@ class _KeptColumns:
         return self.columns, int(a), int(b)
 
 
-Members = list[tuple[str, bytes | memoryview]]  # (extension, data) of one sample
+Members = list[tuple[bytes, bytes | memoryview]]  # (extension as UTF-8, data) of one sample
 
 
 def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int, entries: list[dict],
@@ -367,14 +369,14 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
     """Write output shard `shard` from `entries`, taking one reader from `readers` for each."""
     lo, hi = _shard_range(layout, shard)
     shuffle = bool(ctx.params.get("shuffle"))
-    collected: list[tuple[str, Members]] = []
+    collected: list[tuple[bytes, Members]] = []
     used: list[str] = []
     stats = {"samples": 0, "bytes": 0, "repeats": 0}
 
     with ctx.output.writer(shard_name(shard)) as f:
         writer = TarShardWriter(f)
 
-        def emit(key: str, members: Members) -> None:
+        def emit(key: bytes, members: Members) -> None:
             if shuffle:
                 collected.append((key, members))
             else:
@@ -398,13 +400,13 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
     return stats
 
 
-def _add_sample(writer: TarShardWriter, key: str, members: Members) -> None:
+def _add_sample(writer: TarShardWriter, key: bytes, members: Members) -> None:
     for ext, data in members:
-        writer.add(f"{key}.{ext}", data)
+        writer.add(key + b"." + ext, data)
 
 
 def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns, subset: SubsetFile,
-                lo: int, hi: int, emit: Callable[[str, Members], None], stats: dict) -> None:
+                lo: int, hi: int, emit: Callable[[bytes, Members], None], stats: dict) -> None:
     """Emit the kept samples of input shard `entry` (read by `reader`) whose global indexes fall in
     [lo, hi): their members are copied from where the count step found them, no second walk."""
     url = entry["url"]
@@ -416,40 +418,46 @@ def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns,
         raise RuntimeError(f"{url}: the count step's records disagree ({int(counts.sum())} kept samples in "
                            f"{COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): rerun the count step")
     ends = entry["start"] + np.cumsum(counts)
-    begins = ends - counts
-    inside = np.flatnonzero((ends > lo) & (begins < hi)) + a  # the kept samples this output shard takes
-    starts, exts, offsets, sizes = cols["starts"], cols["ext"], cols["offset"].tolist(), cols["size"].tolist()
+    inside = np.flatnonzero((ends > lo) & (ends - counts < hi))  # the kept samples this output shard takes
+    begins = (ends - counts).tolist()
+    # this shard's columns as Python lists, names as bytes (the writer takes them as they are)
+    m0, m1 = int(cols["starts"][a]), int(cols["starts"][b])
+    starts = (cols["starts"][a:b + 1] - m0).tolist()
+    keys, exts = cols["key"][a:b].tolist(), cols["ext"][m0:m1].tolist()
+    offsets, sizes = cols["offset"][m0:m1], cols["size"][m0:m1]
     with reader:
         source = reader.source
-        if source.size != entry["input_bytes"]:
+        if source.size != entry["input_bytes"] or (offsets + sizes > source.size).any():
             raise RuntimeError(f"{url}: {source.size} bytes now, {entry['input_bytes']} when counted: "
                                "the input changed during the run")
+        view = source.view()
+        offsets, ends_at = offsets.tolist(), (offsets + sizes).tolist()
         picked = []
         for i in inside.tolist():
-            members = [(_text(exts[j]), source.read_at(offsets[j], sizes[j])) for j in range(starts[i], starts[i + 1])]
-            picked.append((i, _text(cols["key"][i]), members))
+            members = [(exts[j], view[offsets[j]:ends_at[j]]) for j in range(starts[i], starts[i + 1])]
+            picked.append((a + i, keys[i], members))
         _check_uids(url, picked, cols["first"], subset)
         for i, key, members in picked:
-            begin, c = int(begins[i - a]), int(counts[i - a])
+            begin, c = begins[i - a], int(counts[i - a])
             for r in range(max(0, lo - begin), min(c, hi - begin)):
                 emit(repeat_key(key, r), members)
                 stats["samples"] += 1
                 stats["repeats"] += int(r > 0)
 
 
-def _check_uids(url: str, picked: list[tuple[int, str, Members]], first: np.ndarray, subset: SubsetFile) -> None:
+def _check_uids(url: str, picked: list[tuple[int, bytes, Members]], first: np.ndarray, subset: SubsetFile) -> None:
     """Each sample about to be copied still holds the uid it was counted with (a shard rewritten
     in place to the same size would otherwise go unnoticed)."""
     uids = []
     for _, _, members in picked:
-        uid, _ = json_uid(next((data for ext, data in members if ext == "json"), None))
+        uid, _ = json_uid(next((data for ext, data in members if ext == b"json"), None))
         uids.append(uid)
     his, los, valid = hex_uid_pairs(uids)
     rows = first[[i for i, _, _ in picked]]
     same = valid & (his == subset.rows["f0"][rows]) & (los == subset.rows["f1"][rows])
     if not same.all():
         key = picked[int(np.flatnonzero(~same)[0])][1]
-        raise RuntimeError(f"{url}: sample {key!r} no longer holds the uid it was counted with: "
+        raise RuntimeError(f"{url}: sample {_text(key)!r} no longer holds the uid it was counted with: "
                            "the input changed during the run")
 
 

@@ -206,6 +206,10 @@ class _Source:
             raise OSError(f"short read at {offset} ({len(data)} of {n} bytes): file changed while reading")
         return data
 
+    def view(self) -> memoryview:
+        """The whole file as a memoryview (read into memory here; a slice of a mapping below)."""
+        return memoryview(self.read_at(0, self.size))
+
     def close(self) -> None:
         self.f.close()
 
@@ -221,6 +225,7 @@ class _MappedSource(_Source):
             self.mm.madvise(mmap.MADV_SEQUENTIAL)
         self.size = size
         self.pos = 0
+        self._view: memoryview | None = None
 
     def read(self, n: int) -> bytes:
         start = self.pos
@@ -241,9 +246,18 @@ class _MappedSource(_Source):
         """A view into the mapping (no copy): valid until the source is closed and the view dropped."""
         if offset + n > self.size:
             raise OSError(f"short read at {offset}: file changed while reading")
-        return memoryview(self.mm)[offset:offset + n]
+        return self.view()[offset:offset + n]
+
+    def view(self) -> memoryview:
+        """The mapping as one memoryview (made once): slicing it is the cheapest read there is."""
+        if self._view is None:
+            self._view = memoryview(self.mm if self.mm is not None else b"")
+        return self._view
 
     def close(self) -> None:
+        if self._view is not None:
+            self._view.release()  # slices taken from it stay valid: they hold the mapping themselves
+            self._view = None
         if self.mm is not None:
             try:
                 self.mm.close()
