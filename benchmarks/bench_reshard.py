@@ -1,6 +1,7 @@
 """Reshard throughput against raw sequential reading of the same input shards.
 
     .venv/bin/python benchmarks/bench_reshard.py [--shards 4] [--samples 10000] [--dir /tmp/bench-reshard]
+        [--out-dir /dev/shm/bench-reshard]
 
 Builds img2dataset-like shards (real JPEGs of about 35-50 KB, captions, json
 with uid; DataComp's 10,000 samples a shard by default), then in one run times:
@@ -8,8 +9,9 @@ with uid; DataComp's 10,000 samples a shard by default), then in one run times:
     shards evicted from the page cache with posix_fadvise(DONTNEED) first);
   - the reshard stage (all four steps), for a 30% subset with repeats and for
     a subset of every sample: its tasks in this process, warm and cold (wall
-    and CPU time), and the whole run on the local executor (one task at a
-    time, interpreter starts included).
+    and CPU time; each cold run paired with a cold `cat` timed just before it,
+    as cold reads here swing 2-3x from minute to minute), and the whole run on
+    the local executor (one task at a time, interpreter starts included).
 Throughput is input bytes / time. Goal: reshard >= 50% of cat. Warm, `cat` is
 a memory copy (several GB/s) that no stage writing its output durably can
 approach (`cat` into one fsync'd file is printed for scale); cold is what a
