@@ -580,12 +580,26 @@ def test_input_changed_after_count_fails_the_write_with_one_line(pool, tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert f"{first}" in proc.stderr and expected in proc.stderr and "the input changed during the run" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a one-line error, not a crash
     assert not [n for n in os.listdir(out) if n.endswith(".tar")]  # nothing committed from the changed input
 
 
 def _json_members(data: bytes) -> list[bytes]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return [tar.extractfile(m).read() for m in tar if m.name.endswith(".json")]
+
+
+def test_count_records_missing_at_index_is_a_one_line_error(pool, tmp_path):
+    cfg = load_config(write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], pool["subset"], tasks=1))
+    assert not submit_run(cfg).failed
+    run = str(tmp_path / "run")
+    os.remove(os.path.join(run, "reshard", "_counts", "000000.npz"))
+    os.remove(os.path.join(run, "_markers", "reshard.index", "000000.json"))
+    proc = subprocess.run([sys.executable, "-m", "dcslurm.runner", run, "reshard.index", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "_counts/000000.npz: missing: count task 0 left no record of its kept samples" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_damaged_input_shards_are_counted_and_the_rest_kept(pool, tmp_path):

@@ -237,6 +237,9 @@ def index(ctx: TaskContext) -> TaskResult:
         if counted["subset"] != subset.url or counted["subset_rows"] != len(subset):
             raise UserError(f"{subset.url}: the subset changed since count task {i} ran "
                             f"({counted['subset_rows']} rows then, {len(subset)} now); use a new run folder")
+        if not ctx.output.exists(f"{rel}.npz"):  # e.g. counted by a dcslurm that wrote only first rows (.npy)
+            raise UserError(f"{ctx.output.url_of(rel + '.npz')}: missing: count task {i} left no record of its "
+                            "kept samples; use a new run folder")
         with np.load(io.BytesIO(ctx.output.read_bytes(f"{rel}.npz"))) as kept:
             found[kept["first"]] = True
         for position, record in enumerate(counted["shards"]):
@@ -391,7 +394,7 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
         writer.close()
         stats["bytes"] = writer.bytes
     if stats["samples"] != hi - lo:
-        raise RuntimeError(f"{shard_name(shard)}: wrote {stats['samples']} samples, expected {hi - lo}: "
+        raise UserError(f"{shard_name(shard)}: wrote {stats['samples']} samples, expected {hi - lo}: "
                            "the input shards changed since they were counted")
     ctx.output.write_json(shard_stats_name(shard), {
         "shard": shard, "name": shard_name(shard), "samples": stats["samples"], "bytes": stats["bytes"],
@@ -411,11 +414,11 @@ def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns,
     [lo, hi): their members are copied from where the count step found them, no second walk."""
     url = entry["url"]
     if reader is None:
-        raise RuntimeError(f"{url}: input shard disappeared since it was counted")
+        raise UserError(f"{url}: input shard disappeared since it was counted")
     cols, a, b = kept.of(entry)
     counts = cols["count"][a:b]
     if int(counts.sum()) != entry["kept"]:
-        raise RuntimeError(f"{url}: the count step's records disagree ({int(counts.sum())} kept samples in "
+        raise UserError(f"{url}: the count step's records disagree ({int(counts.sum())} kept samples in "
                            f"{COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): rerun the count step")
     ends = entry["start"] + np.cumsum(counts)
     inside = np.flatnonzero((ends > lo) & (ends - counts < hi))  # the kept samples this output shard takes
@@ -428,7 +431,7 @@ def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns,
     with reader:
         source = reader.source
         if source.size != entry["input_bytes"] or (offsets + sizes > source.size).any():
-            raise RuntimeError(f"{url}: {source.size} bytes now, {entry['input_bytes']} when counted: "
+            raise UserError(f"{url}: {source.size} bytes now, {entry['input_bytes']} when counted: "
                                "the input changed during the run")
         view = source.view()
         offsets, ends_at = offsets.tolist(), (offsets + sizes).tolist()
@@ -457,7 +460,7 @@ def _check_uids(url: str, picked: list[tuple[int, bytes, Members]], first: np.nd
     same = valid & (his == subset.rows["f0"][rows]) & (los == subset.rows["f1"][rows])
     if not same.all():
         key = picked[int(np.flatnonzero(~same)[0])][1]
-        raise RuntimeError(f"{url}: sample {_text(key)!r} no longer holds the uid it was counted with: "
+        raise UserError(f"{url}: sample {_text(key)!r} no longer holds the uid it was counted with: "
                            "the input changed during the run")
 
 
