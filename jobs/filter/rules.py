@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from dcslurm.errors import UserError
+from jobs.reshard.subset import hex_halves
 
 # -- uids ---------------------------------------------------------------------
 
@@ -60,8 +61,7 @@ def parse_uids(uids, where: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} (expected 32 hex characters)")
     raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
     try:  # the whole column in one C call, straight from arrow's buffer; any non-hex byte raises
-        words = np.frombuffer(binascii.unhexlify(raw), dtype=">u8").astype(np.uint64)
-        return np.ascontiguousarray(words[0::2]), np.ascontiguousarray(words[1::2])
+        return hex_halves(raw)
     except binascii.Error:
         pass  # the slow path below names the first malformed row
     nib = _HEX[raw].reshape(n, 32)

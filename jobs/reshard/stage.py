@@ -27,7 +27,7 @@ from dcslurm.shards import split_evenly
 from dcslurm.stages import filter_in_run
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
-from jobs.reshard.subset import SubsetFile, load_subset_url
+from jobs.reshard.subset import SubsetFile, hex_halves, load_subset_url
 from jobs.reshard.tario import (ReadCounters, SampleTable, TarSampleReader, TarShardWriter, json_uid,
                                 open_tars_ahead)
 
@@ -68,8 +68,7 @@ def hex_uid_pairs(uids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = len(uids)
     if n and all(isinstance(u, str) and len(u) == 32 for u in uids):
         try:
-            words = np.frombuffer(binascii.unhexlify("".join(uids).encode("ascii")), ">u8").astype(np.uint64)
-            return words[0::2].copy(), words[1::2].copy(), np.ones(n, bool)
+            return (*hex_halves("".join(uids).encode("ascii")), np.ones(n, bool))
         except (binascii.Error, UnicodeEncodeError):
             pass  # some uid is not hex: sort them out one by one
     his, los, valid = np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, bool)
@@ -99,9 +98,10 @@ def multiplicities(table: SampleTable, subset: SubsetFile) -> tuple[np.ndarray, 
             uids.append(uid)
             rows.append(i)
     his, los, valid = hex_uid_pairs(uids)
-    for i in np.asarray(rows, np.int64)[~valid].tolist():
+    rows = np.asarray(rows, np.int64)
+    for i in rows[~valid].tolist():
         problems[i] = "samples_bad_uid"
-    rows_ok = np.asarray(rows, np.int64)[valid]
+    rows_ok = rows[valid]
     counts, first = np.zeros(n, np.int64), np.full(n, -1, np.int64)
     if rows_ok.size:
         f, c = subset.lookup_many(his[valid], los[valid])
@@ -280,11 +280,9 @@ def shard_stats_name(shard: int) -> str:
     return f"{shard:08d}_stats.json"
 
 
-def repeat_key(key: str | bytes, repeat: int) -> str | bytes:
+def repeat_key(key: bytes, repeat: int) -> bytes:
     """The key of a sample's `repeat`-th copy: the original key first, then key_r1, key_r2, ..."""
-    if repeat == 0:
-        return key
-    return key + (b"_r%d" % repeat if isinstance(key, bytes) else f"_r{repeat}")
+    return key if repeat == 0 else b"%s_r%d" % (key, repeat)
 
 
 def write(ctx: TaskContext) -> TaskResult:
@@ -395,7 +393,7 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
         stats["bytes"] = writer.bytes
     if stats["samples"] != hi - lo:
         raise UserError(f"{shard_name(shard)}: wrote {stats['samples']} samples, expected {hi - lo}: "
-                           "the input shards changed since they were counted")
+                        "the input shards changed since they were counted")
     ctx.output.write_json(shard_stats_name(shard), {
         "shard": shard, "name": shard_name(shard), "samples": stats["samples"], "bytes": stats["bytes"],
         "repeats": stats["repeats"], "first_sample": lo, "inputs": used,
@@ -419,10 +417,11 @@ def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns,
     counts = cols["count"][a:b]
     if int(counts.sum()) != entry["kept"]:
         raise UserError(f"{url}: the count step's records disagree ({int(counts.sum())} kept samples in "
-                           f"{COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): rerun the count step")
+                        f"{COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): rerun the count step")
     ends = entry["start"] + np.cumsum(counts)
-    inside = np.flatnonzero((ends > lo) & (ends - counts < hi))  # the kept samples this output shard takes
-    begins = (ends - counts).tolist()
+    begins = ends - counts
+    inside = np.flatnonzero((ends > lo) & (begins < hi))  # the kept samples this output shard takes (from a)
+    begins, counts = begins.tolist(), counts.tolist()
     # this shard's columns as Python lists, names as bytes (the writer takes them as they are)
     m0, m1 = int(cols["starts"][a]), int(cols["starts"][b])
     starts = (cols["starts"][a:b + 1] - m0).tolist()
@@ -432,17 +431,17 @@ def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns,
         source = reader.source
         if source.size != entry["input_bytes"] or (offsets + sizes > source.size).any():
             raise UserError(f"{url}: {source.size} bytes now, {entry['input_bytes']} when counted: "
-                               "the input changed during the run")
+                            "the input changed during the run")
         view = source.view()
         offsets, ends_at = offsets.tolist(), (offsets + sizes).tolist()
         picked = []
         for i in inside.tolist():
             members = [(exts[j], view[offsets[j]:ends_at[j]]) for j in range(starts[i], starts[i + 1])]
-            picked.append((a + i, keys[i], members))
-        _check_uids(url, picked, cols["first"], subset)
+            picked.append((i, keys[i], members))
+        _check_uids(url, picked, cols["first"][a:b], subset)
         for i, key, members in picked:
-            begin, c = begins[i - a], int(counts[i - a])
-            for r in range(max(0, lo - begin), min(c, hi - begin)):
+            begin = begins[i]
+            for r in range(max(0, lo - begin), min(counts[i], hi - begin)):
                 emit(repeat_key(key, r), members)
                 stats["samples"] += 1
                 stats["repeats"] += int(r > 0)
@@ -450,7 +449,7 @@ def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns,
 
 def _check_uids(url: str, picked: list[tuple[int, bytes, Members]], first: np.ndarray, subset: SubsetFile) -> None:
     """Each sample about to be copied still holds the uid it was counted with (a shard rewritten
-    in place to the same size would otherwise go unnoticed)."""
+    in place to the same size would otherwise go unnoticed); `first` is indexed like `picked`'s."""
     uids = []
     for _, _, members in picked:
         uid, _ = json_uid(next((data for ext, data in members if ext == b"json"), None))
@@ -461,7 +460,7 @@ def _check_uids(url: str, picked: list[tuple[int, bytes, Members]], first: np.nd
     if not same.all():
         key = picked[int(np.flatnonzero(~same)[0])][1]
         raise UserError(f"{url}: sample {_text(key)!r} no longer holds the uid it was counted with: "
-                           "the input changed during the run")
+                        "the input changed during the run")
 
 
 # -- step 4: finalize ---------------------------------------------------------------

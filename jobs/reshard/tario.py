@@ -206,10 +206,6 @@ class _Source:
             raise OSError(f"short read at {offset} ({len(data)} of {n} bytes): file changed while reading")
         return data
 
-    def view(self) -> memoryview:
-        """The whole file as a memoryview (read into memory here; a slice of a mapping below)."""
-        return memoryview(self.read_at(0, self.size))
-
     def close(self) -> None:
         self.f.close()
 
@@ -753,14 +749,14 @@ class TarShardWriter:
         names, data = self._names, self._data
         sizes = np.fromiter(map(len, data), np.int64, len(data))
         simple = np.fromiter((len(n) <= 100 and n.isascii() for n in names), bool, len(names)) & (sizes < 8 ** 11)
-        rows = np.cumsum(simple) - 1
         block = _simple_headers([n for n, ok in zip(names, simple.tolist()) if ok], sizes[simple]).tobytes() \
             if simple.any() else b""
         view = memoryview(block)
+        at = ((np.cumsum(simple) - 1) * BLOCK).tolist()  # where each simple member's header is in `block`
         pieces = []
         total = 0
-        for i, (name, payload, ok) in enumerate(zip(names, data, simple.tolist())):
-            header = view[rows[i] * BLOCK:(rows[i] + 1) * BLOCK] if ok else \
+        for name, payload, ok, h in zip(names, data, simple.tolist(), at):
+            header = view[h:h + BLOCK] if ok else \
                 member_header(name.decode("utf-8", "surrogateescape"), len(payload))
             pad = -len(payload) % BLOCK
             pieces += (header, payload, _ZERO_BLOCK[:pad])
