@@ -44,6 +44,8 @@ APT_PACKAGES=(
   wordnet-base dataset-fashion-mnist
   # Apptainer root (scripts/apptainer-host.sh)
   debootstrap
+  # inductor (torch.compile) on the CPU: tests/test_train_precision.py
+  g++
 )
 # ---------------------------------------------------------------------------
 

@@ -160,9 +160,9 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
     shape = batch_shape(hp.batch_size, world_size, params.accum, params.micro_batch)
     total_steps = hp.steps
     bf16 = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
-    ctx.log.info("training %s: %d steps of %d (= %d ranks x %d accum x %d), lr %g, warmup %d, %s",
+    ctx.log.info("training %s: %d steps of %d (= %d ranks x %d accum x %d), lr %g, warmup %d, %s%s",
                  hp.model, total_steps, hp.batch_size, world_size, shape.accum, shape.micro_batch, hp.lr,
-                 hp.warmup, "bf16" if bf16 else "fp32")
+                 hp.warmup, "bf16" if bf16 else "fp32", ", compiled blocks" if params.compile else "")
 
     # Bad input fails before any model is built: the data, and a resume checkpoint of another model.
     shards = training_shards(ctx, storage)
