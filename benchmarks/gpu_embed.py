@@ -1,6 +1,7 @@
 """Embed throughput on one GPU: ViT-B-32 and ViT-L-14 at 224 px, img/s. A few minutes on one H100.
 
-    .venv/bin/python benchmarks/gpu_embed.py [--samples 30000] [--workers 15] [--skip-stage]
+    .venv/bin/python benchmarks/gpu_embed.py [--samples 30000] [--workers 15] [--skip-stage] [--json OUT.json]
+    .venv/bin/python benchmarks/gpu_embed.py --smoke   # CPU rehearsal of every code path (tiny model)
 
 Random-init weights (throughput does not depend on them; no download).
 Prints, per model:
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 GOALS = {"ViT-B-32": 15000, "ViT-L-14": 3000}
+DEVICE = "cuda"  # --smoke: "cpu" (the tiny model stands in for both, so every path runs)
 ANCHORS = {"ViT-B-32": 2500, "ViT-L-14": 312}
 BATCH = {"ViT-B-32": 1024, "ViT-L-14": 512}
 
@@ -71,15 +73,20 @@ def write_shards(folder: str, jpegs: list[bytes], samples: int, per_shard: int) 
     return shards
 
 
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, iters: int) -> float:
     """Seconds per call, after 3 warm-up calls."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - start) / iters
 
 
@@ -90,17 +97,19 @@ def model_alone(name: str, ckpt_dir: str) -> tuple[float, float, str]:
     model, _, _, tokenizer = create_model(name, "", "cpu", 0)
     ckpt = os.path.join(ckpt_dir, f"{name}.pt")
     torch.save(model.state_dict(), ckpt)
-    model = model.to("cuda").eval().to(memory_format=torch.channels_last)
+    model = model.to(DEVICE).eval().to(memory_format=torch.channels_last)
     batch = BATCH[name]
-    x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-    tokens = tokenizer(["a photo of thing number 12 of shard 3, outdoors, with people and a dog"] * batch).cuda()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    x = torch.randn(batch, 3, size, size, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    tokens = tokenizer(["a photo of thing number 12 of shard 3, outdoors, with people and a dog"] * batch).to(DEVICE)
 
     def image_only():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
             model.encode_image(x)
 
     def both():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.inference_mode(), torch.autocast(DEVICE, dtype=torch.bfloat16):
             i = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
             t = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
             (i * t).sum(-1).cpu()
@@ -109,7 +118,8 @@ def model_alone(name: str, ckpt_dir: str) -> tuple[float, float, str]:
     rate_img = batch / timed(image_only, iters)
     rate_both = batch / timed(both, iters)
     del model
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return rate_img, rate_both, ckpt
 
 
@@ -155,7 +165,7 @@ shards = "{shards_dir}"
 models = [{model_list}]
 batch_size = {batch}
 workers = {workers}
-device = "cuda"
+device = "{DEVICE}"
 gpu_decode = {str(gpu_decode).lower()}
 units_per_task = {n_shards}
 """)
@@ -172,41 +182,61 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=2500)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--skip-stage", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU rehearsal: the tiny model in place of both, few samples, no nvjpeg")
+    parser.add_argument("--json", default="", help="also write the results here as JSON")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark needs one GPU")
+    global DEVICE
+    names = ("ViT-B-32", "ViT-L-14")
+    if args.smoke:
+        DEVICE = "cpu"
+        names = ("dcslurm-tiny-vit",)
+        BATCH["dcslurm-tiny-vit"] = 16
+        GOALS["dcslurm-tiny-vit"] = ANCHORS["dcslurm-tiny-vit"] = 0
+        args.samples, args.per_shard, args.workers = 64, 32, 1
+        from jobs.models import register_configs
+
+        register_configs()
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this benchmark needs one GPU (--smoke rehearses it on the CPU)")
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    print(f"GPU: {torch.cuda.get_device_name(0)}; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
+    device_name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    print(f"device: {device_name}; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
     root = tempfile.mkdtemp(prefix="gpu-embed-")
     t0 = time.time()
     jpegs = synthetic_jpegs(256)
     print(f"made 256 distinct 512 px JPEGs ({np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB avg) "
           f"in {time.time() - t0:.1f} s", flush=True)
 
-    results = {}
+    results: dict = {"device": device_name, "torch": torch.__version__, "smoke": args.smoke}
     ckpts = {}
-    for name in ("ViT-B-32", "ViT-L-14"):
+    for name in names:
         img, both, ckpts[name] = model_alone(name, root)
         results[name] = {"model_image": img, "model_image_text": both}
         print(f"{name}: model alone (bf16, channels-last, batch {BATCH[name]}): image {img:,.0f} img/s, "
               f"image+text {both:,.0f} samples/s", flush=True)
-    dec, dec_resize = nvjpeg_alone(jpegs)
-    print(f"nvjpeg alone: decode {dec:,.0f} img/s; decode + resize 224 {dec_resize:,.0f} img/s", flush=True)
+    if DEVICE == "cuda":
+        dec, dec_resize = nvjpeg_alone(jpegs)
+        results["nvjpeg"] = {"decode": dec, "decode_resize_224": dec_resize}
+        print(f"nvjpeg alone: decode {dec:,.0f} img/s; decode + resize 224 {dec_resize:,.0f} img/s", flush=True)
 
     if not args.skip_stage:
         shards_dir = os.path.join(root, "shards")
         os.makedirs(shards_dir)
         n_shards = write_shards(shards_dir, jpegs, args.samples, args.per_shard)
         print(f"wrote {args.samples} samples in {n_shards} shards; stage with {args.workers} workers", flush=True)
-        runs = [
-            ("ViT-B-32", [("b32", "ViT-B-32", ckpts["ViT-B-32"])], False),
-            ("ViT-B-32", [("b32", "ViT-B-32", ckpts["ViT-B-32"])], True),
-            ("ViT-L-14", [("l14", "ViT-L-14", ckpts["ViT-L-14"])], False),
-            ("ViT-L-14", [("l14", "ViT-L-14", ckpts["ViT-L-14"])], True),
-            ("both", [("b32", "ViT-B-32", ckpts["ViT-B-32"]), ("l14", "ViT-L-14", ckpts["ViT-L-14"])], True),
-        ]
+        if args.smoke:  # the CPU cannot decode on the device: gpu_decode stays off
+            runs = [("dcslurm-tiny-vit", [("tiny", "dcslurm-tiny-vit", ckpts["dcslurm-tiny-vit"])], False)]
+        else:
+            runs = [
+                ("ViT-B-32", [("b32", "ViT-B-32", ckpts["ViT-B-32"])], False),
+                ("ViT-B-32", [("b32", "ViT-B-32", ckpts["ViT-B-32"])], True),
+                ("ViT-L-14", [("l14", "ViT-L-14", ckpts["ViT-L-14"])], False),
+                ("ViT-L-14", [("l14", "ViT-L-14", ckpts["ViT-L-14"])], True),
+                ("both", [("b32", "ViT-B-32", ckpts["ViT-B-32"]), ("l14", "ViT-L-14", ckpts["ViT-L-14"])], True),
+            ]
         for label, models, gpu_decode in runs:
             batch = BATCH.get(label, 512)
             stats = stage(root, shards_dir, n_shards, models, args.workers, gpu_decode, batch)
@@ -217,13 +247,17 @@ def main() -> None:
                   f"{stats['embed_seconds']:.1f} s; model load {stats['model_load_seconds']:.1f} s)", flush=True)
 
     print("\nsummary (img/s)          model alone   stage CPU decode   stage GPU decode   goal    A100 anchor")
-    for name in ("ViT-B-32", "ViT-L-14"):
+    for name in names:
         r = results[name]
         print(f"{name:24s} {r['model_image_text']:11,.0f}   {r.get('stage_cpu_decode', float('nan')):16,.0f}   "
               f"{r.get('stage_gpu_decode', float('nan')):16,.0f}   {GOALS[name]:6,d}  {ANCHORS[name]:6,d}")
     if "both" in results:
         print(f"{'both (DataComp default)':24s} {'':11s}   {'':16s}   {results['both']['stage_gpu_decode']:16,.0f}")
+    results["seconds"] = round(time.time() - t0, 1)
     print(f"total {time.time() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

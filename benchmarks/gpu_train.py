@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--budget-s", type=float, default=420, help="give up on a model whose batches have not fitted by then")
+    parser.add_argument("--json", default="", help="also write the results here as JSON")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -139,6 +140,11 @@ def main() -> None:
             mfu = f"{best['mfu']:.1%}" if best["mfu"] is not None else "n/a (no peak for this device)"
             print(f"  {best['model']:16s} batch {best['batch']:5d}: {best['samples_per_s']:9.1f} samples/s, "
                   f"{best['tflops']:6.1f} TFLOP/s, MFU {mfu}, {best['memory_gb']:.1f} GB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device) if cuda else "cpu", "smoke": args.smoke,
+                       "compile": cuda and not args.no_compile, "grad_checkpointing": args.grad_checkpointing,
+                       "results": [b for b in summary if b]}, f, indent=1)
     dist.destroy_process_group()
 
 
