@@ -300,21 +300,32 @@ def _normalized(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _top_exactly(score, mask, n, table):
+    """The authors' count (exactly n of the rows in `mask`), highest score first, NaN last, ties by smaller uid."""
+    hi, lo = rules.parse_uids(list(table.uid), "fixture")
+    idx = np.nonzero(mask)[0]
+    sc = np.where(np.isnan(score[idx]), -np.inf, score[idx])
+    keep = np.zeros(len(mask), bool)
+    keep[idx[np.lexsort((lo[idx], hi[idx], -sc))[:n]]] = True
+    return keep
+
+
 def test_vas_scores_are_f_S_f_and_selection_follows_fraction(pool, tmp_path):
     folder, table, emb = pool
     subset, stats, work = run(folder, "clip_score(l14, fraction=0.45) then vas(target=pool, fraction=0.3)", tmp_path)
-    l14 = table.clip_l14_similarity_score
-    cand = (l14 >= ref_fraction_threshold(l14.values, 0.45)).values
+    l14 = table.clip_l14_similarity_score.values
+    # the CLIP step of a VAS pipeline keeps exactly n (the fixture's scores tie and are NaN)
+    cand = _top_exactly(l14, np.ones(len(table), bool), int(len(table) * 0.45), table)
     f = _normalized(emb["l14_img"])
-    s = f[cand].T @ f[cand] / cand.sum()
+    s = f.T @ f / len(f)  # S from the rows entering the CLIP step: the whole pool
     assert np.allclose(np.load(work.local_path("_params/vas1.npy")), s, atol=1e-12)
     dense = np.array([fi @ s @ fi for fi in f])
     assert np.allclose(rules.vas_scores(emb["l14_img"], s), dense, atol=1e-12)
     n = int(len(table) * 0.3)
-    t = -np.sort(-dense[cand])[n]
-    expected = cand & (dense >= t)
+    expected = _top_exactly(rules.vas_scores(emb["l14_img"], np.load(work.local_path("_params/vas1.npy"))), cand, n,
+                            table)
     assert (subset == uids_of(table, expected)).all()
-    assert len(subset) == n + 1  # continuous scores: no ties; DataComp's rule keeps index n too
+    assert len(subset) == n
 
 
 def test_vas_target_file(pool, tmp_path):
@@ -327,7 +338,7 @@ def test_vas_target_file(pool, tmp_path):
     s = ft.T @ ft / len(ft)
     f = _normalized(emb["l14_img"])
     dense = np.einsum("ij,jk,ik->i", f, s, f)
-    expected = dense >= -np.sort(-dense)[int(len(table) * 0.2)]
+    expected = _top_exactly(dense, np.ones(len(table), bool), int(len(table) * 0.2), table)
     assert (subset == uids_of(table, expected)).all()
 
 
@@ -338,20 +349,17 @@ def test_vas_d_last_round_keeps_exactly_the_target(pool, tmp_path):
                            tmp_path)
     n_target = int(len(table) * fraction)
     assert len(subset) == n_target == stats["parameters"]["1"]["last_size"]
-    # dense reference: same schedule, exact top-k by (score desc, uid asc)
-    l14 = table.clip_l14_similarity_score
-    alive = (l14 >= ref_fraction_threshold(l14.values, 0.45)).values
+    # dense reference: the authors' schedule (a fixed chunk a round), S first from the whole pool
+    l14 = table.clip_l14_similarity_score.values
+    alive = _top_exactly(l14, np.ones(len(table), bool), int(len(table) * 0.45), table)
     f = _normalized(emb["l14_img"])
-    hi, lo = rules.parse_uids(list(table.uid), "fixture")
     n0 = alive.sum()
+    chunk = -(-(n0 - n_target) // rounds)
+    s = f.T @ f / len(f)
     for i in range(1, rounds + 1):
-        keep = n0 - round(i * (n0 - n_target) / rounds)
+        keep = n_target if i == rounds else n0 - i * chunk
+        alive = _top_exactly(np.einsum("ij,jk,ik->i", f, s, f), alive, keep, table)
         s = f[alive].T @ f[alive] / alive.sum()
-        score = np.einsum("ij,jk,ik->i", f, s, f)
-        idx = np.nonzero(alive)[0]
-        order = np.lexsort((lo[idx], hi[idx], -score[idx]))
-        alive = np.zeros_like(alive)
-        alive[idx[order[:keep]]] = True
     assert (subset == uids_of(table, alive)).all()
 
 

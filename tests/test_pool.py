@@ -57,7 +57,7 @@ def _break(folder, how: str) -> str:
         return f"duplicate uid {_uid(3)}"
     if how == "malformed":
         _write(b, [_uid(i) for i in range(10, 15)] + ["not-a-uid"] + [_uid(i) for i in range(16, 20)])
-        return "malformed uid 'not-a-uid' in row 5"
+        return "row 5: malformed uid 'not-a-uid'"
     raise ValueError(how)
 
 

@@ -3,8 +3,11 @@
     prepare (1 task)  pool centroids / target centroid ids for image_based
     map     (array)   per file: uids, row-local masks, the scores and MetaCLIP
                       matches global rules need, first-digit score
-                      histograms -> _parts/ID.npz
-    reduce  (1 task)  global parameters, term by term in spec order, streaming
+                      histograms -> _parts/ID.npz; the uids sorted -> _uids/ID.npy
+                      (a uid twice in the file fails here)
+    reduce  (1 task)  no uid in two files (a bounded-memory merge of the sorted
+                      uids, dcslurm.pool.find_duplicate: the subset would repeat
+                      that sample); global parameters, term by term in spec order, streaming
                       the parts one file at a time: exact fraction thresholds
                       (select.py), MetaCLIP counts, VAS S, VAS-D rounds
     apply   (array)   per file: the final mask -> sorted uids _kept/ID.npy;
@@ -21,6 +24,7 @@ All paths are inside a work folder (RUN/filter/ in a run).
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import posixpath
@@ -30,6 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcslurm.errors import UserError
+from dcslurm.pool import (
+    REQUIRED_COLUMNS,
+    UidRun,
+    column_type_problem,
+    find_duplicate,
+    save_uid_run,
+    sorted_uid_run,
+    uid_run_reader,
+)
 from dcslurm.storage import DataFolder
 from jobs.filter import rules
 from jobs.filter.filterspec import FilterSpec, Term, parse_spec
@@ -81,6 +94,11 @@ class Reader:
                 for c in columns:
                     if c not in have:
                         raise UserError(f"{f.url}: missing column {c!r}")
+                    # a binary `text` would read as bytes, judged as empty captions: refuse it
+                    problem = (column_type_problem(folder, name, f.url, c, pf.schema_arrow.field(c).type)
+                               if c in REQUIRED_COLUMNS else None)
+                    if problem:
+                        raise UserError(problem)
                 table = pf.read(columns=columns)
                 rows = pf.metadata.num_rows
         except FileNotFoundError:
@@ -261,7 +279,12 @@ def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -
     fc = FileColumns(f, reader, [term for _, term in terms], stats)
     hi, lo = rules.parse_uids(fc.cols["uid"], f.url)
     n = stats["rows"] = len(hi)
-    out: dict[str, np.ndarray] = {"hi": hi, "lo": lo}
+    # The map half of the uid uniqueness check: this file's uids sorted (a duplicate inside
+    # the file fails here, naming both rows) for the reduce to merge (`_unique_rows`).
+    run, offsets = sorted_uid_run(hi, lo, f.url)
+    save_uid_run(work, f"_uids/{f.pid}.npy", run)
+    del run
+    out: dict[str, np.ndarray] = {"hi": hi, "lo": lo, "uo": offsets}
     first_global = min((g for _, g, term in spec.terms() if term.is_global), default=-1)
     group_of = {t: g for t, g, _ in spec.terms()}
     for t, term in terms:
@@ -339,15 +362,15 @@ class Evaluator:
             return parts[f"m{t}"]
         p = self.params[str(t)]
         if term.name == "clip_score":
+            if "cut_value" in p:  # the CLIP step of a VAS pipeline: exactly n rows
+                return _cut_mask(parts[f"s{t}"], parts["hi"], parts["lo"], p)
             return keep_at_threshold(parts[f"s{t}"], p["threshold"])
         if term.name == "metaclip":
             counts = self._array(f"_params/metaclip{t}.npy")
             prob = rules.metaclip_keep_probability(parts[f"p{t}"], parts[f"e{t}"], counts, term.kw["t"])
             return rules.uniform_by_uid(parts["hi"], parts["lo"], self.seed, stream=t) < prob
         if term.name == "vas":
-            s = self._array(f"_params/vas{t}.npy")
-            scores = rules.vas_scores(self.reader.embeddings(f, term.kw["key"], len(parts["hi"])), s)
-            return keep_at_threshold(scores, p["threshold"])
+            return np.load(io.BytesIO(self.work.read_bytes(f"_params/vas{t}/{f.pid}.npy")))
         if term.name == "vas_d":
             return np.load(io.BytesIO(self.work.read_bytes(f"_params/vasd{t}/{f.pid}.npy")))
         raise AssertionError(term.name)
@@ -366,9 +389,7 @@ class Evaluator:
 def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: Reader, seed: int,
            scratch: str, first_level_from_map: bool = True) -> dict:
     """Fix every global parameter in spec order; writes _params/ and returns params.json's content."""
-    n_pool = 0
-    for f in inputs:
-        n_pool += len(load_parts(work, f.pid)["hi"])
+    n_pool = _unique_rows(inputs, work)
     params: dict = {"n_pool": n_pool}
     ev = Evaluator(spec, work, reader, params, seed)
 
@@ -377,11 +398,16 @@ def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: 
             parts = load_parts(work, f.pid)
             yield f, parts, ev.alive(parts, f, g)
 
+    exact_clip = _vas_clip_steps(spec)
     for t, g, term in spec.terms():
         if not term.is_global:
             continue
         kw = term.kw
-        if term.name == "clip_score":
+        if term.name == "clip_score" and t in exact_clip:
+            params[str(t)] = {"filter": term.text(), "column": score_column(term), **_top_cut(
+                fraction_index(n_pool, kw["fraction"]),
+                lambda: ((p[f"s{t}"][a], p["hi"][a], p["lo"][a]) for _, p, a in candidates(g)))}
+        elif term.name == "clip_score":
             n = fraction_index(n_pool, kw["fraction"])
             first = None
             if first_level_from_map:
@@ -404,22 +430,37 @@ def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: 
             _save_npy(work, f"_params/metaclip{t}.npy", counts.astype(np.int64))
             params[str(t)] = {"filter": term.text(), "t": kw["t"], "entries_matched": int((counts > 0).sum()),
                               "entries_over_t": int((counts > kw["t"]).sum())}
-        elif term.name == "vas":
-            s = _vas_target(term, candidates(g), reader)
-            _save_npy(work, f"_params/vas{t}.npy", s)
-            ev._cache.pop(f"_params/vas{t}.npy", None)
-            n = fraction_index(n_pool, kw["fraction"])
-
-            def vas_stream():
-                for f, p, a in candidates(g):
-                    yield rules.vas_scores(reader.embeddings(f, kw["key"], len(p["hi"])), s)[a]
-
-            thr, info = exact_descending_value(vas_stream, n)
-            params[str(t)] = {"filter": term.text(), "threshold": thr, "target": kw["target"], **info}
-        elif term.name == "vas_d":
-            params[str(t)] = _vas_d(t, term, inputs, work, reader, candidates(g), n_pool, scratch)
+        elif term.name in ("vas", "vas_d"):
+            params[str(t)] = _vas_family(t, term, inputs, work, reader, candidates(_s_group(spec, g)),
+                                         candidates(g), n_pool, scratch)
     work.write_json(PARAMS, params)
     return params
+
+
+def _unique_rows(inputs: list[InputFile], work: DataFolder) -> int:
+    """The pool's rows, after checking that no uid is in two files (the map checked inside each):
+    a bounded-memory merge of the map's sorted runs (dcslurm.pool.find_duplicate). A duplicate
+    is one UserError naming both files and rows: the subset would repeat that sample."""
+    runs, n_pool = [], 0
+    for f in inputs:
+        parts = load_parts(work, f.pid)
+        if "uo" not in parts:
+            raise UserError(f"{work.url_of(f'_parts/{f.pid}.npz')}: written by an older dcslurm (no sorted uids); "
+                            f"delete {work.url} and run the filter again")
+        offsets = parts["uo"]
+        n_pool += int(offsets[-1])
+        runs.append(UidRun(offsets, uid_run_reader(work, f"_uids/{f.pid}.npy"),
+                           functools.partial(_halves, work, f.pid)))
+    dup = find_duplicate(runs)
+    if dup is not None:
+        uid, i, ri, j, rj = dup
+        raise UserError(f"{inputs[j].url}: duplicate uid {uid} in row {rj} (also in {inputs[i].url} row {ri})")
+    return n_pool
+
+
+def _halves(work: DataFolder, pid: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = load_parts(work, pid)
+    return parts["hi"], parts["lo"]
 
 
 def _save_npy(work: DataFolder, rel: str, arr: np.ndarray) -> None:
@@ -428,7 +469,72 @@ def _save_npy(work: DataFolder, rel: str, arr: np.ndarray) -> None:
     work.write_bytes(rel, buf.getvalue())
 
 
-def _second_moment(rows: Iterator[np.ndarray]) -> np.ndarray:
+# -- VAS and VAS-D, as the authors' code selects (github ypwang61/VAS, baselines/vas.py) --------------
+#
+# Their VAS and VAS-D functions take the CLIP-score step themselves: S (VAS's target=pool,
+# VAS-D's first round) is built from every row handed to them, BEFORE that step; the CLIP
+# step and the VAS step each keep exactly n = int(N * fraction) rows (np.argpartition,
+# torch.topk); VAS-D removes a fixed ceil((n0 - n) / k) rows a round. A `clip_score` group
+# right before a vas/vas_d term is read as that step.
+
+def _vas_clip_step(spec: FilterSpec, g: int) -> int | None:
+    """The term index of the CLIP step of a VAS-family term in group g: group g-1 if it is one clip_score."""
+    if g == 0 or len(spec.groups[g - 1]) != 1 or spec.groups[g - 1][0].name != "clip_score":
+        return None
+    return next(t for t, g2, _ in spec.terms() if g2 == g - 1)
+
+
+def _vas_clip_steps(spec: FilterSpec) -> set[int]:
+    """clip_score(fraction=) terms that are a VAS pipeline's CLIP step, so keep exactly n rows."""
+    steps = {_vas_clip_step(spec, g) for _, g, term in spec.terms() if term.name in ("vas", "vas_d")}
+    return {t for t, _, term in spec.terms() if t in steps and term.is_global}
+
+
+def _s_group(spec: FilterSpec, g: int) -> int:
+    """Whose rows build S for a VAS-family term in group g: those entering its CLIP step, else its candidates."""
+    return g - 1 if _vas_clip_step(spec, g) is not None else g
+
+
+def _nan_last(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def _top_cut(n: int, stream, scores_only=None) -> dict:
+    """Where exactly the top n of the streamed candidates end: score descending, NaN last, then uid ascending.
+
+    `stream()` yields (scores, hi, lo) of one file's candidates and is called once per pass;
+    `scores_only()`, if given, yields the same scores without the uids, for the passes that
+    need no uids (the uids come from the work folder, the scores may be local).
+    The authors keep exactly n too, but which rows tied at the cut they keep depends on the
+    order their worker processes hand back the files (argpartition/topk over one array);
+    here ties go to the smaller uid, the same on any task split. (Their argpartition also
+    ranks NaN first; NaN ranks last here, as in DataComp's sort.) Keep score > cut_value,
+    or score == cut_value and uid <= cut_uid; kept = 0 keeps nothing.
+    """
+    if n <= 0:
+        return {"kept": 0, "cut_value": float("inf"), "cut_uid": [0, 0]}
+    scores_only = scores_only or (lambda: (sc for sc, _, _ in stream()))
+    v, info = exact_descending_value(lambda: (_nan_last(sc) for sc in scores_only()), n - 1)
+    if n > info["candidates"]:  # fewer candidates than n: all of them
+        return {"kept": info["candidates"], "cut_value": float("-inf"), "cut_uid": [(1 << 64) - 1] * 2}
+    above = sum(int((_nan_last(sc) > v).sum()) for sc in scores_only())
+    ties = [rules.uid_array(hi[_nan_last(sc) == v], lo[_nan_last(sc) == v]) for sc, hi, lo in stream()]
+    cut = rules.sort_uids(np.concatenate(ties))[n - above - 1]
+    return {"kept": n, "cut_value": v, "cut_uid": [int(cut["f0"]), int(cut["f1"])]}
+
+
+def _cut_mask(scores: np.ndarray, hi: np.ndarray, lo: np.ndarray, cut: dict) -> np.ndarray:
+    """Rows at or above a `_top_cut` (on every row given; the caller ands its candidates)."""
+    if not cut["kept"]:
+        return np.zeros(len(scores), bool)
+    sc, v = _nan_last(scores), cut["cut_value"]
+    c_hi, c_lo = np.uint64(cut["cut_uid"][0]), np.uint64(cut["cut_uid"][1])
+    return (sc > v) | ((sc == v) & ((hi < c_hi) | ((hi == c_hi) & (lo <= c_lo))))
+
+
+def _second_moment(rows: Iterator[np.ndarray]) -> tuple[np.ndarray, int]:
+    """(1/N) sum f f^T over the L2-normalised rows, and N."""
     s, n = None, 0
     for f in rows:
         f = rules.normalized(f)
@@ -436,90 +542,85 @@ def _second_moment(rows: Iterator[np.ndarray]) -> np.ndarray:
         n += len(f)
     if s is None or n == 0:
         raise UserError("vas: no candidate rows to build the target second moment from")
-    return s / n
+    return s / n, n
 
 
-def _vas_target(term: Term, cands, reader: Reader) -> np.ndarray:
+def _vas_target(term: Term, s_rows, reader: Reader) -> tuple[np.ndarray, int | None]:
+    """S and the rows it was built from (None: S given as a file)."""
     kw = term.kw
     if kw["target"] == "pool":
-        return _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]))[a] for f, p, a in cands)
+        return _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]))[a] for f, p, a in s_rows)
     m = rules.load_matrix(kw["target"], "vas target")
     if m.shape[0] == m.shape[1] and np.allclose(m, m.T):
-        return m.astype(np.float64)  # already S
+        return m.astype(np.float64), None  # already S
     return _second_moment(iter([m]))
 
 
-def _vas_d(t: int, term: Term, inputs: list[InputFile], work: DataFolder, reader: Reader, cands,
-           n_pool: int, scratch: str) -> dict:
-    """VAS-D: survivors start as the candidates; each round recomputes S from the survivors and
-    keeps exactly its target count, the highest VAS first (ties: smaller uid first)."""
+def _vas_family(t: int, term: Term, inputs: list[InputFile], work: DataFolder, reader: Reader, s_rows, cands,
+                n_pool: int, scratch: str) -> dict:
+    """VAS (one round with S from the target) or VAS-D (`iterations` rounds, S recomputed from the survivors
+    after the first) over the candidates; the last round keeps exactly n = int(N_pool * fraction).
+    `s_rows` yields the rows S starts from. Writes the kept rows of each file to _params/."""
     kw = term.kw
-    alive_dir = os.path.join(scratch, f"vasd{t}")
+    alive_dir = os.path.join(scratch, f"vas{t}")
     os.makedirs(alive_dir, exist_ok=True)
     n0 = 0
-    for f, p, a in cands:
+    for f, _, a in cands:
         np.save(os.path.join(alive_dir, f"{f.pid}.npy"), a)
         n0 += int(a.sum())
-    n_final = min(fraction_index(n_pool, kw["fraction"]), n0)
-    rounds = kw["iterations"] if n0 > n_final else 0
-    sizes = []
-    for i in range(1, rounds + 1):
-        target = n0 - round(i * (n0 - n_final) / rounds)
+    n = min(fraction_index(n_pool, kw["fraction"]), n0)
+    info: dict = {"filter": term.text(), "candidates": n0}
+    if term.name == "vas":
+        sizes = [n]
+        s, info["s_rows"] = _vas_target(term, s_rows, reader)
+        _save_npy(work, f"_params/vas{t}.npy", s)
+        info["target"] = kw["target"]
+    else:
+        info["target"] = n
+        sizes = rules.vas_d_sizes(n0, n, kw["iterations"])
+        info.update(iterations=kw["iterations"], rounds=len(sizes), chunk=-(-(n0 - n) // kw["iterations"]),
+                    first_sizes=sizes[:3], last_size=sizes[-1] if sizes else n0, kept=sizes[-1] if sizes else n0)
+        if sizes:
+            s, info["s_rows"] = _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]))[a] for f, p, a in s_rows)
+    for i, size in enumerate(sizes):
+        if i:
+            s, _ = _second_moment(reader.embeddings(f, kw["key"], len(a))[a]
+                                  for f, a in _alive(inputs, alive_dir) if a.any())
+        cut = _vas_round(s, size, inputs, work, reader, kw["key"], alive_dir)
+    if term.name == "vas":
+        info.update(cut)
+    for f, a in _alive(inputs, alive_dir):
+        _save_npy(work, f"_params/{'vas' if term.name == 'vas' else 'vasd'}{t}/{f.pid}.npy", a)
+    return info
 
-        def survivors():
-            for f in inputs:
-                a = np.load(os.path.join(alive_dir, f"{f.pid}.npy"))
-                yield f, a
 
-        def emb(f, a):
-            return reader.embeddings(f, kw["key"], len(a))
-
-        s = _second_moment(emb(f, a)[a] for f, a in survivors())
-
-        def scores(f, a):
-            sc = rules.vas_scores(emb(f, a), s)
-            return np.where(np.isnan(sc), -np.inf, sc)
-
-        _keep_top_exactly(target, survivors, scores, work, alive_dir)
-        sizes.append(target)
+def _alive(inputs: list[InputFile], alive_dir: str) -> Iterator[tuple[InputFile, np.ndarray]]:
     for f in inputs:
-        a = np.load(os.path.join(alive_dir, f"{f.pid}.npy"))
-        _save_npy(work, f"_params/vasd{t}/{f.pid}.npy", a)
-    return {"filter": term.text(), "candidates": n0, "target": n_final, "rounds": rounds,
-            "first_sizes": sizes[:3], "last_size": sizes[-1] if sizes else n0}
+        yield f, np.load(os.path.join(alive_dir, f"{f.pid}.npy"))
 
 
-def _keep_top_exactly(target: int, survivors, scores, work: DataFolder, alive_dir: str) -> None:
-    """Keep exactly `target` survivors: highest score first, ties by ascending uid."""
-    if target <= 0:
-        for f, a in list(survivors()):
-            np.save(os.path.join(alive_dir, f"{f.pid}.npy"), np.zeros_like(a))
-        return
-    cache = {}
+def _vas_round(s: np.ndarray, n: int, inputs: list[InputFile], work: DataFolder, reader: Reader, key: str,
+               alive_dir: str) -> dict:
+    """Keep exactly n of the rows alive in `alive_dir`, highest f^T S f first (`_top_cut`); returns the cut."""
+    score_dir = alive_dir + ".scores"  # each file's scores once a round; the cut reads them a few times
+    os.makedirs(score_dir, exist_ok=True)
+    for f, a in _alive(inputs, alive_dir):
+        sc = rules.vas_scores(reader.embeddings(f, key, len(a)), s) if a.any() else np.zeros(len(a))
+        np.save(os.path.join(score_dir, f"{f.pid}.npy"), sc)
 
-    def stream():
-        for f, a in survivors():
-            if f.pid not in cache:
-                cache[f.pid] = scores(f, a)
-            yield cache[f.pid][a]
+    def files():
+        for f, a in _alive(inputs, alive_dir):
+            p = load_parts(work, f.pid)
+            yield f, a, np.load(os.path.join(score_dir, f"{f.pid}.npy")), p["hi"], p["lo"]
 
-    v, _ = exact_descending_value(stream, target - 1)
-    above = sum(int((sc > v).sum()) for sc in stream())
-    need = target - above
-    ties = []
-    for f, a in survivors():
-        parts = load_parts(work, f.pid)
-        sel = a & (cache[f.pid] == v)
-        ties.append(rules.uid_array(parts["hi"][sel], parts["lo"][sel]))
-    tie_uids = rules.sort_uids(np.concatenate(ties))
-    cut_hi, cut_lo = tie_uids[need - 1]
-    for f, a in survivors():
-        parts = load_parts(work, f.pid)
-        hi, lo = parts["hi"], parts["lo"]
-        uid_le_cut = (hi < cut_hi) | ((hi == cut_hi) & (lo <= cut_lo))
-        sc = cache[f.pid]
-        keep = a & ((sc > v) | ((sc == v) & uid_le_cut))
-        np.save(os.path.join(alive_dir, f"{f.pid}.npy"), keep)
+    def scores_only():
+        for f, a in _alive(inputs, alive_dir):
+            yield np.load(os.path.join(score_dir, f"{f.pid}.npy"))[a]
+
+    cut = _top_cut(n, lambda: ((sc[a], hi[a], lo[a]) for _, a, sc, hi, lo in files()), scores_only)
+    for f, a, sc, hi, lo in files():  # one file at a time; its alive mask is read before it is rewritten
+        np.save(os.path.join(alive_dir, f"{f.pid}.npy"), a & _cut_mask(sc, hi, lo, cut))
+    return cut
 
 
 # -- apply & write ------------------------------------------------------------

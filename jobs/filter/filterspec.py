@@ -77,12 +77,15 @@ FILTERS: dict[str, FilterDef] = {f.name: f for f in [
               (Param("entries", "path", None, "metadata entries, one per line", required=True),
                Param("t", "int", 20_000, "balancing threshold t")),
               scope="global"),
-    FilterDef("vas", "highest f^T S f up to the fraction; S from a target file or the pool",
+    FilterDef("vas", "exactly int(N*fraction) rows of highest f^T S f (ties: smaller uid); S from a target "
+                     "file, or (pool) the rows entering the clip_score step right before it, else its candidates",
               (Param("target", "str", "pool", "'pool' or a path: a d x d matrix or N x d embeddings (.npy)"),
                Param("fraction", "float", None, "fraction of the ORIGINAL pool to keep", required=True),
                _KEY),
               positional="target", scope="global"),
-    FilterDef("vas_d", "VAS-D: S from the candidates, then `iterations` rounds dropping the lowest-VAS chunk",
+    FilterDef("vas_d", "VAS-D: S first from the rows entering the clip_score step right before it (else its "
+                       "candidates), then from the survivors; each round drops ceil((n0-n)/iterations) lowest-VAS "
+                       "rows, the last keeps exactly n = int(N*fraction)",
               (Param("fraction", "float", None, "fraction of the ORIGINAL pool to keep", required=True),
                Param("iterations", "int", 168, "rounds (small 168, medium 500)"),
                _KEY),

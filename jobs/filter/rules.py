@@ -407,3 +407,19 @@ def vas_scores(f: np.ndarray, s: np.ndarray) -> np.ndarray:
     """f_i^T S f_i per row of L2-normalised f, float64."""
     f = normalized(f)
     return np.einsum("ij,ij->i", f @ s, f)
+
+
+def vas_d_sizes(n0: int, n: int, k: int) -> list[int]:
+    """Survivors after each VAS-D round, as the authors' loop (ypwang61/VAS baselines/vas.py): every round
+    removes the same chunk = ceil((n0 - n) / k) rows and the k-th keeps exactly n. Where k - 1 chunks
+    would already go below n (their loop then asks torch.topk for more rows than are left and stops
+    with an error) the rounds stop at n. No rounds when there is nothing to remove."""
+    if n0 <= n:
+        return []
+    chunk = -(-(n0 - n) // k)
+    sizes = []
+    for i in range(1, k + 1):
+        sizes.append(n if i == k else max(n0 - i * chunk, n))
+        if sizes[-1] == n:
+            break
+    return sizes

@@ -49,7 +49,8 @@ def map_files(ctx: TaskContext) -> TaskResult:
         s = engine.map_file(spec, f, ctx.output, reader)
         totals["rows"] += s["rows"]
         totals["null_text"] += s.get("null_text", 0)
-    return TaskResult(outputs=[_rel(ctx, f"_parts/{f.pid}.npz") for f in files], stats=totals)
+    return TaskResult(outputs=[_rel(ctx, f"{d}/{f.pid}.{ext}") for f in files
+                               for d, ext in (("_parts", "npz"), ("_uids", "npy"))], stats=totals)
 
 
 def reduce(ctx: TaskContext) -> TaskResult:
