@@ -20,7 +20,7 @@ from PIL import Image
 
 from dcslurm.config import load_config
 from dcslurm.errors import UserError
-from dcslurm.markers import done_indexes, read_failure
+from dcslurm.markers import done_indexes
 from dcslurm.runs import submit_run
 from jobs.reshard.subset import SUBSET_DTYPE, load_subset, pair_to_uid, uid_to_pair, uids_to_array
 from jobs.reshard.tario import TarSampleReader, TarShardWriter
@@ -403,7 +403,8 @@ def test_member_names_split_into_samples_as_webdataset_does():
     names = np.zeros((len(raw), 100), np.uint8)
     for i, r in enumerate(raw):
         names[i, :len(r)] = np.frombuffer(r, np.uint8)
-    keyed, keys, starts, exts, json_at = _split_names(names, {})
+    keyed, keys, starts, exts, json_at, newlines = _split_names(names, {})
+    assert newlines == 0
     assert keyed.tolist() == [0, 1, 2, 3, 5, 6, 8, 9, 10, 11, 12, 13]  # "noext" and ".hidden" have no key
     assert keys == ["k1", "k2", "k1", "\u00fc\u00df", "\udcff\udcfe", "d/k3", "x" * 95]
     assert starts.tolist() == [0, 4, 7, 8, 9, 10, 11, 12]
@@ -619,6 +620,16 @@ def test_damaged_input_shards_are_counted_and_the_rest_kept(pool, tmp_path):
             data[txt.offset + 5] ^= 0xFF
             data = bytes(data)
             lost.add("000300007")
+        if n == "00000000.tar":  # a symlink and a name with a newline: left out, counted
+            buf = io.BytesIO(data)
+            with tarfile.open(fileobj=buf, mode="a") as tar:
+                link = tarfile.TarInfo("000000000.png")
+                link.type, link.linkname = tarfile.SYMTYPE, "000000000.jpg"
+                tar.addfile(link)
+                odd = tarfile.TarInfo("bad\nkey.txt")
+                odd.size = 1
+                tar.addfile(odd, io.BytesIO(b"x"))
+            data = buf.getvalue()
         (shards / n).write_bytes(data)
     cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), str(shards), pool["subset"], tasks=3)
     assert not submit_run(load_config(cfg)).failed
@@ -628,20 +639,21 @@ def test_damaged_input_shards_are_counted_and_the_rest_kept(pool, tmp_path):
     assert read_output(out)[0] == expected_multiset(surviving, pool["uids"])
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["truncated_tars"] == 1 and stats["corrupt_headers"] == 1
+    assert stats["links"] == 1 and stats["newline_names"] == 1
     assert stats["damaged_samples"] == 2  # the sample cut short and the one with the corrupt header
     assert stats["input_samples_scanned"] == len(pool["samples"]) - len(lost)
 
 
-def test_unsorted_subset_fails_the_run_with_one_line(pool, tmp_path):
+def test_unsorted_subset_is_refused_at_submit_with_one_line(pool, tmp_path):
     bad = np.load(pool["subset"])[::-1].copy()
     np.save(tmp_path / "unsorted.npy", bad)
     cfg = write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"],
                      str(tmp_path / "unsorted.npy"), tasks=2)
-    result = submit_run(load_config(cfg))
-    assert result.failed.get("reshard.count")
-    failure = read_failure(load_config(cfg).folder(), "reshard.count", 0)
-    assert failure["error"].startswith(str(tmp_path / "unsorted.npy")) and "not sorted" in failure["error"]
-    assert "\n" not in failure["error"]
+    # The preflight reads the subset's first rows: refused before any count task is queued.
+    with pytest.raises(UserError) as exc:
+        submit_run(load_config(cfg))
+    assert str(exc.value).startswith(str(tmp_path / "unsorted.npy")) and "not sorted" in str(exc.value)
+    assert not os.path.exists(tmp_path / "run" / "_markers")
 
 
 def test_missing_subset_setting_is_a_config_error(pool, tmp_path):

@@ -35,11 +35,38 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem) if folder else stem, ext.lower()
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo, except that damage raises instead of ending the walk.
+
+    On a bad header after the first (checksum, a length-0 PAX record, a missing
+    end-of-archive block), tarfile ends its walk as if the tar were complete; and
+    it reads a PAX size that is not a number as 0. Raising here passes through
+    TarFile.next() (which only swallows its own HeaderErrors) to `iter_samples`.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            info = super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive block: a tar's normal end
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"{exc}") from None
+        try:
+            pax_size_ok = int(info.pax_headers.get("size", "0")) >= 0
+        except ValueError:
+            pax_size_ok = False
+        has_data = info.isreg() or info.type not in tarfile.SUPPORTED_TYPES  # (tarfile's rule)
+        if not pax_size_ok or (info.size < 0 and has_data):
+            raise tarfile.ReadError(f"bad size {info.size} (PAX: {info.pax_headers.get('size', '')[:20]!r})")
+        return info
+
+
 def iter_samples(fileobj: IO[bytes], what: str = "shard") -> Iterator[Sample]:
     """Samples of a tar stream, in order. Raises CorruptShard naming `what`."""
     current: Sample | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
             for info in tar:
                 if not info.isfile():
                     continue

@@ -5,9 +5,23 @@ names, PAX `path`/`size`), groups consecutive members by webdataset key
 (the basename up to its first dot), reads each sample's `.json` at once and
 leaves the other members in place until `Sample.load()` asks for them, so a
 pass that only needs uids skips the image bytes. Damage is counted, never
-raised: a corrupt header is skipped by resynchronising on the next valid
-header, a truncated tar ends the shard; the sample open at the damage (and
-the first one after a resync) is dropped because it may be missing members.
+raised: a corrupt header (bad checksum, a number that does not parse, a
+negative size, a malformed PAX record) is skipped by resynchronising on the
+next valid header, a truncated tar ends the shard; the sample open at the
+damage (and the first one after a resync) is dropped because it may be
+missing members. Members dropped for what they are are counted too: links,
+names without an extension, names with a newline.
+
+A tar that Python's tarfile reads cleanly is read as tarfile reads it (same
+header rules: which types carry data, which record names a member, how
+numbers parse; tests/test_tario_fuzz.py checks this on mutated shards), but
+for what is deliberately stricter or simpler here: PAX records must be
+well-formed as in CPython's tarfile since 3.11.10 (older ones skip malformed
+ones), a PAX size that is not a number is damage (tarfile reads 0), global
+PAX records name no member, GNU sparse members are never sample fields.
+Every walk ends: each step consumes at least one 512-byte block, no size
+is negative or read past the end of the file, each PAX record advances by
+at least 5 bytes.
 
 Writing: `TarShardWriter` writes POSIX ustar members with fixed metadata
 (mode 0644, uid/gid 0, no user names, mtime 0) so the same samples always
@@ -50,6 +64,9 @@ class ReadCounters:
     truncated_tars: int = 0  # tars ending without the end-of-archive block
     damaged_samples: int = 0  # samples dropped because damage hit them
     members_without_key: int = 0  # members whose name has no extension (not a sample field)
+    newline_names: int = 0  # members whose name holds a newline: unusable as a webdataset key
+    # (keys go into line-based lists and logs downstream), so the member is left out
+    links: int = 0  # symlink and hardlink members: a sample field must hold its bytes, so left out
 
     def add(self, other: ReadCounters) -> None:
         for name in self.__dataclass_fields__:
@@ -278,15 +295,14 @@ def _map_whole(fd: int) -> mmap.mmap:
 
 
 def _octal(field_bytes: bytes) -> int:
-    if field_bytes and field_bytes[0] & 0x80:  # GNU base-256 for big values
+    """A header's number field, parsed as tarfile's `nti` parses it (so the two agree on
+    every header): GNU base-256 behind 0x80 (0xff: negative), else octal text to a NUL."""
+    if field_bytes[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field_bytes[1:], "big")
-        return value
-    text = field_bytes.split(b"\0", 1)[0].strip()
-    if not text:
-        return 0
+        return value - 256 ** (len(field_bytes) - 1) if field_bytes[0] == 0xFF else value
     try:
-        return int(text, 8)
-    except ValueError:
+        return int(field_bytes.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError included
         raise _Corrupt(f"bad number {field_bytes!r}") from None
 
 
@@ -302,18 +318,25 @@ def _check_header(block: bytes) -> None:
 
 
 def _ustar_name(block: bytes) -> str:
-    """The member name a header block holds: its name field, behind the prefix field in POSIX ustar."""
+    """The member name a header block holds: its name field, behind the prefix field when
+    that is set (tarfile's rule: whatever the magic, except in GNU's own header types)."""
     name = block[:100].split(b"\0", 1)[0]
-    if block[345] and block[257:263] == b"ustar\x00":
+    if block[345] and block[156] not in _GNU_TYPES:
         name = block[345:500].split(b"\0", 1)[0] + b"/" + name
     return name.decode("utf-8", "surrogateescape")
 
 
 _REGULAR = frozenset(b"0\0" b"7")  # typeflags of regular files (as ints, what indexing bytes gives)
-_NAME_RECORDS = frozenset(b"Lxg")  # GNU long name, PAX per-file and global records
+_NAME_RECORDS = frozenset(b"LKxXg")  # GNU long name/link, PAX per-file (and Solaris') and global records
+_GNU_TYPES = frozenset(b"LKS")
+# Hard links, symlinks, devices, directories, FIFOs: no data follows their header, whatever
+# their size field says (POSIX; tarfile skips nothing for them either).
+_NO_DATA = frozenset(b"123456")
+_LINKS = frozenset(b"12")
+_NO_DATA_FLAGS = np.array(sorted(_NO_DATA), np.uint8)
+_LINK_FLAGS = np.array(sorted(_LINKS), np.uint8)
 _REGULAR_FLAGS = np.array(sorted(_REGULAR), np.uint8)
 _NAME_RECORD_FLAGS = np.array(sorted(_NAME_RECORDS), np.uint8)
-_USTAR_MAGIC = np.frombuffer(b"ustar\x00", np.uint8)
 _CHECK_ROWS = 8192  # header blocks checked per numpy call: bounded memory on huge tars
 
 
@@ -333,20 +356,23 @@ def _checksums_match(blocks: np.ndarray, stored: np.ndarray) -> bool:
 
 
 def _split_names(names: np.ndarray, prefixed: dict[int, str]
-                 ) -> tuple[np.ndarray, list[str], np.ndarray, list[str], np.ndarray]:
+                 ) -> tuple[np.ndarray, list[str], np.ndarray, list[str], np.ndarray, int]:
     """Regular members' names (rows of their 100-byte name fields) split the way webdataset
     does (`_KEY_EXT`) and grouped into samples (consecutive equal keys): (rows with a key,
-    sample keys, sample starts, extensions, each sample's first .json member or -1).
-    `prefixed` holds the full names of ustar members whose prefix field has their directory."""
+    sample keys, sample starts, extensions, each sample's first .json member or -1, how many
+    names hold a newline: those have no key). `prefixed` holds the full names of ustar
+    members whose prefix field has their directory."""
     keyed, keys, starts, exts, json_at = [], [], [], [], []
     current = None
+    newlines = 0
     for i, raw in enumerate(np.ascontiguousarray(names).view(f"S{names.shape[1]}").ravel().tolist()):
         if i in prefixed:
             name = prefixed[i]
         else:
             name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         m = _KEY_EXT.match(name)
-        if m is None:
+        if m is None or "\n" in name:
+            newlines += "\n" in name
             continue
         key, ext = m.groups()
         if key != current:
@@ -359,21 +385,41 @@ def _split_names(names: np.ndarray, prefixed: dict[int, str]
         exts.append(ext)
         keyed.append(i)
     starts.append(len(exts))
-    return np.array(keyed, np.int64), keys, np.array(starts, np.int64), exts, np.array(json_at, np.int64)
+    return (np.array(keyed, np.int64), keys, np.array(starts, np.int64), exts, np.array(json_at, np.int64),
+            newlines)
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
+    """The records ("<length> <keyword>=<value>\\n") of a PAX header's data (its padded
+    blocks, up to the first NUL), by the rules of CPython's tarfile since its fix for
+    CVE-2024-6232: a record must be whole, at least 5 bytes and end in a newline, so each
+    step advances by at least 5 and no match backtracks (the older parser also looped forever
+    on a length of 0, CVE-2019-20907). Anything else is damage (`_Corrupt`), and so is a
+    `size` that is not a non-negative integer (tarfile would read it as 0)."""
     out = {}
     pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        record = data[space + 1: pos + length - 1]  # drop the trailing newline
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_LENGTH.match(data, pos)
+        if match is None:
+            raise _Corrupt("PAX record without a length")
+        length = int(match.group(1))
+        end = pos + length - 1  # where the record's newline must be
+        if length < 5 or end >= len(data) or data[end] != 0x0A:
+            raise _Corrupt(f"PAX record of length {length}")
+        key, equals, value = data[match.end():end].partition(b"=")
+        if not key or not equals:
+            raise _Corrupt("PAX record without a keyword")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
+    if "size" in out:
+        try:
+            if int(out["size"]) < 0:
+                raise ValueError
+        except ValueError:
+            raise _Corrupt(f"PAX size {out['size'][:20]!r}") from None
     return out
 
 
@@ -395,56 +441,88 @@ class TarSampleReader:
         self.close()
 
     def _members(self) -> Iterator[Member | None]:
-        """Members in order; None marks damage (a corrupt header or truncation)."""
+        """Members in order; None marks damage (a corrupt header or truncation).
+
+        Ends on any input: every pass of the loop reads a whole header block (or stops),
+        sizes are checked to be non-negative before anything is skipped, and `_parse_pax`
+        and `_resync` advance on every step of theirs.
+        """
         src = self.source
-        long_name: str | None = None
-        pax: dict[str, str] = {}
+        counters = self.counters
+        name: str | None = None  # set by the first GNU long name or PAX path before a member
+        pax_size: int | None = None  # set by the first PAX size before a member
         while True:
             block = src.read(BLOCK)
             if len(block) < BLOCK:
-                self.counters.truncated_tars += 1  # no end-of-archive block
+                counters.truncated_tars += 1  # no end-of-archive block
                 yield None
                 return
             if block == _ZERO_BLOCK:
                 return
+            typeflag = block[156]
+            if typeflag == 0 and block[:100].split(b"\0", 1)[0].endswith(b"/"):
+                typeflag = ord("5")  # an old tar's directory (tarfile's rule too)
             try:
                 _check_header(block)
                 size = _octal(block[124:136])
+                if size < 0 and typeflag not in _NO_DATA:  # (no data follows the others: size unused)
+                    raise _Corrupt(f"negative size {size}")
+                padded = -(-size // BLOCK) * BLOCK
+                if typeflag in _NAME_RECORDS:
+                    if src.pos + padded > src.size:  # never read more than the file holds
+                        counters.truncated_tars += 1
+                        yield None
+                        return
+                    data = src.read(padded)
+                    if len(data) < padded:
+                        counters.truncated_tars += 1
+                        yield None
+                        return
+                    # A record applies to the member after it; when several come first, the
+                    # first one's value wins (tarfile applies them outermost last).
+                    if typeflag == ord("L"):
+                        name = name if name is not None else \
+                            data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    elif typeflag in b"xX":
+                        pax = _parse_pax(data)
+                        if name is None and "path" in pax:
+                            name = pax["path"].rstrip("/")
+                        if pax_size is None and "size" in pax:
+                            pax_size = int(pax["size"])
+                    elif typeflag == ord("g"):
+                        _parse_pax(data)  # checked; its records (git archive's comment) name no member
+                    continue
             except _Corrupt:
-                self.counters.corrupt_headers += 1
+                counters.corrupt_headers += 1
                 yield None
                 if not self._resync():
                     return
-                long_name, pax = None, {}
+                name, pax_size = None, None
                 continue
-            typeflag = block[156]
-            padded = -(-size // BLOCK) * BLOCK
-            if typeflag in _NAME_RECORDS:
-                data = src.read(padded)
-                if len(data) < padded:
-                    self.counters.truncated_tars += 1
-                    yield None
-                    return
-                if typeflag == ord("L"):
-                    long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                elif typeflag == ord("x"):
-                    pax = _parse_pax(data[:size])
-                continue
-            name = pax.get("path", long_name or _ustar_name(block))
-            if "size" in pax:
-                size = int(pax["size"])
-                padded = -(-size // BLOCK) * BLOCK
-            long_name, pax = None, {}
+            if name is None:
+                name = _ustar_name(block)
+            if pax_size is not None:
+                size, padded = pax_size, -(-pax_size // BLOCK) * BLOCK
+            if typeflag in _NO_DATA:
+                padded = size = 0
             offset = src.pos
             m = _KEY_EXT.match(name)
-            if typeflag not in _REGULAR or m is None:  # directories, links, no extension
-                self.counters.members_without_key += typeflag in _REGULAR
+            regular = typeflag in _REGULAR
+            if not regular or m is None or "\n" in name:  # directories, links, no extension, newline
+                if regular:
+                    if "\n" in name:
+                        counters.newline_names += 1
+                    else:
+                        counters.members_without_key += 1
+                counters.links += typeflag in _LINKS
+                name, pax_size = None, None
                 if not src.skip(padded):
-                    self.counters.truncated_tars += 1
+                    counters.truncated_tars += 1
                     yield None
                     return
                 continue
             member = Member(name=name, key=m.group(1), ext=m.group(2), offset=offset, size=size)
+            name, pax_size = None, None
             if member.ext == "json":
                 data = src.read(padded)
                 member.data = data[:size]
@@ -452,7 +530,7 @@ class TarSampleReader:
             else:
                 member.truncated = not src.skip(padded) and src.size - offset < size
             if member.truncated:
-                self.counters.truncated_tars += 1
+                counters.truncated_tars += 1
                 yield member  # a known key: the previous sample is complete
                 return
             yield member
@@ -469,8 +547,8 @@ class TarSampleReader:
         place), so the Python loop only locates headers; checksums, typeflags and
         names are then read from all the header blocks at once with numpy. Anything
         the lean pass does not handle (a checksum that fails, truncation, GNU long
-        names, PAX records, base-256 numbers) returns None, and the tar is walked
-        carefully from the start.
+        names, PAX records, base-256 or negative numbers, a directory or link with a
+        size) returns None, and the tar is walked carefully from the start.
         """
         src = self.source
         mm, size = getattr(src, "mm", None), src.size
@@ -497,6 +575,7 @@ class TarSampleReader:
         data_at = rows * BLOCK + BLOCK
         sizes = np.array(lengths, np.int64)
         regular, name_fields, prefixed = [], [], {}
+        links = 0
         blocks = np.frombuffer(mm, np.uint8, count=size // BLOCK * BLOCK).reshape(-1, BLOCK)
         try:
             for lo in range(0, len(rows), _CHECK_ROWS):
@@ -505,17 +584,29 @@ class TarSampleReader:
                 if np.isin(flags, _NAME_RECORD_FLAGS).any() or not _checksums_match(heads, stored[lo:lo + _CHECK_ROWS]):
                     return None
                 is_regular = np.isin(flags, _REGULAR_FLAGS)
+                # an old tar's directory: typeflag NUL and a name ending in "/" (tarfile's rule)
+                for i in np.flatnonzero(flags == 0).tolist():
+                    if heads[i, :100].tobytes().split(b"\0", 1)[0].endswith(b"/"):
+                        is_regular[i] = False
+                        if sizes[lo + i]:
+                            return None  # no data follows a directory: the walk above skipped some
+                no_data = np.isin(flags, _NO_DATA_FLAGS)
+                if (no_data & (sizes[lo:lo + _CHECK_ROWS] != 0)).any():
+                    return None  # links, directories, devices with a size: no data follows them
+                links += int(np.isin(flags, _LINK_FLAGS).sum())
                 heads = heads[is_regular]
                 before = sum(map(len, name_fields))  # regular members in the chunks before this one
-                for i in np.flatnonzero((heads[:, 345] != 0) & (heads[:, 257:263] == _USTAR_MAGIC).all(1)).tolist():
+                for i in np.flatnonzero(heads[:, 345] != 0).tolist():
                     prefixed[before + i] = _ustar_name(heads[i].tobytes())
                 regular.append(np.flatnonzero(is_regular) + lo)
                 name_fields.append(heads[:, :100])
         finally:
             del blocks  # the mapping cannot close while a view of it lives
         names = np.concatenate(name_fields) if name_fields else np.zeros((0, 100), np.uint8)
-        keyed, keys, starts, exts, json_at = _split_names(names, prefixed)
-        self.counters.members_without_key += len(names) - len(keyed)
+        keyed, keys, starts, exts, json_at, newlines = _split_names(names, prefixed)
+        self.counters.members_without_key += len(names) - len(keyed) - newlines
+        self.counters.newline_names += newlines
+        self.counters.links += links
         picked = np.concatenate(regular)[keyed] if regular else np.zeros(0, np.int64)
         offsets, member_sizes = data_at[picked], sizes[picked]
         at_list, size_list = offsets.tolist(), member_sizes.tolist()
