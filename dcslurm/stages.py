@@ -10,6 +10,7 @@ proper lives beside it and is imported only on the compute node.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dcslurm.shards import UnitSet
 if TYPE_CHECKING:
     from dcslurm.config import RunConfig
     from dcslurm.plan import StepPlan
+    from dcslurm.storage import DataFolder
 
 LAYOUTS = ("array", "single", "distributed")
 
@@ -79,7 +81,14 @@ class StageSpec:
     estimate: Callable[[PlanContext, dict[str, UnitSet]], Estimate] | None = None
     test_only: bool = False  # registered for the test suite; not in `stages = "all"`
     in_all: bool = True  # part of the DataComp workflow `stages = "all"` runs (analyses opt in)
-    preflight: Callable[[RunConfig], None] | None = None  # input checks at submit (I/O allowed); raises UserError
+    # Input checks run by `plan` and `submit` before anything is queued (runs.preflight_run):
+    # I/O allowed, one-line UserError naming the file. Inputs an earlier stage of the same
+    # run produces do not exist yet: skip those (see `in_run`).
+    preflight: Callable[[RunConfig], None] | None = None
+    # Problems known only once a step has run (e.g. reshard's subset uids that no shard
+    # holds): lines `status` prints first. Reads the run folder; never raises for a
+    # step that has not run.
+    problems: Callable[[DataFolder], list[str]] | None = None
 
     def step_name(self, step: StepSpec) -> str:
         return self.name if len(self.steps) == 1 else f"{self.name}.{step.name}"
@@ -162,3 +171,41 @@ def check_subset_source(ctx: PlanContext, stage: str) -> None:
     if not in_run and not ctx.params.subset:
         raise UserError(f"{ctx.config.path}: [stages.{stage}] subset: no subset: set `subset` to a .npy URL "
                         "or add the filter stage to the run")
+
+
+# -- preflight checks shared by the stages ---------------------------------------
+
+def in_run(config: RunConfig, stage: str) -> bool:
+    """True when `stage` is selected in this run: its outputs are produced, not read."""
+    return stage in config.selected_stages()
+
+
+def require_file(url: str, storage_options: dict | None, what: str) -> str:
+    """`url` (a local path or fsspec URL such as s3://) as a URL, if it is a file this
+    machine can read; else a one-line UserError naming it. One byte is read, so a
+    permission problem shows here rather than on a node."""
+    from dcslurm.storage import DataFolder, is_remote
+
+    if not is_remote(url):
+        url = os.path.abspath(os.path.expanduser(url))
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    try:
+        with DataFolder(parent or "/", storage_options).open(name) as f:
+            f.read(1)
+    except FileNotFoundError:
+        raise UserError(f"{url}: {what} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{url}: {what} is a folder, expected a file") from None
+    except PermissionError:
+        raise UserError(f"{url}: {what} is not readable (permission denied)") from None
+    return url
+
+
+def later_problems(run: DataFolder, stages) -> list[str]:
+    """The `problems` lines of the run's stages (names, in plan order), for `status`."""
+    out: list[str] = []
+    for name in dict.fromkeys(stages):
+        spec = registry().get(name)
+        if spec is not None and spec.problems is not None:
+            out += spec.problems(run)
+    return out

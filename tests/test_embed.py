@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from dcslurm.config import load_config
+from dcslurm.errors import UserError
 from dcslurm.markers import read_marker
 from dcslurm.runs import submit_run
 from jobs.embed.spec import EmbedParams
@@ -297,10 +299,10 @@ def test_missing_model_file_is_one_line_error_without_outputs(data):
     cfg_path = write_config(data["root"] / "missing.toml", str(run), data["shards"],
                             {"b32": data["ckpts"]["b32"], "l14": missing})
     cfg = load_config(cfg_path)
-    assert submit_run(cfg).failed == {"embed": [0]}
-    failure = json.loads((run / "_failures" / "embed" / "000000.json").read_text())
-    assert missing in failure["error"] and "\n" not in failure["error"]
-    assert not os.path.exists(run / "embed") or not os.listdir(run / "embed")
+    # Refused by the stage's preflight, before any task is queued (no task tries for weights).
+    with pytest.raises(UserError, match=f"^{re.escape(missing)}: model checkpoint file does not exist$"):
+        submit_run(cfg)
+    assert not os.path.exists(run)
 
 
 def test_gpu_decode_path_agrees_with_pil_path(ref_run, data):

@@ -169,12 +169,14 @@ def test_failed_task_reports_one_line_in_status(tmp_path, evalsets, random_check
     from dcslurm.runs import run_status, submit_run
 
     run = str(tmp_path / "badrun")
-    cfg = load_config(write_config(tmp_path, run, str(tmp_path / "no-evalsets"), random_checkpoint,
-                                   '["demo/fashion"]'))
+    # A checkpoint file that exists (the preflight checks no more) but holds no open_clip model.
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    cfg = load_config(write_config(tmp_path, run, str(evalsets), str(junk), '["demo/fashion"]'))
     assert submit_run(cfg).failed
     _, steps = run_status(cfg.run_url, cfg.storage_options, config=cfg)
     failed = [f for s in steps for f in s.failed]
-    assert failed and "eval set folder does not exist" in failed[0].error
+    assert failed and "not an open_clip dcslurm-tiny-vit checkpoint" in failed[0].error
 
 
 @pytest.mark.s3

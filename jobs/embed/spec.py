@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from dcslurm.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, shard_units
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, shard_units
 
 # DataComp's two scoring models (SPEC section 2: b32 and l14, OpenAI weights).
 DEFAULT_MODELS = (
@@ -42,6 +42,9 @@ class EmbedParams:
     workers: int = -1  # decoding processes; -1 = the task's cpus_per_task - 1
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     gpu_decode: bool = False  # decode JPEGs on the device (nvjpeg via torchvision.io.decode_jpeg)
+    # The nodes have no internet (most clusters): a named pretrained tag must already be in
+    # open_clip's weights cache, checked at plan/submit. false: the nodes may download it.
+    offline: bool = True
 
     def validate(self) -> None:
         if not self.models:
@@ -84,6 +87,22 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
     )
 
 
+def _preflight(config) -> None:
+    """At plan and submit: every model's weights (checkpoint files readable; tags known
+    and, offline, cached) and, without the download stage, the pool's shards."""
+    from jobs.models import check_weights
+
+    params = config.stages["embed"].params or EmbedParams()
+    for i, m in enumerate(params.models):
+        check_weights(m["model"], m.get("pretrained", ""), config.storage_options, online=not params.offline,
+                      where=f"[stages.embed] models[{i}] ({m['name']}): ")
+    if not in_run(config, "download") and config.pool.shards:
+        from jobs.train.inputs import check_shards, list_shards
+
+        check_shards(list_shards(config.pool.shards, config.storage_options), config.pool.shards,
+                     config.storage_options, what="pool shard")
+
+
 STAGES = [
     StageSpec(
         name="embed",
@@ -92,7 +111,7 @@ STAGES = [
         params=EmbedParams,
         gpu=True,
         default_resources={"gpus_per_node": 1, "cpus_per_task": 8, "mem": "64G", "time": "04:00:00"},
-        estimate=_estimate,
+        estimate=_estimate, preflight=_preflight,
         steps=(StepSpec("run", "jobs.embed.stage:run", shard_units, default_units_per_task=1),),
     ),
 ]

@@ -75,7 +75,7 @@ class EmbedModel:
         return img, txt, (img * txt).sum(-1)
 
 
-def load_models(specs: list[dict], device: str, seed: int):
+def load_models(specs: list[dict], device: str, seed: int, storage_options: dict | None = None):
     """(EmbedModel list, image recipes, text recipes): recipes deduplicated across models."""
     import torch
 
@@ -84,7 +84,7 @@ def load_models(specs: list[dict], device: str, seed: int):
 
     models, image_recipes, text_recipes = [], {}, {}
     for spec in specs:
-        model, _, _, _ = create_model(spec["model"], spec.get("pretrained", ""), device, seed)
+        model, _, _, _ = create_model(spec["model"], spec.get("pretrained", ""), device, seed, storage_options)
         model.eval()
         if device.startswith("cuda"):
             model = model.to(memory_format=torch.channels_last)
@@ -295,7 +295,7 @@ def embed_shards(ctx: TaskContext, params: EmbedParams, shards: list[tuple[int, 
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = False  # same kernels every run: identical embeddings
         torch.backends.cudnn.deterministic = True
-    models, image_recipes, text_recipes = load_models(params.models, device, ctx.seed)
+    models, image_recipes, text_recipes = load_models(params.models, device, ctx.seed, ctx.plan.storage_options)
     model_dims = {m.name: embed_dim(s["model"]) for m, s in zip(models, params.models)}
     load_seconds = time.time() - t0
     autocast = torch.bfloat16 if device.startswith("cuda") else None

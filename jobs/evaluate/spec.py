@@ -87,10 +87,49 @@ def _task_seconds(key: str) -> float:
 
 _TIMES: dict[str, float] | None = None
 
+
+def _preflight(config) -> None:
+    """At plan and submit: the model checkpoint (unless this run's train stage writes it),
+    the model name, and every selected task's eval set: its folder, metadata files and
+    the shards nshards.txt promises (one listing per set; no shard is read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dcslurm.stages import in_run, require_file
+    from jobs.models import check_weights
+
+    params = config.stages["eval"].params or EvalParams()
+    model = params.model or config.scale.model
+    checkpoint = params.checkpoint
+    if not checkpoint and not in_run(config, "train"):
+        checkpoint = config.folder().url_of("train/model.pt")  # a train run of this folder wrote it before
+    if checkpoint:
+        require_file(checkpoint, config.storage_options, "eval checkpoint")
+    check_weights(model, "", config.storage_options, where="[stages.eval] model: ")
+    root = config.folder(params.evalsets)
+    if not root.exists():
+        raise UserError(f"{root.url}: eval sets folder does not exist "
+                        "(dcslurm evalsets prepare --out URL mirrors the published sets)")
+    tasks = [t for t in selected_tasks(params) if t.kind != "multilabel_faces"]  # those read no eval set
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in pool.map(lambda t: check_evalset(root, t), tasks):
+            pass
+
+
+def check_evalset(root, task) -> None:
+    """One-line UserError unless `task`'s eval set under `root` holds what evalset.py reads."""
+    from jobs.evaluate.evalset import EvalSet
+    from jobs.evaluate.stage import evalset_folder
+
+    evalset = EvalSet.open(evalset_folder(root, task), need_classes=task.kind not in ("retrieval", "winogavil"))
+    have = set(evalset.folder.list(evalset.split))
+    for rel in evalset.shard_names():
+        if rel.rsplit("/", 1)[1] not in have:
+            raise UserError(f"{evalset.folder.url_of(rel)}: missing shard (nshards.txt says {evalset.nshards})")
+
 STAGES = [
     StageSpec(
         name="eval", description="zero-shot evaluation on DataComp's 38 tasks; results.jsonl", order=60,
-        params=EvalParams, gpu=True, estimate=_estimate,
+        params=EvalParams, gpu=True, estimate=_estimate, preflight=_preflight,
         default_resources={"gpus_per_node": 1, "cpus_per_task": 4, "time": "04:00:00"},
         steps=(
             StepSpec("run", "jobs.evaluate.stage:evaluate_tasks", _task_units, default_units_per_task=1),

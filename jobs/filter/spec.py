@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec, metadata_units
+from dcslurm.stages import PlanContext, StageSpec, StepSpec, in_run, metadata_units
 from jobs.filter.filterspec import parse_spec
 
 
@@ -27,9 +28,82 @@ def _metadata(ctx: PlanContext) -> UnitSet:
     return metadata_units(ctx)
 
 
+def _preflight(config) -> None:
+    """At plan and submit: the files the filter's parameters name, and what it reads from
+    each metadata file: without the embed stage, the pool's parquet columns and npz keys
+    (footers and npz directories only); with it, that embed's models write the npz keys."""
+    from jobs.filter.engine import needed_columns
+
+    params = config.stages["filter"].params or FilterParams()
+    terms = [term for _, _, term in parse_spec(params.spec).terms()]
+    _check_param_files(terms, config.storage_options)
+    keys = sorted({term.kw["key"] for term in terms if "key" in term.kw})
+    if in_run(config, "embed"):
+        embed = config.stages["embed"].params
+        made = {f"{m['name']}_{kind}" for m in (embed.models if embed else []) for kind in ("img", "txt")}
+        for key in keys:
+            if key not in made:
+                raise UserError(f"{config.path}: [stages.filter] spec: the filter reads embeddings {key!r}, which "
+                                f"the embed stage does not write (it writes {', '.join(sorted(made))})")
+        return
+    if not config.pool.metadata:
+        return  # metadata_units reports it at plan time
+    from dcslurm.pool import inspect_pool
+
+    report = inspect_pool(config.pool.metadata, config.storage_options, uids=False)
+    columns = needed_columns(terms)
+    for f in report.files:
+        if not f.columns and f.problems:
+            raise UserError(f.problems[0])
+        missing = [c for c in columns if c not in f.columns]
+        if missing:
+            raise UserError(f"{f.url}: missing column {missing[0]!r}, which the filter {params.spec!r} reads "
+                            f"(has {', '.join(f.columns)})")
+        if keys and not f.has_npz:
+            raise UserError(f"{f.url[:-len('.parquet')]}.npz: embeddings file not found (the filter reads "
+                            f"{', '.join(repr(k) for k in keys)}; add the embed stage to make it)")
+    if keys and report.files:
+        _check_npz_keys(report.files[0].url[:-len(".parquet")] + ".npz", keys, config.storage_options)
+
+
+def _check_param_files(terms, storage_options: dict) -> None:
+    """Each file a filter parameter names (set by the user; defaults are the nodes' own paths)."""
+    import os
+
+    from dcslurm.stages import require_file
+
+    for term in terms:
+        for p in term.definition.params:
+            value = term.kw.get(p.name)
+            if not value or value == p.default:
+                continue
+            if p.name == "wordnet":  # a folder
+                if not os.path.isdir(value):
+                    raise UserError(f"{value}: WordNet folder does not exist (filter {term.text()})")
+            elif p.kind == "path" or (term.name == "vas" and p.name == "target" and value != "pool"):
+                require_file(value, storage_options, f"file of filter {term.name} {p.name}=")
+
+
+def _check_npz_keys(url: str, keys: list[str], storage_options: dict) -> None:
+    """The npz's member list (its zip directory: a few small reads) holds every key."""
+    import zipfile
+
+    from dcslurm.storage import DataFolder
+
+    parent, name = url.rsplit("/", 1)
+    with DataFolder(parent, storage_options).open(name) as fh:
+        try:
+            have = {n[:-len(".npy")] for n in zipfile.ZipFile(fh).namelist()}
+        except zipfile.BadZipFile as exc:
+            raise UserError(f"{url}: not a readable .npz ({exc})") from None
+    for key in keys:
+        if key not in have:
+            raise UserError(f"{url}: missing key {key!r} (has {', '.join(sorted(have))})")
+
+
 STAGES = [
     StageSpec(
-        name="filter", order=30, params=FilterParams,
+        name="filter", order=30, params=FilterParams, preflight=_preflight,
         description="select a subset of the pool: DataComp baselines, MetaCLIP balancing, VAS (map-reduce)",
         steps=(
             StepSpec("prepare", "jobs.filter.stage:prepare", _metadata, layout="single"),

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, check_subset_source, shard_units
+from dcslurm.stages import (Estimate, PlanContext, StageSpec, StepSpec, check_subset_source, in_run, require_file,
+                            shard_units)
+from dcslurm.storage import DataFolder
 
 BYTES_PER_SAMPLE = 35_000  # DataComp: about 35 KB a sample (jpg + txt + json)
 
@@ -64,6 +67,99 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
                     basis="upper bound: every input sample kept once, 35 KB a sample")
 
 
+SAMPLE_UIDS = 1024  # subset rows read at plan/submit: the head of the file, never all of it
+POOL_ROWS_READ = 20_000_000  # pool uid rows read at most while looking for a sampled uid
+
+
+def _preflight(config) -> None:
+    """At plan and submit, for a given `subset` (the filter stage not in the run): its .npy
+    header (dtype u8,u8, one dimension, not empty), the first rows sorted, and (with
+    [pool] metadata) that the pool holds at least one of its first uids. How many of
+    the subset's uids the shards lack is known after reshard.index: `status` shows it."""
+    params = config.stages["reshard"].params or ReshardParams()
+    if in_run(config, "filter") or not params.subset:
+        return  # check_subset_source reports a missing or doubled subset at plan time
+    head = read_subset_head(params.subset, config.storage_options, SAMPLE_UIDS)
+    if config.pool.metadata:
+        check_uids_in_pool(head, params.subset, config.pool.metadata, config.storage_options)
+
+
+def read_subset_head(url: str, storage_options: dict, rows: int):
+    """The first `rows` rows of subset file `url` as u8,u8; reads its .npy header and
+    those rows only. One-line UserError for a wrong dtype, shape, order or no rows."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    from jobs.reshard.subset import SUBSET_DTYPE, check_dtype, check_sorted
+
+    url = require_file(url, storage_options, "subset file")
+    parent, name = url.rsplit("/", 1)
+    with DataFolder(parent, storage_options).open(name) as f:
+        try:
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = npy.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy.read_array_header_2_0(f)
+            else:  # 3.0 (utf-8 field names) has no public reader
+                shape, fortran, dtype = npy._read_array_header(f, version)
+        except ValueError as exc:
+            raise UserError(f"{url}: not a readable .npy subset file ({str(exc).splitlines()[0]})") from None
+        # A zero-stride view has the file's shape and dtype without its data, so the
+        # stage's own check_dtype judges it (one set of rules, one message).
+        check_dtype(np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape)), url)
+        if shape[0] == 0:
+            raise UserError(f"{url}: subset has no rows (nothing to reshard)")
+        n = min(rows, shape[0])
+        data = f.read(n * dtype.itemsize)
+    head = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize).astype(SUBSET_DTYPE)
+    check_sorted(head, url)
+    return head
+
+
+def check_uids_in_pool(head, subset_url: str, metadata_url: str, storage_options: dict) -> None:
+    """One-line UserError when none of the subset's `head` uids is in the pool (a subset of
+    another pool). Stops at the first file holding one; reads at most POOL_ROWS_READ uids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from jobs.reshard.subset import pair_to_uid
+
+    wanted = pa.array(sorted({pair_to_uid(hi, lo) for hi, lo in head.tolist()}))
+    folder = DataFolder(metadata_url, storage_options)
+    read = 0
+    for name in folder.list(suffix=".parquet"):
+        if read >= POOL_ROWS_READ:
+            return  # too big to settle here: reshard.index counts the missing uids (status shows them)
+        with folder.open(name) as fh:
+            try:
+                uids = pc.utf8_lower(pq.read_table(fh, columns=["uid"]).column("uid").cast(pa.string()))
+            except Exception:  # noqa: BLE001 - a bad pool file is the download/filter preflight's to report
+                continue
+        read += len(uids)
+        if pc.any(pc.is_in(uids, value_set=wanted)).as_py():
+            return
+    raise UserError(f"{subset_url}: none of its first {len(wanted)} uids is in the pool {folder.url} "
+                    f"({read:,} uids read): a subset of another pool?")
+
+
+def _problems(run: DataFolder) -> list[str]:
+    """What reshard.index found (its marker's stats): subset uids no input shard holds,
+    and input shards that did not exist. Nothing before index has run."""
+    from dcslurm.markers import read_marker
+
+    marker = read_marker(run, "reshard.index", 0)
+    stats = (marker or {}).get("stats", {})
+    out = []
+    if stats.get("uids_missing"):
+        out.append(f"reshard: {stats['uids_missing']:,} of the subset's {stats.get('subset_uids', 0):,} uids are in "
+                   "no input shard (failed downloads, or a subset of another pool)")
+    if stats.get("input_shards_missing"):
+        out.append(f"reshard: {stats['input_shards_missing']:,} input shards did not exist (counted as empty)")
+    return out
+
+
 STAGES = [
     StageSpec(
         name="reshard",
@@ -71,7 +167,7 @@ STAGES = [
         order=40,
         params=ReshardParams,
         default_resources={"cpus_per_task": 2, "time": "04:00:00"},
-        estimate=_estimate,
+        estimate=_estimate, preflight=_preflight, problems=_problems,
         steps=(
             StepSpec("count", "jobs.reshard.stage:count", _count_units, default_units_per_task=1),
             StepSpec("index", "jobs.reshard.stage:index", _single, layout="single"),

@@ -54,10 +54,10 @@ def read_size_table(folder: DataFolder) -> dict[str, int]:
     return out
 
 
-def check_shards(shards: list[Shard], where: str, storage_options: dict) -> None:
+def check_shards(shards: list[Shard], where: str, storage_options: dict, what: str = "training shard") -> None:
     """One-line errors for no shards, a missing shard, or an empty one (one listing per folder)."""
     if not shards:
-        raise UserError(f"{where}: no .tar training shards")
+        raise UserError(f"{where}: no .tar {what}s")
     sizes: dict[str, dict[str, int]] = {}
     for shard in shards:
         parent, name = shard.url.rsplit("/", 1)
@@ -66,9 +66,9 @@ def check_shards(shards: list[Shard], where: str, storage_options: dict) -> None
             sizes[parent] = {n: folder.size(n) for n in folder.list(suffix=".tar")}
         size = sizes[parent].get(name)
         if size is None:
-            raise UserError(f"{shard.url}: training shard does not exist")
+            raise UserError(f"{shard.url}: {what} does not exist")
         if shard.samples == 0 or size == 0 or (size <= 20480 and _no_members(shard.url, storage_options)):
-            raise UserError(f"{shard.url}: training shard is empty")
+            raise UserError(f"{shard.url}: {what} is empty")
 
 
 def _no_members(url: str, storage_options: dict) -> bool:
@@ -76,3 +76,23 @@ def _no_members(url: str, storage_options: dict) -> bool:
     parent, name = url.rsplit("/", 1)
     with DataFolder(parent, storage_options).open(name) as f:
         return not any(f.read(512))
+
+
+# -- checkpoints (light: the preflight reads the markers on the login node) ---------
+
+def read_marker(folder: DataFolder) -> dict:
+    """The commit marker beside checkpoint `folder`; one-line error if it is not complete."""
+    parent_url, name = folder.url.rstrip("/").rsplit("/", 1)
+    parent = DataFolder(parent_url, folder.storage_options)
+    if not parent.exists(f"{name}.json"):
+        raise UserError(f"{folder.url}: not a complete checkpoint (no {name}.json marker beside it)")
+    return parent.read_json(f"{name}.json")
+
+
+def check_model(folder: DataFolder, model_name: str) -> dict:
+    """The marker of complete checkpoint `folder`; one-line error if it is of another model."""
+    meta = read_marker(folder)
+    if meta.get("model") != model_name:
+        raise UserError(f"{folder.url}: checkpoint of model {meta.get('model')!r}, "
+                        f"but this run trains {model_name!r}")
+    return meta
