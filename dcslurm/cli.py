@@ -102,11 +102,16 @@ def plan(
     scale: Optional[str] = typer.Option(None, help="Override [run] scale."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: [run] stages)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    no_checks: bool = typer.Option(False, "--no-checks", help="Skip the input checks (to cost a run whose "
+                                   "inputs do not exist yet)."),
 ) -> None:
     """Stages, array tasks per stage, and a GPU-hours / bytes estimate. Submits nothing."""
-    from dcslurm.runs import plan_run
+    from dcslurm.runs import plan_run, preflight_run
 
-    p = plan_run(_load(config, scale, stages))
+    cfg = _load(config, scale, stages)
+    p = plan_run(cfg)
+    if not no_checks:
+        preflight_run(cfg, p)  # the same input checks as submit: a plan that passes can be submitted
     if as_json:
         print(json.dumps(_plan_dict(p), indent=1))
     else:
@@ -121,24 +126,34 @@ def submit(
     executor: Optional[str] = typer.Option(None, help="slurm or local (default: [executor] kind)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the sbatch scripts; submit nothing."),
     out: Optional[str] = typer.Option(None, help="Folder for the sbatch scripts (default: beside the logs)."),
+    no_checks: bool = typer.Option(False, "--no-checks", help="With --dry-run only: skip the input checks."),
 ) -> None:
     """Submit every unfinished task of the run (tasks with a committed marker are skipped)."""
+    if no_checks and not dry_run:
+        raise typer.BadParameter("only with --dry-run: a real submission always checks its inputs first",
+                                 param_hint="--no-checks")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from dcslurm.runs import submit_run
 
     cfg = _load(config, scale, stages, executor)
     started = time.time()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False) as progress:
-        bars: dict[str, int] = {}
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=False)
+    bars: dict[str, int] = {}
 
-        def on_progress(step: str, done: int, total: int) -> None:
-            if step not in bars:
-                bars[step] = progress.add_task(step, total=total)
-            progress.update(bars[step], completed=done, total=total)
+    def on_progress(step: str, done: int, total: int) -> None:
+        if not bars:
+            progress.start()  # only once there is something to show: an early error stays one line
+        if step not in bars:
+            bars[step] = progress.add_task(step, total=total)
+        progress.update(bars[step], completed=done, total=total)
 
-        result = submit_run(cfg, dry_run=dry_run, script_dir=out, progress=on_progress)
+    try:
+        result = submit_run(cfg, dry_run=dry_run, script_dir=out, progress=on_progress, checks=not no_checks)
+    finally:
+        if bars:
+            progress.stop()
     _print_plan(result.plan)
     n_pending = sum(len(v) for v in result.pending.values())
     if dry_run:
@@ -180,19 +195,30 @@ def status(
     from dcslurm.storage import s3fs_options
 
     plan_, steps = run_status(run, s3fs_options(endpoint_url=endpoint_url))
+    from dcslurm.stages import later_problems
+    from dcslurm.storage import DataFolder
+
+    # Problems only a finished step could know (e.g. subset uids no shard holds) come first.
+    problems = later_problems(DataFolder(run, s3fs_options(endpoint_url=endpoint_url)), [s.stage for s in plan_.steps])
     if as_json:
-        print(json.dumps({"run": plan_.run_url, "steps": [
-            {"name": s.name, "tasks": s.n_tasks, **s.counts,
+        print(json.dumps({"run": plan_.run_url, "problems": problems, "steps": [
+            {"name": s.name, "tasks": s.n_tasks, **s.counts, "unknown_reason": s.unknown_reason,
              "failed_tasks": [{"index": f.index, "log": f.log, "error": f.error} for f in s.failed]}
             for s in steps]}, indent=1))
         return
+    if problems:
+        console.print("problems: " + "; ".join(problems), markup=False, soft_wrap=True)
     table = Table(title=f"Status of {plan_.run_url}")
-    for col in ("step", "tasks", "done", "running", "pending", "failed", "not started"):
+    states = ["done", "running", "pending", "failed", "not started"]
+    if any(s.counts.get("unknown") for s in steps):
+        states.append("unknown")
+    for col in ("step", "tasks", *states):
         table.add_column(col, justify="left" if col == "step" else "right")
     for s in steps:
-        table.add_row(s.name, f"{s.n_tasks:,}", *(f"{s.counts[k]:,}" for k in
-                                                   ("done", "running", "pending", "failed", "not started")))
+        table.add_row(s.name, f"{s.n_tasks:,}", *(f"{s.counts[k]:,}" for k in states))
     console.print(table)
+    for reason in dict.fromkeys(s.unknown_reason for s in steps if s.unknown_reason):
+        console.print(reason, markup=False, soft_wrap=True)
     for s in steps:
         for f in s.failed[:20]:
             console.print(f"[red]{s.name}[{f.index}] failed[/red]: {f.error}\n    log: {f.log}")
@@ -252,25 +278,31 @@ _register_subcommands()
 
 
 def main() -> None:
+    """Exit codes: 0 all done, 1 some task failed, 2 bad input (usage, config, storage)."""
+    # typer >= 0.17 raises the exception classes of its own copy of click
+    # (typer._click), not the `click` package's: match those.
+    from typer import _click
+
     try:
-        app(standalone_mode=False)
+        # Not standalone: a UserError must reach the handler below, not click's; the
+        # price is that click returns the exit code of `typer.Exit(n)` instead of exiting.
+        code = app(standalone_mode=False)
     except UserError as exc:
         print(f"dcslurm: error: {exc}", file=sys.stderr)  # one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("dcslurm: interrupted")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except _click.exceptions.ClickException as exc:  # usage errors: click's own message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except _click.exceptions.Abort:
+        sys.exit(1)
+    except OSError as exc:  # e.g. a full disk or a read-only folder met where no one expected it
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dcslurm: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -19,7 +20,14 @@ from typing import Any
 
 from dcslurm.errors import ConfigError
 from dcslurm.scales import SCALES, ScaleConfig
-from dcslurm.storage import DataFolder, normalize_url, s3fs_options
+from dcslurm.storage import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_READ_TIMEOUT,
+    DataFolder,
+    normalize_url,
+    s3fs_options,
+)
 
 # Keys that would put a secret into a file that gets copied, printed and
 # rendered into scripts.
@@ -49,8 +57,17 @@ class PoolSection:
 class StorageSection:
     endpoint_url: str = ""
     profile: str = ""
-    max_attempts: int = 0  # botocore retries; 0 = botocore's default
-    connect_timeout: float = 0.0
+    # Bounds on every S3 request (see storage.s3fs_options): a silent endpoint
+    # fails a command in about max_attempts x read_timeout seconds.
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # attempts per request, the first included
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds without a byte from the server
+
+    def validate(self) -> None:
+        _at_least(self, "max_attempts", 1)
+        for key in ("connect_timeout", "read_timeout"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}: must be > 0 (seconds)")
 
 
 @dataclass
@@ -58,6 +75,9 @@ class ExecutorSection:
     kind: str = "local"  # local | slurm
     max_parallel: int = 0  # local: tasks at once; 0 = cores / cpus_per_task
     log_dir: str = ""  # on a filesystem the compute nodes share
+
+    def validate(self) -> None:
+        _at_least(self, "max_parallel", 0)
 
 
 @dataclass
@@ -81,11 +101,21 @@ class Resources:
     extra_sbatch: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda/12"
 
+    def validate(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+            _at_least(self, key, 1)
+        for key in ("gpus_per_node", "array_throttle", "signal_seconds"):
+            _at_least(self, key, 0)
+
 
 @dataclass
 class SlurmSection(Resources):
     python: str = ""  # interpreter on the compute nodes; default: this one
     max_array_size: int = 0  # 0 = read from `scontrol show config`
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, "max_array_size", 0)
 
 
 @dataclass
@@ -108,9 +138,13 @@ class ContainerSection:
 class StageSection:
     """The generic keys of [stages.NAME]; the rest are the stage's params."""
 
-    units_per_task: int = 0  # 0 = the stage's default
+    units_per_task: int | None = None  # None (not set) = the stage's default
     resources: dict = field(default_factory=dict)
     params: Any = None
+
+    def validate(self) -> None:
+        if self.units_per_task is not None:
+            _at_least(self, "units_per_task", 1)
 
 
 @dataclass
@@ -140,8 +174,9 @@ class RunConfig:
         return s3fs_options(
             endpoint_url=s.endpoint_url or None,
             profile=s.profile or None,
-            max_attempts=s.max_attempts or None,
-            connect_timeout=s.connect_timeout or None,
+            max_attempts=s.max_attempts,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
         )
 
     def folder(self, url: str | None = None) -> DataFolder:
@@ -188,6 +223,59 @@ def _jsonable(obj: Any) -> Any:
 
 
 # -- validation ---------------------------------------------------------------
+
+def _at_least(obj: Any, key: str, low: int) -> None:
+    if getattr(obj, key) < low:
+        raise ValueError(f"{key}: must be >= {low}")
+
+
+# Credentials recognised by what a value holds, whatever its key: they would
+# otherwise be copied into plan.json, sbatch scripts and logs.
+_SECRET_CONTENT = (
+    # user info with a password in a URL: scheme://user:password@host
+    (re.compile(r"[a-z][a-z0-9+.-]*://[^/\s@:]*:[^/\s@]*@", re.I), "a password in a URL"),
+    # an AWS access key id
+    (re.compile(r"\b(AKIA|ASIA|AIDA|AROA)[0-9A-Z]{16}\b"), "an AWS access key id"),
+    # an assignment of a literal to a secret-looking variable (export X=..., --export=...,X=...):
+    # one naming a secret or password anywhere, or ending in TOKEN, ..._KEY (not TOKENIZERS_...);
+    # `X=$X` or `X="$(...)"` hands over a value from the environment and holds no secret itself
+    (re.compile(r"\b([A-Z0-9_]*(SECRET|PASSWORD|PASSWD)[A-Z0-9_]*|[A-Z0-9_]*(TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY"
+                r"|CREDENTIALS?))=(?![\"']?\$)(?=[^\s,;]+)"), "an assignment to a secret variable"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
+)
+
+
+def _refuse_secret_content(value: Any, where: str) -> None:
+    """One-line ConfigError if a string (or a string in a list) holds a
+    credential. The message names the key and the kind of credential, never the value."""
+    if isinstance(value, str):
+        for pattern, what in _SECRET_CONTENT:
+            if pattern.search(value):
+                raise ConfigError(
+                    f"{where}: holds a credential ({what}); credentials must not be written in a config file: "
+                    "set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+                )
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_secret_content(item, where)
+    # Tables are checked key by key when their own dataclass is loaded (resources, stage params).
+
+
+def _shown(value: Any) -> str:
+    """`value` quoted when it is a short plain word (a mistyped name), else not shown at all."""
+    if isinstance(value, str) and re.fullmatch(r"[\w.:/-]{0,24}", value):
+        return repr(value)
+    return f"{_toml_type(value)} (not shown)"
+
+
+def _toml_type(value: Any) -> str:
+    """What a TOML value is, for error messages that must not echo the value itself."""
+    for tp, name in ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                     (list, "a list"), (dict, "a table")):
+        if isinstance(value, tp):
+            return name
+    return "a date or time" if value is not None else "nothing"
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -243,7 +331,7 @@ def load_dataclass(cls: type, table: Any, where: str) -> Any:
     `where` is "run.toml: [section]" and prefixes every message.
     """
     if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+        raise ConfigError(f"{where}: expected a table, got {_toml_type(table)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -257,11 +345,13 @@ def load_dataclass(cls: type, table: Any, where: str) -> Any:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        _refuse_secret_content(value, f"{where} {key}")
         try:
             kwargs[key] = _check_type(value, hints[key])
         except TypeError:
+            # The value is not echoed: a misplaced secret would be printed.
             raise ConfigError(
-                f"{where} {key}: expected {_type_name(hints[key])}, got {value!r}"
+                f"{where} {key}: expected {_type_name(hints[key])}, got {_toml_type(value)}"
             ) from None
     missing = [
         name for name, f in fields.items()
@@ -309,7 +399,7 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
     if stages is not None:
         run.stages = stages
     if run.scale not in SCALES:
-        raise ConfigError(f"{name}: [run] scale: unknown scale {run.scale!r}; choose one of {', '.join(SCALES)}")
+        raise ConfigError(f"{name}: [run] scale: unknown scale {_shown(run.scale)}; choose one of {', '.join(SCALES)}")
     if not run.folder.strip():
         raise ConfigError(f"{name}: [run] folder: must not be empty")
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -327,7 +417,7 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
     if executor is not None:
         execu.kind = executor
     if execu.kind not in ("local", "slurm"):
-        raise ConfigError(f"{name}: [executor] kind: expected 'local' or 'slurm', got {execu.kind!r}")
+        raise ConfigError(f"{name}: [executor] kind: expected 'local' or 'slurm', got {_shown(execu.kind)}")
     if execu.log_dir:
         execu.log_dir = _resolve(execu.log_dir, base_dir)
     slurm = load_dataclass(SlurmSection, raw.get("slurm", {}), f"{name}: [slurm]")
@@ -397,7 +487,5 @@ def _resolve(url: str, base_dir: str) -> str:
 
 def _check_time(value: str, where: str) -> None:
     """SLURM time limits: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    import re
-
     if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", value or ""):
-        raise ConfigError(f"{where}: expected a SLURM time limit like '04:00:00' or '2-00:00:00', got {value!r}")
+        raise ConfigError(f"{where}: expected a SLURM time limit like '04:00:00' or '2-00:00:00', got {_shown(value)}")

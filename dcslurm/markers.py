@@ -5,14 +5,26 @@ marker is written last, atomically (DataFolder.write_json), after every
 output of the task is committed, and it records those outputs and the
 task's stats, so downstream steps and `status` read one small file per task
 and one listing per step (never one object per shard).
+
+A marker also records which units it covers: the task's [start, stop) and its
+step's units digest (plan.StepPlan.units_digest). A marker that covers other
+units than the current plan gives the task is not this task's commit: the
+runner redoes the task, and `submit` refuses a changed plan before queueing
+(runs.check_run_folder). Markers written before these fields existed carry
+none; they are taken as matching, which is right only while the plan is the
+one they were made under: `submit` checks exactly that against plan.json.
 """
 
 from __future__ import annotations
 
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from dcslurm.storage import DataFolder
+
+if TYPE_CHECKING:
+    from dcslurm.plan import StepPlan
 
 MARKERS_DIR = "_markers"
 FAILURES_DIR = "_failures"
@@ -40,10 +52,6 @@ def done_indexes(run: DataFolder, step: str) -> set[int]:
     return _indexes(run.list(f"{MARKERS_DIR}/{step}", suffix=".json"))
 
 
-def is_done(run: DataFolder, step: str, index: int) -> bool:
-    return run.exists(marker_rel(step, index))
-
-
 def read_marker(run: DataFolder, step: str, index: int) -> dict | None:
     rel = marker_rel(step, index)
     try:
@@ -52,12 +60,29 @@ def read_marker(run: DataFolder, step: str, index: int) -> dict | None:
         return None
 
 
+def marker_covers(step: StepPlan, index: int) -> dict:
+    """What a marker of task `index` of `step` records about the units it covers."""
+    shards = step.shards(index)
+    return {"start": shards.start, "stop": shards.stop, "units_digest": step.units_digest}
+
+
+def marker_matches(marker: dict, step: StepPlan, index: int) -> bool:
+    """True if `marker` commits task `index` of `step` as the plan splits it now.
+    A marker without the fields (older dcslurm) matches: see the module docstring."""
+    if "units_digest" not in marker:
+        return True
+    covers = marker_covers(step, index)
+    return all(marker.get(k) == v for k, v in covers.items())
+
+
 def commit_marker(run: DataFolder, step: str, index: int, outputs: list[str], stats: dict,
-                  started: float) -> dict:
-    """Commit task `index` of `step`: the last write of a successful task."""
+                  started: float, covers: dict | None = None) -> dict:
+    """Commit task `index` of `step`: the last write of a successful task.
+    `covers` (marker_covers) says which units it covers."""
     record = {
         "step": step, "index": index, "outputs": list(outputs), "stats": stats,
         "started": started, "finished": time.time(), "host": socket.gethostname(),
+        **(covers or {}),
     }
     run.write_json(marker_rel(step, index), record)
     run.remove(failure_rel(step, index))

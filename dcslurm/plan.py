@@ -10,6 +10,7 @@ the I/O half: it lists the pool once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ class StepPlan:
     resources: Resources
     gpu: bool
     estimate: Estimate = field(default_factory=Estimate)
+    # The identity of this step's units and of everything upstream of them (see
+    # units_digest()); a marker records it with its [start, stop), so a commit
+    # made under another split or pool is never taken for this task's.
+    units_digest: str = ""
 
     @property
     def n_tasks(self) -> int:
@@ -54,6 +59,7 @@ class StepPlan:
             "units": self.units.to_dict(), "units_per_task": self.units_per_task,
             "depends_on": self.depends_on, "resources": dataclasses.asdict(self.resources),
             "gpu": self.gpu, "estimate": dataclasses.asdict(self.estimate),
+            "units_digest": self.units_digest,
         }
 
     @classmethod
@@ -63,7 +69,62 @@ class StepPlan:
             units=UnitSet.from_dict(d["units"]), units_per_task=d["units_per_task"],
             depends_on=list(d["depends_on"]), resources=Resources(**d["resources"]),
             gpu=d["gpu"], estimate=Estimate(**d["estimate"]),
+            # plan.json files written before digests existed: recomputed by Plan.from_dict
+            units_digest=d.get("units_digest", ""),
         )
+
+
+def units_digest(units: UnitSet, layout: str, upstream: list[StepPlan]) -> str:
+    """A step's unit-set identity: its units (names, pattern or count: hashed as
+    stored, never expanded) and the identity and split of each step its units
+    come from (`upstream`). A changed pool file list, or a changed
+    `units_per_task` of a step whose tasks feed it, changes it."""
+    basis = {
+        "units": units.to_dict(), "layout": layout,
+        "after": [[s.name, s.units_digest, s.units_per_task] for s in upstream],
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _with_digests(steps: list[StepPlan]) -> list[StepPlan]:
+    """Set each step's units_digest (in plan order). Its units come from the step
+    named by `units.upstream` and from the earlier steps of its own stage (e.g.
+    reshard.write splits what reshard.count counted). An earlier stage's step
+    that only precedes it is not part of its identity: a run resumed with fewer
+    stages keeps the identities of the steps it still plans."""
+    by_name: dict[str, StepPlan] = {}
+    for step in steps:
+        sources = [d for d in step.depends_on if d in by_name and by_name[d].stage == step.stage]
+        if step.units.upstream in by_name and step.units.upstream not in sources:
+            sources.append(step.units.upstream)
+        step.units_digest = units_digest(step.units, step.layout, [by_name[d] for d in sources])
+        by_name[step.name] = step
+    return steps
+
+
+def plan_changes(old: Plan, new: Plan) -> dict[str, str]:
+    """Steps of `new` whose tasks cover other units than in `old`: name -> what changed
+    (in plan order). Steps that `old` does not have are left out."""
+    before = {s.name: s for s in old.steps}
+    out: dict[str, str] = {}
+    for step in new.steps:
+        was = before.get(step.name)
+        if was is None or (was.units_digest == step.units_digest and was.units_per_task == step.units_per_task):
+            continue
+        what = []
+        if was.units_per_task != step.units_per_task:
+            what.append(f"units_per_task {was.units_per_task} -> {step.units_per_task}")
+        if was.layout != step.layout:
+            what.append(f"layout {was.layout} -> {step.layout}")
+        a, b = was.units, step.units
+        if a.count != b.count:
+            what.append(f"{b.label} {a.count:,} -> {b.count:,}")
+        elif a.to_dict() != b.to_dict():
+            what.append(f"the {b.label} changed")
+        if not what:
+            what.append(f"its inputs changed ({', '.join(step.depends_on) or 'upstream'} changed)")
+        out[step.name] = ", ".join(what)
+    return out
 
 
 @dataclass
@@ -97,7 +158,13 @@ class Plan:
             run_url=d["run_url"], run_name=d["run_name"], scale=d["scale"], fingerprint=d["fingerprint"],
             steps=[StepPlan.from_dict(s) for s in d["steps"]], stage_params=d["stage_params"],
             seed=d.get("seed", 0), storage_options=d.get("storage_options", {}),
-        )
+        )._legacy_digests(d)
+
+    def _legacy_digests(self, d: dict) -> Plan:
+        # A plan.json from before units digests: compute them as make_plan would.
+        if any("units_digest" not in s for s in d["steps"]):
+            _with_digests(self.steps)
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -147,7 +214,7 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
             stage_steps[0].estimate = est
     return Plan(
         run_url=config.run_url, run_name=config.run_name, scale=config.run.scale,
-        fingerprint=config.fingerprint_hash(), steps=list(steps.values()),
+        fingerprint=config.fingerprint_hash(), steps=_with_digests(list(steps.values())),
         stage_params={
             name: (dataclasses.asdict(s.params) if dataclasses.is_dataclass(s.params) else s.params)
             for name, s in config.stages.items()

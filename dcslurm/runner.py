@@ -21,9 +21,10 @@ import tempfile
 import time
 import traceback
 
+from dcslurm import proctree
 from dcslurm.environment import world_from_env
 from dcslurm.errors import UserError
-from dcslurm.markers import commit_marker, is_done, record_failure
+from dcslurm.markers import commit_marker, marker_covers, marker_matches, read_marker, record_failure
 from dcslurm.plan import read_plan
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
@@ -49,9 +50,16 @@ def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
         if not 0 <= index < step.n_tasks:
             raise UserError(f"{run.url}: step {step_name} has tasks 0..{step.n_tasks - 1}, not {index}")
         world = world_from_env()
-        if is_done(run, step_name, index):
+        marker = read_marker(run, step_name, index)
+        if marker is not None and marker_matches(marker, step, index):
             log.info("task %s[%d] is already committed: skipping", step_name, index)
             return 0
+        if marker is not None:
+            # Committed under another split or pool: not this task's commit. Redo it;
+            # its new marker replaces the old one.
+            log.warning("task %s[%d]: its marker covers units %s..%s of another plan (now %d..%d): redoing it",
+                        step_name, index, marker.get("start"), marker.get("stop"),
+                        step.shards(index).start, step.shards(index).stop)
         func = load_entry(step.entry)
     except UserError as exc:
         log.error("%s", exc)
@@ -75,7 +83,8 @@ def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
         if world.rank == 0:
             stats = dict(result.stats)
             stats.setdefault("seconds", round(time.time() - started, 3))
-            commit_marker(run, step_name, index, result.outputs, stats, started)
+            commit_marker(run, step_name, index, result.outputs, stats, started,
+                          covers=marker_covers(step, index))
             log.info("task %s[%d] committed: %d outputs", step_name, index, len(result.outputs))
         return 0
     except UserError as exc:
@@ -108,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("index", type=int)
     parser.add_argument("--log", default="")
     args = parser.parse_args(argv)
+    if proctree.WATCHDOG_ENV not in os.environ:
+        # The supervisor: the task runs in a child that leads its own session, so that
+        # when it ends (or this process is killed, even by SIGKILL) nothing it started
+        # survives it; signals for the task (scancel, --signal USR1) are forwarded.
+        proctree.die_with_parent_from_env()  # the local executor's SIGKILL stops its tasks
+        return proctree.supervise([sys.executable, "-m", "dcslurm.runner",
+                                   *(sys.argv[1:] if argv is None else argv)])
+    proctree.guard_group()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_task(args.run, args.step, args.index, args.log)

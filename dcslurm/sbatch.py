@@ -43,6 +43,12 @@ def _directive(option: str, value) -> str:
     return f"#SBATCH --{option}={text}"
 
 
+def _filename_pattern(path: str) -> str:
+    """`path` inside an #SBATCH --output pattern, where SLURM expands `%A`, `%j`, ...:
+    `%%` is a literal `%` (a run folder named `50%` must not become a job id)."""
+    return path.replace("%", "%%")
+
+
 def resource_directives(res: Resources, gpu: bool) -> list[str]:
     lines = [_directive("time", res.time), _directive("cpus-per-task", res.cpus_per_task)]
     for option, value in (("partition", res.partition), ("account", res.account), ("qos", res.qos),
@@ -78,9 +84,9 @@ def render_step_script(plan: Plan, step: StepPlan, launcher: TaskLauncher, log_d
         if res.array_throttle:
             array += f"%{res.array_throttle}"
         lines.append(_directive("array", array))
-        lines.append(_directive("output", f"{step_logs}/%A_%a.log"))
+        lines.append(_directive("output", f"{_filename_pattern(step_logs)}/%A_%a.log"))
     else:
-        lines.append(_directive("output", f"{step_logs}/%j.log"))
+        lines.append(_directive("output", f"{_filename_pattern(step_logs)}/%j.log"))
     if step.layout == "distributed":
         lines += [_directive("nodes", res.nodes), _directive("ntasks-per-node", res.tasks_per_node)]
         # The warning signal goes to the tasks (not only the batch shell): the

@@ -13,10 +13,18 @@ from dcslurm.errors import UserError
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize
 
 
+class SchedulerUnreachable(UserError):
+    """SLURM could not be asked (no squeue here, squeue failed or timed out): what is
+    queued or running is unknown, which is not the same as "nothing"."""
+
+
 def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     if shutil.which(args[0]) is None:
         raise UserError(f"{args[0]}: not found on PATH; is this a SLURM login node? (use --executor local to run here)")
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{args[0]}: no answer from SLURM in {timeout:g} s (is slurmctld up?)") from None
 
 
 def sbatch(script_path: str, extra_args: list[str] | None = None) -> str:
@@ -50,12 +58,16 @@ def squeue(job_ids: list[str]) -> list[QueuedTask]:
     """Queued and running tasks of these jobs, arrays expanded (works without accounting)."""
     if not job_ids:
         return []
-    proc = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%T|%r"])
+    try:
+        proc = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%T|%r"])
+    except UserError as exc:
+        raise SchedulerUnreachable(str(exc)) from None
     if proc.returncode != 0:
         # squeue fails with "Invalid job id" once every listed job has left the queue.
         if "Invalid job id" in proc.stderr:
             return []
-        raise UserError(f"squeue: {proc.stderr.strip()}")
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise SchedulerUnreachable(f"squeue: {msg[-1] if msg else f'exit code {proc.returncode}'}")
     out = []
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")

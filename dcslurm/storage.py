@@ -18,6 +18,7 @@ environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import posixpath
@@ -70,12 +71,28 @@ def join_url(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/") if base != "/" else base, *clean)
 
 
+# Defaults that make one request against an S3 endpoint that accepts connections
+# and never answers fail in well under a minute: at worst max_attempts x
+# read_timeout (+ botocore's backoff). botocore's own defaults with s3fs's retry
+# loop on top took 321-851 s for a submit and over 900 s for `status`.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 15.0  # s3fs's own default
+DEFAULT_MAX_ATTEMPTS = 2
+
+
 def s3fs_options(endpoint_url: str | None = None, profile: str | None = None,
-                 max_attempts: int | None = None, connect_timeout: float | None = None) -> dict:
+                 max_attempts: int | None = None, connect_timeout: float | None = None,
+                 read_timeout: float | None = None) -> dict:
     """fsspec storage options for s3fs from the run config's `[storage]` table.
 
-    `region_name` is left out on purpose: with it, bucket creation sends a
-    LocationConstraint that S3-compatible servers reject.
+    The one place that bounds S3 requests: connect and read timeouts and
+    `max_attempts` (every attempt of one request, the first included) go to
+    botocore, which retries transport errors and throttling itself (standard
+    mode). The options travel to tasks in DCSLURM_STORAGE and to tools that
+    build their own filesystem (fsspec's FSSPEC_S3 config), so every process
+    of a run has the same bounds. `region_name` is left out on purpose: with
+    it, bucket creation sends a LocationConstraint that S3-compatible servers
+    reject.
     """
     options: dict[str, Any] = {}
     if endpoint_url:
@@ -84,13 +101,11 @@ def s3fs_options(endpoint_url: str | None = None, profile: str | None = None,
         options["endpoint_url"] = endpoint_url
     if profile:
         options["profile"] = profile
-    config_kwargs: dict[str, Any] = {}
-    if max_attempts is not None:
-        config_kwargs["retries"] = {"max_attempts": max_attempts}
-    if connect_timeout is not None:
-        config_kwargs["connect_timeout"] = connect_timeout
-    if config_kwargs:
-        options["config_kwargs"] = config_kwargs
+    options["config_kwargs"] = {
+        "connect_timeout": connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+        "read_timeout": read_timeout or DEFAULT_READ_TIMEOUT,
+        "retries": {"total_max_attempts": max_attempts or DEFAULT_MAX_ATTEMPTS, "mode": "standard"},
+    }
     return options
 
 
@@ -109,11 +124,15 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay: float = 0.5) -> T:
-    """Call `fn`, retrying transient storage errors with jittered backoff.
+def retry(fn: Callable[[], T], what: str, attempts: int = 1, base_delay: float = 0.5) -> T:
+    """Call `fn`; its errors become a one-line StorageError naming `what` (a URL).
 
-    Non-transient errors and the last transient one become a StorageError
-    naming `what` (a URL); FileNotFoundError passes through unchanged.
+    Transport retries are botocore's, bounded by s3fs_options: retrying here
+    as well multiplied them (minutes against a silent endpoint), and a
+    retried non-idempotent call can report success for something that did
+    not happen (a closed file's second close() returns at once). Pass
+    `attempts` > 1 only for idempotent calls that should outlast a longer
+    outage. FileNotFoundError passes through unchanged.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -154,7 +173,10 @@ class DataFolder:
         if self._fs is None:
             if is_remote(self.url):
                 protocol = self.url.split("://", 1)[0]
-                self._fs = fsspec.filesystem(protocol, **self.storage_options)
+                fs = fsspec.filesystem(protocol, **self.storage_options)
+                if protocol in ("s3", "s3a"):
+                    _bound_s3(fs)
+                self._fs = fs
             else:
                 self._fs = fsspec.filesystem("file")
         return self._fs
@@ -206,25 +228,30 @@ class DataFolder:
 
     def list(self, rel: str = "", suffix: str | None = None) -> list[str]:
         """Names (not paths) of the files directly under `rel`, sorted; [] if missing."""
+        return sorted(self.list_sizes(rel, suffix))
+
+    def list_sizes(self, rel: str = "", suffix: str | None = None) -> dict[str, int]:
+        """{name: size in bytes} of the files directly under `rel`, from one listing ({} if
+        missing): never one request per file, which on S3 would be a HEAD per object."""
         path = self._path(rel)
 
-        def _ls() -> list[str]:
+        def _ls() -> dict[str, int]:
             if self.is_local:
                 try:
                     with os.scandir(path) as it:  # scandir: fast on 100k-entry folders
-                        return [e.name for e in it if e.is_file()]
+                        return {e.name: e.stat().st_size for e in it if e.is_file()}
                 except FileNotFoundError:
-                    return []
+                    return {}
             try:
                 entries = self.fs.ls(path, detail=True, refresh=True)
             except FileNotFoundError:
-                return []
-            return [posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file"]
+                return {}
+            return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                    for e in entries if e["type"] == "file"}
 
-        names = retry(_ls, self.url_of(rel))
-        if suffix is not None:
-            names = [n for n in names if n.endswith(suffix)]
-        return sorted(n for n in names if not n.startswith(".tmp-"))
+        sizes = retry(_ls, self.url_of(rel))
+        return {n: b for n, b in sizes.items()
+                if not n.startswith(".tmp-") and (suffix is None or n.endswith(suffix))}
 
     def local_copy(self, rel: str, scratch: str) -> str:
         """A path on this machine holding `rel`: the file itself when local, else
@@ -249,7 +276,8 @@ class DataFolder:
         Locally: a hidden `.tmp-` file in the same folder, fsync'd, then
         `os.replace`d onto the final name. On S3: the object itself, which
         becomes visible only when its upload completes; on error the upload
-        is aborted (s3fs discards unfinished multipart uploads).
+        is aborted (s3fs discards unfinished multipart uploads); a failed
+        upload raises, so nothing is committed after it.
         """
         final = self._path(rel)
         if self.is_local:
@@ -267,16 +295,24 @@ class DataFolder:
                     os.unlink(tmp)
                 raise
             return
-        # Object storage: buffer, then one PUT (small) or a multipart upload
-        # that completes at close; both are atomic for readers.
-        f = retry(lambda: self.fs.open(final, mode), self.url_of(rel))
+        # Object storage: a multipart upload that is completed by commit() only
+        # after close() has uploaded every part (fsspec's deferred commit). close()
+        # is not retried: fsspec marks a file closed even when its upload fails,
+        # so a second close() returned at once and the object was never written.
+        f = retry(lambda: self.fs.open(final, "wb", autocommit=False), self.url_of(rel))
         try:
-            yield f
+            if "b" in mode:
+                yield f
+            else:
+                text = io.TextIOWrapper(f, encoding="utf-8", write_through=True)
+                yield text
+                text.detach()  # f stays open for close() + commit() below
+            retry(f.close, self.url_of(rel))
+            retry(f.commit, self.url_of(rel))
         except BaseException:
             with contextlib.suppress(Exception):
-                f.discard() if hasattr(f, "discard") else None
+                f.discard()  # aborts the multipart upload; an unfinished one is never an object
             raise
-        retry(f.close, self.url_of(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Commit `data` as `rel` atomically."""
@@ -300,6 +336,40 @@ class DataFolder:
                     dst.write(chunk)
         else:
             retry(lambda: self.fs.put_file(local_path, self._path(rel)), self.url_of(rel))
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write `rel` only if it does not exist yet; False if it does (one winner among
+        racing writers). Locally: O_CREAT|O_EXCL; on S3: a PUT with If-None-Match: *,
+        which the server refuses with 412 when the key exists."""
+        if self.is_local:
+            path = self._path(rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+
+        def _put() -> bool:
+            try:
+                self.fs.pipe_file(self._path(rel), data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                # s3fs maps a 412 to FileExistsError only when the error names the
+                # If-None-Match condition; SeaweedFS (and others) send a bare 412.
+                error = getattr(exc.__cause__, "response", {}).get("Error", {})
+                if error.get("Code") in ("PreconditionFailed", "412"):
+                    return False
+                raise
+            return True
+
+        return retry(_put, self.url_of(rel))
 
     def remove(self, rel: str) -> None:
         def _rm() -> None:
@@ -325,13 +395,29 @@ class DataFolder:
                     raise StorageError(f"{self.url}: not writable ({parent} is read-only for this user)")
                 return
             bucket = self._path().split("/", 1)[0]
-            retry(lambda: self.fs.ls(bucket, refresh=True), self.url, attempts=2)
+            retry(lambda: self.fs.ls(bucket, refresh=True), self.url)
         except StorageError:
             raise
         except FileNotFoundError:
             raise StorageError(f"{self.url}: bucket does not exist") from None
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"{self.url}: {_describe(exc)}") from exc
+
+
+def _bound_s3(fs: Any) -> None:
+    """Make [storage] max_attempts and timeouts the only bounds of an s3fs request.
+
+    - s3fs retries read timeouts 5 times on top of botocore's attempts: set to 1.
+      (An attribute, not an option: s3fs takes no such keyword.)
+    - botocore sends `Expect: 100-continue` with every PUT body (objects, parts),
+      and aiohttp waits for the `100 Continue` with no timeout at all: an upload to
+      an endpoint that stopped answering hung for good (a stage hung 8.5 min).
+      Without the header the body is sent at once and the read timeout applies.
+    """
+    fs.retries = 1
+    from botocore.handlers import add_expect_header
+
+    fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
 
 
 def read_bytes_url(url: str, storage_options: dict | None = None) -> bytes:

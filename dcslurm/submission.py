@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from dcslurm.errors import StorageError
 from dcslurm.storage import DataFolder
 
 SUBMISSIONS_DIR = "_submissions"
@@ -30,6 +31,10 @@ class StepSubmission:
     step: str
     log_dir: str  # where this step's task logs go
     chunks: list[JobChunk] = field(default_factory=list)
+    # Local executor, once the run has ended: the exit code of each task that failed
+    # (negative: killed by that signal). A task neither here nor committed was
+    # stopped before it started.
+    exit_codes: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,7 +56,8 @@ class Submission:
     def from_dict(cls, d: dict) -> Submission:
         steps = {
             name: StepSubmission(step=s["step"], log_dir=s["log_dir"],
-                                 chunks=[JobChunk(**c) for c in s["chunks"]])
+                                 chunks=[JobChunk(**c) for c in s["chunks"]],
+                                 exit_codes={int(i): c for i, c in s.get("exit_codes", {}).items()})
             for name, s in d["steps"].items()
         }
         return cls(executor=d["executor"], time=d["time"], steps=steps, pid=d.get("pid", 0),
@@ -60,13 +66,14 @@ class Submission:
 
 def save_submission(run: DataFolder, sub: Submission, rel: str | None = None) -> str:
     """Write a new submission record (or rewrite `rel`); returns its path."""
-    if rel is not None:
+    if rel is None:
+        existing = run.list(SUBMISSIONS_DIR, suffix=".json")
+        number = max((int(n.split(".")[0]) for n in existing if n.split(".")[0].isdigit()), default=0) + 1
+        rel = f"{SUBMISSIONS_DIR}/{number:04d}.json"
+    try:
         run.write_json(rel, sub.to_dict())
-        return rel
-    existing = run.list(SUBMISSIONS_DIR, suffix=".json")
-    number = max((int(n.split(".")[0]) for n in existing if n.split(".")[0].isdigit()), default=0) + 1
-    rel = f"{SUBMISSIONS_DIR}/{number:04d}.json"
-    run.write_json(rel, sub.to_dict())
+    except OSError as exc:  # a full disk, a read-only folder: one line naming the record
+        raise StorageError(f"{run.url_of(rel)}: cannot save the submission record: {exc.strerror or exc}") from None
     return rel
 
 

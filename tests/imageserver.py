@@ -7,6 +7,7 @@
         server.url("truncated", 0)     # a JPEG cut after a third of its bytes
         server.url("bomb", 0)          # a decompression-bomb PNG (40,000 x 40,000 pixels)
         server.url("slow", 0)          # a good image after `slow_seconds` (or delay=...)
+        server.large_url(0, 20_000, 20_000)  # a valid PNG of that many pixels (~1 MB)
         server.refused_url(0)          # a port that refuses connections
 
 The server runs in its own thread on a port the kernel picks, and `stop()` shuts
@@ -24,7 +25,7 @@ import time
 import zlib
 from collections import Counter
 
-KINDS = ("good", "missing", "html", "truncated", "bomb", "slow")
+KINDS = ("good", "missing", "html", "truncated", "bomb", "slow", "large")
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,15 +55,22 @@ def bomb_png(side: int = 40_000) -> bytes:
 
     1.6 G pixels: above OpenCV's 2^30-pixel decode limit and Pillow's bomb limit.
     """
+    return large_png(side, side)
+
+
+@functools.lru_cache(maxsize=64)
+def large_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height pixels of one colour: ~1 MB per 10^9 pixels,
+    made in well under a second per 10^8 pixels (zlib of zero rows)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return len(data).to_bytes(4, "big") + body + (zlib.crc32(body) & 0xFFFFFFFF).to_bytes(4, "big")
 
-    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit greyscale
-    row = bytes(1 + (side + 7) // 8)  # filter byte + packed zero pixels
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])  # 1-bit greyscale
+    row = bytes(1 + (width + 7) // 8)  # filter byte + packed zero pixels
     comp = zlib.compressobj(9)
-    parts = [comp.compress(row * 1000) for _ in range(side // 1000)]
-    parts.append(comp.compress(row * (side % 1000)))
+    parts = [comp.compress(row * 1000) for _ in range(height // 1000)]
+    parts.append(comp.compress(row * (height % 1000)))
     parts.append(comp.flush())
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
@@ -112,6 +120,11 @@ class ImageServer:
         query = f"?delay={delay}" if delay is not None and kind == "slow" else ""
         return f"http://127.0.0.1:{self.port}/{kind}/{i}.{ext}{query}"
 
+    def large_url(self, i: int, width: int, height: int) -> str:
+        """The URL of a one-colour PNG of width x height pixels (made now, not on request)."""
+        large_png(width, height)
+        return f"http://127.0.0.1:{self.port}/large/{i}.png?w={width}&h={height}"
+
     def refused_url(self, i: int) -> str:
         """A URL whose port is bound but never listens: connecting is refused (RST)."""
         if not self._refusers:
@@ -157,6 +170,8 @@ class ImageServer:
                     return self._reply(200, data[: len(data) // 3], "image/jpeg")
                 if kind == "bomb":
                     return self._reply(200, server._bomb, "image/png")
+                if kind == "large":
+                    return self._reply(200, large_png(int(params["w"]), int(params["h"])), "image/png")
                 self._reply(404, b"not found", "text/plain")
 
             def _reply(self, code: int, body: bytes, ctype: str) -> None:

@@ -91,7 +91,7 @@ CASES = {  # kind -> (rows in file 0, rows in file 1)
     "good": (8, 9), "missing": (2, 2), "html": (1, 1), "truncated": (1, 1), "bomb": (1, 0),
     "slow_ok": (1, 1), "slow_timeout": (1, 1), "refused": (1, 1),
 }
-EXPECTED_REASONS = {"http 404": 4, "undecodable image": 4, "decompression bomb": 1, "timeout": 2,
+EXPECTED_REASONS = {"http 404": 4, "undecodable image": 4, "image too large": 1, "timeout": 2,
                     "connection refused": 2}
 
 
@@ -203,7 +203,7 @@ def test_report_prints_success_rate_and_reasons(served_run):
     assert report["failures"] == EXPECTED_REASONS
     assert report["bytes"] > 0 and report["samples_per_second"] > 0
     text = CliRunner().invoke(app, ["download", served_run["run"].url]).output
-    assert "success rate" in text and "http 404" in text and "decompression bomb" in text
+    assert "success rate" in text and "http 404" in text and "image too large" in text
 
 
 def test_status_shows_the_download_section(served_run):
@@ -370,7 +370,7 @@ def test_first_shard_ids_number_files_one_after_another_like_img2dataset():
     ("<urlopen error [Errno 111] Connection refused>", "connection refused"),
     ("The read operation timed out", "timeout"),
     ("Image decoding error", "undecodable image"),
-    ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS", "decompression bomb"),
+    ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS", "image too large"),
     ("<urlopen error [Errno -2] Name or service not known>", "dns failure"),
 ])
 def test_failure_reasons(message, reason):

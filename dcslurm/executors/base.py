@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from abc import ABC, abstractmethod
 from enum import Enum
 
 from dcslurm.config import RunConfig
+from dcslurm.errors import UserError
 from dcslurm.plan import Plan
 from dcslurm.sbatch import TaskLauncher
 from dcslurm.storage import join_url
@@ -20,6 +22,7 @@ class TaskState(str, Enum):
     PENDING = "pending"
     FAILED = "failed"
     NOT_STARTED = "not started"  # never submitted, cancelled while queued, or after a failed step
+    UNKNOWN = "unknown"  # submitted, no marker, and the scheduler cannot be asked (squeue failed)
 
 
 class Executor(ABC):
@@ -34,9 +37,11 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
-               script_dir: str | None = None, progress=None) -> Submission:
+               script_dir: str | None = None, progress=None, on_queued=None) -> Submission:
         """Run or queue the `pending` task indexes of each step, in plan order,
-        each step after the previous one succeeded."""
+        each step after the previous one succeeded. `on_queued(sub)` is called
+        after each job is queued, so the caller can record it before the next
+        one (a later failure must not lose jobs already queued)."""
 
     @abstractmethod
     def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
@@ -45,6 +50,20 @@ class Executor(ABC):
     @abstractmethod
     def cancel(self, sub: Submission) -> None:
         """Stop whatever of `sub` is still queued or running."""
+
+    def prepare_log_dir(self, path: str, what: str = "task logs") -> None:
+        """Create a folder for task logs (or sbatch scripts), or refuse in one line before
+        anything is queued: a task whose log cannot be written fails with no trace of why."""
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".dcslurm-write-test-{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            why = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc))
+            raise UserError(f"{path}: cannot write {what} here ({why}); "
+                            "set [executor] log_dir to a writable folder") from None
 
     def log_dir(self) -> str:
         """Task logs: [executor] log_dir, else RUN/logs for a local run folder,

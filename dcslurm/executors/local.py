@@ -7,6 +7,7 @@ the run after its step, as `afterok` does on SLURM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from dcslurm import proctree
 from dcslurm.errors import UserError
 from dcslurm.executors.base import Executor, TaskState
 from dcslurm.plan import Plan, StepPlan
@@ -52,11 +54,20 @@ class LocalExecutor(Executor):
         env.update(self.launcher(step.gpu).env)
         return env
 
-    def _run_one(self, plan: Plan, step: StepPlan, index: int, log_dir: str) -> int:
+    def _run_one(self, plan: Plan, step: StepPlan, index: int, ssub: StepSubmission) -> int | None:
+        """The task's exit code, kept in the submission record for `status`; None if it was
+        stopped before it started (it then shows as not started, not as failed)."""
         try:
-            return self._run_task(plan, step, index, log_dir)
+            code = self._run_task(plan, step, index, ssub.log_dir)
         except _Stopped:
-            return 143
+            log = os.path.join(ssub.log_dir, f"local-{index:06d}.log")
+            with contextlib.suppress(OSError):
+                if os.path.getsize(log) == 0:
+                    os.unlink(log)
+            return None
+        if code:  # 0 leaves a marker; only failures need a record
+            ssub.exit_codes[index] = code
+        return code
 
     def _run_task(self, plan: Plan, step: StepPlan, index: int, log_dir: str) -> int:
         log = os.path.join(log_dir, f"local-{index:06d}.log")
@@ -79,12 +90,16 @@ class LocalExecutor(Executor):
         with self._lock:
             if self._stopping:
                 raise _Stopped
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            # Each task leads its own session: when its main process exits, however it
+            # exits, _wait kills what is left of the group (nothing a task starts outlives it).
+            # If this process dies (even by SIGKILL) the task gets SIGTERM: see proctree.parent_env.
+            proc = proctree.spawn_session(argv, stdout=out, stderr=subprocess.STDOUT,
+                                          env={**env, **proctree.parent_env()})
             self._children.add(proc)
         return proc
 
     def _wait(self, procs: list[subprocess.Popen]) -> int:
-        codes = [p.wait() for p in procs]
+        codes = [proctree.wait_then_kill_group(p) for p in procs]
         self._children.difference_update(procs)
         return next((c for c in codes if c != 0), 0)
 
@@ -93,11 +108,11 @@ class LocalExecutor(Executor):
         with self._lock:
             self._stopping = True
             for proc in list(self._children):
-                proc.terminate()
+                proctree.kill_group(proc.pid, signal.SIGTERM)
         raise SystemExit(128 + signum)
 
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
-               script_dir: str | None = None, progress=None) -> Submission:
+               script_dir: str | None = None, progress=None, on_queued=None) -> Submission:
         log_root = self.log_dir()
         sub = Submission(executor="local", pid=os.getpid(), host=socket.gethostname())
         for step in plan.steps:
@@ -105,6 +120,8 @@ class LocalExecutor(Executor):
             if not indexes:
                 continue
             step_logs = os.path.join(log_root, step.name)
+            if not dry_run:
+                self.prepare_log_dir(step_logs)
             sub.steps[step.name] = StepSubmission(step.name, step_logs, [JobChunk(
                 job_id=f"local-{os.getpid()}", indexes=list(indexes), array=step.layout == "array")])
         if dry_run:
@@ -127,21 +144,22 @@ class LocalExecutor(Executor):
         self._stopping = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._terminate_children)
+            # Ctrl-C reaches only this process (each task has its own session): pass it on too.
+            signal.signal(signal.SIGINT, self._terminate_children)
         for step in plan.steps:
             ssub = sub.steps.get(step.name)
             if ssub is None:
                 continue
-            os.makedirs(ssub.log_dir, exist_ok=True)
             indexes = ssub.chunks[0].indexes
             done = 0
             if progress:
                 progress(step.name, done, len(indexes))
             with ThreadPoolExecutor(max_workers=self._parallel(step)) as pool:
-                futures = {i: pool.submit(self._run_one, plan, step, i, ssub.log_dir) for i in indexes}
+                futures = {i: pool.submit(self._run_one, plan, step, i, ssub) for i in indexes}
                 for i, fut in futures.items():
                     code = fut.result()
                     done += 1
-                    if code != 0:
+                    if code:  # None: stopped before it started
                         failed.setdefault(step.name, []).append(i)
                     if progress:
                         progress(step.name, done, len(indexes))

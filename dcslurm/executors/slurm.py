@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from dcslurm import slurm
+from dcslurm.errors import UserError
 from dcslurm.executors.base import Executor, TaskState
 from dcslurm.plan import Plan
 from dcslurm.sbatch import render_step_script, render_submit_script
@@ -23,10 +24,10 @@ class SlurmExecutor(Executor):
     kind = "slurm"
 
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
-               script_dir: str | None = None, progress=None) -> Submission:
+               script_dir: str | None = None, progress=None, on_queued=None) -> Submission:
         log_root = self.log_dir()
         script_dir = script_dir or os.path.join(log_root, "sbatch")
-        os.makedirs(script_dir, exist_ok=True)
+        self.prepare_log_dir(script_dir, "sbatch scripts")
         max_array = self.config.slurm.max_array_size or (
             slurm.DEFAULT_MAX_ARRAY_SIZE if dry_run else slurm.max_array_size())
         sub = Submission(executor="slurm")
@@ -38,10 +39,11 @@ class SlurmExecutor(Executor):
             if not indexes:
                 continue
             step_logs = f"{log_root.rstrip('/')}/{step.name}"
-            os.makedirs(step_logs, exist_ok=True)
+            self.prepare_log_dir(step_logs)
             launcher = self.launcher(step.gpu)
             chunks = chunk_for_max_array_size(indexes, max_array) if step.layout == "array" else [None]
             ssub = StepSubmission(step.name, step_logs)
+            sub.steps[step.name] = ssub  # before any sbatch: on_queued must see this step's jobs
             this_jobs: list[str] = []
             this_entries: list[int] = []
             for n, chunk in enumerate(chunks):
@@ -55,14 +57,24 @@ class SlurmExecutor(Executor):
                 job_id = ""
                 if not dry_run:
                     extra = [f"--dependency=afterok:{':'.join(previous_jobs)}"] if previous_jobs else []
-                    job_id = slurm.sbatch(path, extra)
+                    try:
+                        job_id = slurm.sbatch(path, extra)
+                    except UserError as exc:
+                        queued = sub.job_ids()
+                        if not queued:
+                            raise
+                        raise UserError(f"{exc}; the {len(queued)} jobs queued before it ({', '.join(queued[:8])}"
+                                        f"{' ...' if len(queued) > 8 else ''}) are recorded: `dcslurm status` and "
+                                        "`dcslurm cancel` see them, and a resubmit is refused while they are "
+                                        "queued") from None
                     this_jobs.append(job_id)
                 ssub.chunks.append(JobChunk(
                     job_id=job_id, indexes=list(chunk.indexes) if chunk else [0],
                     offset=chunk.offset if chunk else 0, array=chunk is not None, script=path))
+                if job_id and on_queued is not None:
+                    on_queued(sub)
                 if progress:
                     progress(step.name, n + 1, len(chunks))
-            sub.steps[step.name] = ssub
             previous_jobs, previous_entries = this_jobs, this_entries
         with open(os.path.join(script_dir, "submit.sh"), "w") as f:
             f.write(render_submit_script(entries))

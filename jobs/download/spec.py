@@ -14,6 +14,9 @@ from dcslurm.shards import UnitSet
 from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+# Pillow's own MAX_IMAGE_PIXELS (kept literal: this module must not import Pillow).
+# Pillow refuses images above twice that from the header, so higher limits cannot be honoured.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 @dataclass
@@ -31,6 +34,9 @@ class DownloadParams:
     processes: int = 0  # img2dataset processes per task; 0 = the step's cpus_per_task
     threads: int = 64  # download threads per process
     blur_faces: bool = True  # blur `face_bboxes` when the pool has that column
+    # Images with more pixels are refused from their header, never decoded (counted as
+    # "image too large"): decompression bombs. A worker decodes one image at a time.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # `submit` reads every uid of pools up to this many rows (format, duplicates);
     # bigger pools get footers checked at submit and uids checked by each task.
     preflight_uid_rows: int = 20_000_000
@@ -46,6 +52,9 @@ class DownloadParams:
             raise ValueError(f"encode_format: expected jpg, png or webp, got {self.encode_format!r}")
         if self.retries < 0 or self.timeout < 1:
             raise ValueError("retries: must be >= 0 and timeout >= 1")
+        if not 1 <= self.max_image_pixels <= 2 * DEFAULT_MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_image_pixels: must be between 1 and {2 * DEFAULT_MAX_IMAGE_PIXELS:,} "
+                             f"(Pillow refuses to read the header of larger images)")
         if self.processes < 0 or self.threads < 1:
             raise ValueError("processes: must be >= 0 (0 = cpus_per_task) and threads >= 1")
 

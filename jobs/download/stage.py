@@ -18,10 +18,25 @@ temporary feather files in the task's local scratch, and finished shards found b
 checking only this task's shard ids.
 
 Commit. img2dataset writes a shard's .tar and .parquet, then its _stats.json; a
-shard is done iff its _stats.json exists and parses (img2dataset's incremental
-rule), so a killed task's rerun redoes only the shards without one, overwriting
-their partial files. The task fails (no marker) unless every shard of its files
-is done, so a resubmit finishes them.
+shard is done iff its _stats.json parses (img2dataset's incremental rule) and the
+tar and parquet agree with it (stats.shard_done), so a killed task's rerun redoes
+only the other shards, overwriting their partial files. The task fails (no marker)
+unless every shard of its files is done, so a resubmit finishes them.
+
+Processes. img2dataset's multiprocessing_distributor waits forever for a worker
+that died (Pool.imap_unordered never returns its item); `_distribute` runs the same
+Downloader on concurrent.futures, where a dead worker breaks the pool and fails the
+task within seconds. Workers die with the task process (proctree.die_with_parent).
+
+Hostile images. img2dataset decodes every image with OpenCV before any size check;
+one 30000x30000 PNG costs GBs. `BoundedResizer` reads the header first (Pillow's
+Image.open decodes nothing) and refuses images above `max_image_pixels`, counted
+as "image too large"; OpenCV's own limit is set to the same for formats Pillow
+cannot read. Decoding happens in one thread per worker, so decoding costs a task
+at most processes x one image at the limit (x 3 bytes for RGB; img2dataset's
+alpha matting of an RGBA image at the limit takes float64 copies, ~8x more), on
+top of up to 2 x threads downloaded files per worker, whose size img2dataset
+does not limit.
 """
 
 from __future__ import annotations
@@ -35,25 +50,37 @@ import signal
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations calls home on import otherwise
 
 import fsspec.config  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image  # noqa: E402
 from img2dataset.blurrer import BoundingBoxBlurrer  # noqa: E402
-from img2dataset.distributor import multiprocessing_distributor  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.reader import Reader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 
+from dcslurm import proctree  # noqa: E402
 from dcslurm.demo_pool import DemoPoolServer, read_serve_info  # noqa: E402
 from dcslurm.errors import UserError  # noqa: E402
 from dcslurm.pool import check_uids, read_footer  # noqa: E402
 from dcslurm.storage import DataFolder, is_remote  # noqa: E402
 from dcslurm.task import TaskContext, TaskResult  # noqa: E402
-from jobs.download.stats import OOM_SHARD_COUNT, DownloadTotals, read_stats, shard_name  # noqa: E402
+from jobs.download.spec import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from jobs.download.stats import (  # noqa: E402
+    OOM_SHARD_COUNT,
+    TOO_LARGE,
+    DownloadTotals,
+    read_stats,
+    shard_done,
+    shard_name,
+)
 
 
 def shards_of(rows: int, samples_per_shard: int) -> int:
@@ -77,6 +104,22 @@ def _footer_rows(folder_cache: dict, url: str, storage_options: dict) -> int:
     if f.problems:
         raise UserError(f.problems[0])
     return f.rows
+
+
+@contextlib.contextmanager
+def _opencv_limit(max_pixels: int):
+    """OpenCV reads its decode limit from the environment when it loads: set it for the
+    spawned workers (a second line behind BoundedResizer's header check)."""
+    key = "OPENCV_IO_MAX_IMAGE_PIXELS"
+    old = os.environ.get(key)
+    os.environ[key] = str(max_pixels)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 @contextlib.contextmanager
@@ -132,6 +175,78 @@ class PoolDownloader(Downloader):
         return super().__call__(row)
 
 
+def image_pixels(stream) -> int | None:
+    """Width x height from an image's header (Pillow reads no pixel data in open()),
+    or None when Pillow cannot identify it (OpenCV then decides, under its own limit)."""
+    stream.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream) as im:
+                return im.width * im.height
+    except Image.DecompressionBombError:
+        return 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1  # Pillow refuses it from the header: above the limit
+    except Exception:  # noqa: BLE001 - not an image Pillow knows (HTML, truncated, exotic formats)
+        return None
+    finally:
+        stream.seek(0)
+
+
+class BoundedResizer(Resizer):
+    """img2dataset's Resizer, refusing images above `max_pixels` before they are decoded."""
+
+    max_pixels: int = 0
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        pixels = image_pixels(img_stream)
+        if self.max_pixels and pixels is not None and pixels > self.max_pixels:
+            return None, None, None, None, None, TOO_LARGE
+        return super().__call__(img_stream, blurring_bbox_list)
+
+
+def _distribute(processes: int, downloader, shards, retries: int = 1) -> None:
+    """img2dataset's multiprocessing_distributor on concurrent.futures.
+
+    Same work: each (shard_id, feather file) goes to `downloader` in a worker, shards
+    that fail are retried `retries` times. Unlike multiprocessing.Pool, a worker that
+    dies (kill -9, the OOM killer) raises BrokenProcessPool here at once. At most
+    2 x processes shards are queued, so the reader writes feather files as needed.
+    """
+    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=proctree.die_with_parent)
+
+    def run(items) -> list:
+        failed, pending = [], set()
+        items = iter(items)
+        while True:
+            for item in itertools.islice(items, max(0, 2 * processes - len(pending))):
+                pending.add(pool.submit(downloader, item))
+            if not pending:
+                return failed
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                ok, row = fut.result()  # raises BrokenProcessPool when a worker died
+                if not ok:
+                    failed.append(row)
+
+    try:
+        failed = run(shards)
+        for _ in range(retries):
+            if failed:
+                failed = run(failed)
+    except BrokenProcessPool:
+        raise RuntimeError("a download worker process died (killed, or out of memory); "
+                           "its shards are not done: resubmit to retry them") from None
+    finally:
+        # On any way out (SIGTERM's SystemExit included) stop the workers now rather than
+        # wait for their shards: Python 3.14 has kill_workers(), earlier ones need _processes.
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.kill()
+        for proc in workers:
+            proc.join(timeout=10)
+
+
 def run(ctx: TaskContext) -> TaskResult:
     p = ctx.params
     per_shard = int(p.get("samples_per_shard", 10_000))
@@ -150,7 +265,14 @@ def run(ctx: TaskContext) -> TaskResult:
     out.makedirs()
     groups = [(all_files[i], firsts[i], shards_of(rows[i], per_shard)) for i in mine]  # (file, first id, shards)
     expected = [sid for _u, first, n in groups for sid in range(first, first + n)]
-    done_before = {sid for sid in expected if read_stats(out, sid) is not None}
+    done_before = {sid for sid in expected if shard_done(out, sid) is not None}
+    for sid in expected:
+        if sid not in done_before and read_stats(out, sid) is not None:
+            # Stats that the shard's files do not agree with: redo it (and drop the stats
+            # now, so a redo killed midway cannot look done either).
+            ctx.log.warning("download: shard %s has stats that its tar/parquet do not match: redoing it",
+                            shard_name(sid))
+            out.remove(f"{shard_name(sid)}_stats.json")
     ctx.log.info("download: %d files, shards %s, %d already done", len(groups),
                  f"{expected[0]}..{expected[-1]}" if expected else "none", len(done_before))
 
@@ -159,7 +281,7 @@ def run(ctx: TaskContext) -> TaskResult:
     if todo_files:
         _download(ctx, todo_files, done_before, per_shard)
 
-    missing = [sid for sid in expected if read_stats(out, sid) is None]
+    missing = [sid for sid in expected if shard_done(out, sid) is None]
     if missing:
         raise RuntimeError(f"{out.url}: {len(missing)} of {len(expected)} shards were not completed "
                            f"(first: {shard_name(missing[0])}); resubmit to retry them")
@@ -200,12 +322,14 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
                       list(additional), per_shard, done, feather_dir, first)
 
     readers = [reader_for(u, first) for u, first, _n in files]
-    resizer = Resizer(
+    resizer = BoundedResizer(
         image_size=int(p.get("image_size", 512)), resize_mode=p.get("resize_mode", "keep_ratio_largest"),
         resize_only_if_bigger=bool(p.get("resize_only_if_bigger", True)),
         encode_quality=int(p.get("encode_quality", 95)), encode_format=p.get("encode_format", "jpg"),
         blurrer=BoundingBoxBlurrer() if bbox_col else None,
     )
+    max_pixels = int(p.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    resizer.max_pixels = max_pixels
     downloader = PoolDownloader(
         sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=int(p.get("threads", 64)),
         save_caption=True, extract_exif=True, output_folder=output_folder, column_list=readers[0].column_list,
@@ -219,11 +343,12 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
     with contextlib.ExitStack() as stack:
         stack.enter_context(_fsspec_env(storage))
         stack.enter_context(_exit_on_sigterm())
+        stack.enter_context(_opencv_limit(max_pixels))
         if server is not None:
             stack.enter_context(server)
             downloader.proxy = server.proxy_url
             ctx.log.info("serving demo pool %s on %s", pool.url, server.proxy_url)
-        multiprocessing_distributor(processes, downloader, itertools.chain(*readers), None, 1)
+        _distribute(processes, downloader, itertools.chain(*readers))
     if server is not None:
         ctx.log.info("demo pool server answered %d requests", server.requests)
 

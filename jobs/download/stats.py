@@ -6,6 +6,7 @@ start_time, end_time, status_dict). Light: used by the stage and by
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from dcslurm.storage import DataFolder
 
 OOM_SHARD_COUNT = 8  # shard names {:08d} (DataComp's setting)
 STATS_SUFFIX = "_stats.json"
+TOO_LARGE = "image too large"  # the failure of an image refused from its header (max_image_pixels)
 
 
 def shard_name(shard_id: int) -> str:
@@ -22,6 +24,38 @@ def shard_name(shard_id: int) -> str:
 def read_stats(folder: DataFolder, shard_id: int) -> dict | None:
     """A shard's _stats.json if it is committed (exists and parses), else None."""
     return read_stats_file(folder, f"{shard_name(shard_id)}{STATS_SUFFIX}")
+
+
+def shard_done(folder: DataFolder, shard_id: int) -> dict | None:
+    """A shard's stats if the shard is done, else None (redo it).
+
+    Done: its _stats.json parses (img2dataset's own rule) AND what the shard holds
+    agrees with it: the parquet is readable with one row per sample tried, and the
+    tar is readable, not cut short, with one sample per success. A stats file beside
+    a partial or foreign tar (a worker that outlived its task, a redo killed midway)
+    is not trusted.
+    """
+    import pyarrow as pa  # here: this module stays light for login nodes
+    import pyarrow.parquet as pq
+
+    stats = read_stats(folder, shard_id)
+    if stats is None:
+        return None
+    name = shard_name(shard_id)
+    try:
+        with folder.open(f"{name}.parquet") as fh:
+            rows = pq.ParquetFile(fh).metadata.num_rows
+        size = folder.size(f"{name}.tar")
+        with folder.open(f"{name}.tar") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+            members = tar.getmembers()
+    except (OSError, EOFError, tarfile.TarError, pa.ArrowException):
+        return None  # missing or unreadable
+    if members and members[-1].offset_data + members[-1].size > size:
+        return None  # the last member was cut short
+    samples = len({m.name.split(".", 1)[0] for m in members})  # webdataset: KEY.jpg, KEY.txt, KEY.json
+    if rows != int(stats.get("count", -1)) or samples != int(stats.get("successes", -1)):
+        return None
+    return stats
 
 
 def read_stats_file(folder: DataFolder, name: str) -> dict | None:
@@ -43,8 +77,9 @@ def failure_reason(message: str) -> str:
         return "timeout"
     if "refused" in m:
         return "connection refused"
-    if "decompression bomb" in m or "cv_io_max_image_pixels" in m or "image area too large" in m:
-        return "decompression bomb"
+    if m.startswith(TOO_LARGE) or "cv_io_max_image_pixels" in m or "image area too large" in m:
+        # the stage's header check (TOO_LARGE), or OpenCV's own limit for formats Pillow cannot read
+        return TOO_LARGE
     if "image decoding error" in m or "cannot identify" in m:
         # img2dataset's one message for bytes OpenCV cannot decode: HTML pages, truncated or corrupt files
         return "undecodable image"

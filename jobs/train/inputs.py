@@ -63,7 +63,7 @@ def check_shards(shards: list[Shard], where: str, storage_options: dict, what: s
         parent, name = shard.url.rsplit("/", 1)
         if parent not in sizes:
             folder = DataFolder(parent, storage_options)
-            sizes[parent] = {n: folder.size(n) for n in folder.list(suffix=".tar")}
+            sizes[parent] = folder.list_sizes(suffix=".tar")
         size = sizes[parent].get(name)
         if size is None:
             raise UserError(f"{shard.url}: {what} does not exist")
