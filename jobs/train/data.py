@@ -1,19 +1,20 @@
-"""Training data: webdataset shards sampled with replacement, as deterministic streams.
+"""Training data: webdataset shards read as deterministic streams, an epoch at a time.
 
 The global batch of step t is the same set of samples whatever the world size
 or the number of DataLoader workers, so a 2-rank run and a 1-rank run see the
 same data, and a resumed run continues exactly where the checkpoint stopped:
 
-- the data is `n_streams` independent streams; stream s draws shards with
-  replacement (numpy generator seeded by (seed, s, draw)) and reads each one
-  through a small shuffle buffer;
+- the data is `n_streams` streams over one shared order (DataOrder below): per
+  epoch the shards are shuffled and concatenated, and stream s reads all of it
+  from its own offset, N / n_streams samples from the next stream, through a
+  small shuffle buffer;
 - every step takes `per_stream` consecutive samples from every stream
   (global batch = n_streams x per_stream); rank r owns a contiguous block
   of streams, DataLoader worker w of the rank owns every W-th of those;
-- a stream's position counts the raw samples it has read (image + caption);
-  a sample that fails to decode is skipped and counted, and the positions
-  after each step travel back with the batch, so the checkpoint records
-  exactly where each stream is;
+- a stream's position counts the samples it has taken (a sample that fails to
+  decode, or has no image and caption, is skipped and counted), and the
+  positions after each step travel back with the batch, so the checkpoint
+  records exactly where each stream is;
 - augmentation of the sample at position p of stream s is seeded by
   (seed, s, p), so it does not depend on which process decodes it.
 """
@@ -65,54 +66,141 @@ def is_training_sample(sample: dict) -> bool:
     return "txt" in sample and any(e in sample for e in IMAGE_EXTS)
 
 
+# -- the order: which sample every stream reads at every position ---------------
+#
+# The training data is read as "epochs" of one virtual sequence: the shards in an order
+# shuffled once per epoch (the same order for every stream), concatenated. Stream s of n
+# reads the whole sequence once per epoch, starting at its own offset u_e + s * N / n
+# (u_e random per epoch) and wrapping around, through a shuffle buffer. So the streams
+# are always N / n samples apart: they never read the same samples in step, each step's
+# samples come from n evenly spread places of the pool (one shard or many), and every
+# sample is read n times an epoch, evenly. This is webdataset's own advice for few
+# shards and many readers (slice the samples, not the shards: webdataset issue #71;
+# shuffle the whole shard list per cycle: #318); drawing shards independently per stream,
+# as before, put every stream of a 1-shard pool at the same place of the same shard.
+#
+# A stream's position counts the samples it has taken from the buffer (good, undecodable
+# or without image/caption alike), so a position maps to (epoch, place in the sequence)
+# by arithmetic alone and a resume skips whole segments without reading them.
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run [start, stop) of one shard's samples, read as one piece by one stream."""
+
+    shard: int
+    start: int
+    stop: int
+    epoch: int
+    index: int  # the segment's number within the stream's epoch (seeds its shuffle)
+
+
+class DataOrder:
+    """The samples every stream reads, from the shard sizes alone (no data read)."""
+
+    def __init__(self, sizes: list[int], n_streams: int, seed: int, shuffle_buffer: int):
+        if not sizes or min(sizes) <= 0:
+            raise ValueError("DataOrder needs shards of known, positive sizes")
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.total = int(self.sizes.sum())
+        self.n_streams = n_streams
+        self.seed = seed
+        self.shuffle_buffer = max(1, shuffle_buffer)
+
+    def segments(self, stream: int, start: int = 0) -> Iterator[tuple[Segment, int]]:
+        """(segment, its first position) for the stream, from the one holding `start` on, forever."""
+        epoch = start // self.total
+        while True:
+            rng = np.random.default_rng([self.seed, 0x0D47A, epoch])  # shared by all streams
+            order = rng.permutation(len(self.sizes))
+            ends = np.cumsum(self.sizes[order])
+            offset = (int(rng.integers(self.total)) + stream * self.total // self.n_streams) % self.total
+            j = int(np.searchsorted(ends, offset, side="right"))  # the shard holding `offset`
+            inner = offset - int(ends[j] - self.sizes[order[j]])
+            pieces = [(j, inner, int(self.sizes[order[j]]))]
+            pieces += [(k % len(order), 0, int(self.sizes[order[k % len(order)]]))
+                       for k in range(j + 1, j + len(order))]
+            if inner:
+                pieces.append((j, 0, inner))
+            position = epoch * self.total
+            for index, (k, lo, hi) in enumerate(pieces):
+                if position + (hi - lo) > start:
+                    yield Segment(int(order[k]), lo, hi, epoch, index), position
+                position += hi - lo
+            epoch += 1
+
+    def shuffled(self, items: Iterator, stream: int, segment: Segment) -> Iterator:
+        """`items` (one per sample of the segment) through the stream's shuffle buffer."""
+        rng = np.random.default_rng([self.seed, stream, segment.epoch, segment.index])
+        buffer: list = []
+        for item in items:
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                i = int(rng.integers(len(buffer)))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        for i in rng.permutation(len(buffer)):
+            yield buffer[int(i)]
+
+    def read(self, stream: int, start: int, read_segment) -> Iterator[tuple[int, object]]:
+        """(position, item) of the stream from `start` on; read_segment(segment) gives the
+        segment's items in shard order, exactly stop - start of them."""
+        for segment, position in self.segments(stream, start):
+            for item in self.shuffled(read_segment(segment), stream, segment):
+                if position >= start:
+                    yield position, item
+                position += 1
+
+
+_COUNTED: dict[str, int] = {}  # shard url -> samples, counted once per process
+
+
+def sized_shards(shards: list[Shard], storage_options: dict) -> list[Shard]:
+    """The shards with their sample counts; those without a size table entry are counted by
+    reading them once (params `data` without sizes.json; reshard's outputs always have one)."""
+    out = []
+    for shard in shards:
+        if shard.samples is None:
+            if shard.url not in _COUNTED:
+                parent, name = shard.url.rsplit("/", 1)
+                with DataFolder(parent, storage_options).open(name) as f:
+                    _COUNTED[shard.url] = sum(1 for _ in iter_tar_samples(f))
+            if _COUNTED[shard.url] == 0:
+                raise UserError(f"{shard.url}: training shard has no samples")
+            shard = Shard(shard.url, _COUNTED[shard.url])
+        out.append(shard)
+    return out
+
+
 class SampleStream:
-    """One stream: shards drawn with replacement, each read through a shuffle buffer."""
+    """One stream of the data order, reading the shards: (position, raw sample or None) where
+    None is a sample without an image and a caption (skipped and counted by the caller)."""
 
     def __init__(self, shards: list[Shard], seed: int, stream: int, shuffle_buffer: int,
-                 storage_options: dict):
-        self.shards = shards
-        self.seed = seed
+                 storage_options: dict, n_streams: int = 1):
+        self.shards = sized_shards(shards, storage_options)
         self.stream = stream
-        self.shuffle_buffer = max(1, shuffle_buffer)
         self.storage_options = storage_options
+        self.order = DataOrder([s.samples for s in self.shards], n_streams, seed, shuffle_buffer)
 
-    def _draw(self, draw: int) -> tuple[Shard, np.random.Generator]:
-        rng = np.random.default_rng([self.seed, self.stream, draw])
-        return self.shards[int(rng.integers(len(self.shards)))], rng
-
-    def _shard_samples(self, shard: Shard, rng: np.random.Generator) -> Iterator[dict]:
-        parent, name = shard.url.rsplit("/", 1)
+    def _read_segment(self, segment: Segment) -> Iterator[dict | None]:
+        url = self.shards[segment.shard].url
+        parent, name = url.rsplit("/", 1)
+        n = 0
         with DataFolder(parent, self.storage_options).open(name) as f:
-            buffer: list[dict] = []
-            for sample in iter_tar_samples(f):
-                if not is_training_sample(sample):
-                    continue
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    i = int(rng.integers(len(buffer)))
-                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                    yield buffer.pop()
-            order = rng.permutation(len(buffer))
-            for i in order:
-                yield buffer[int(i)]
+            for i, sample in enumerate(iter_tar_samples(f)):
+                if i >= segment.stop:
+                    break
+                if i >= segment.start:
+                    n += 1
+                    yield sample if is_training_sample(sample) else None
+        # A size table larger than the tar: the missing samples count as skipped ones, so
+        # positions stay the arithmetic the resume relies on.
+        yield from (None for _ in range(segment.stop - segment.start - n))
 
-    def samples(self, start: int = 0) -> Iterator[tuple[int, dict]]:
-        """(position, raw sample) from position `start` on, forever."""
-        position, draw = 0, 0
-        while True:
-            shard, rng = self._draw(draw)
-            draw += 1
-            if shard.samples is not None and position + shard.samples <= start:
-                position += shard.samples  # skipped without reading it
-                continue
-            n = 0
-            for sample in self._shard_samples(shard, rng):
-                n += 1
-                if position >= start:
-                    yield position, sample
-                position += 1
-            if n == 0:
-                raise UserError(f"{shard.url}: training shard has no samples with an image and a caption")
+    def samples(self, start: int = 0) -> Iterator[tuple[int, dict | None]]:
+        """(position, raw sample or None) from position `start` on, forever."""
+        return self.order.read(self.stream, start, self._read_segment)
 
 
 # -- decoded batches ------------------------------------------------------------
@@ -154,7 +242,8 @@ class StepBatches(IterableDataset):
 
     def __init__(self, shards: list[Shard], layout: StreamLayout, positions: dict[int, int], seed: int,
                  shuffle_buffer: int, transform, tokenizer, storage_options: dict):
-        self.shards = shards
+        # Counted here, before the DataLoader forks its workers, so they inherit the counts.
+        self.shards = sized_shards(shards, storage_options)
         self.layout = layout
         self.positions = dict(positions)
         self.seed = seed
@@ -178,8 +267,10 @@ class StepBatches(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.layout.rank_streams[worker::n_workers]
-        iters = {s: SampleStream(self.shards, self.seed, s, self.shuffle_buffer, self.storage_options)
-                 .samples(self.positions.get(s, 0)) for s in mine}
+        iters = {s: SampleStream(self.shards, self.seed, s, self.shuffle_buffer, self.storage_options,
+                                 self.layout.n_streams).samples(self.positions.get(s, 0)) for s in mine}
+        total = sum(shard.samples for shard in self.shards)
+        bad_in_a_row = {s: 0 for s in mine}
         next_position = {s: self.positions.get(s, 0) for s in mine}
         while True:
             images, texts, bad = [], [], 0
@@ -189,10 +280,17 @@ class StepBatches(IterableDataset):
                     position, raw = next(iters[s])
                     next_position[s] = position + 1
                     try:
+                        if raw is None:
+                            raise ValueError("no image and caption")
                         image, text = self._decode(s, position, raw)
                     except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
                         bad += 1
+                        bad_in_a_row[s] += 1
+                        if bad_in_a_row[s] > total:  # a whole epoch: nothing here can be trained on
+                            raise UserError(f"{self.shards[0].url} ({len(self.shards)} shards): no training "
+                                            "sample with a decodable image and a caption") from None
                         continue
+                    bad_in_a_row[s] = 0
                     images.append(image)
                     texts.append(text)
                     got += 1

@@ -2,7 +2,10 @@
 
 Every transformer block (image and text towers) is its own FSDP2 unit, then the
 root (small models: the root only); parameters are sharded over all ranks, gathered per block for forward and
-backward. open_clip's `logit_scale` is a 0-dim parameter, which FSDP2 refuses to
+backward. With a 2-D mesh (replicas, shards) it is HSDP instead: each node's ranks shard
+one copy of the model and the copies are replicated across nodes (FSDP2 reduce-scatters
+gradients within the shard group, then all-reduces them across replicas), so the per-layer
+all-gathers stay inside a node. open_clip's `logit_scale` is a 0-dim parameter, which FSDP2 refuses to
 shard: it stays an ordinary replicated parameter (`ignored_params`) whose
 gradient `sync_replicated_grads` averages across ranks; its name and shape are
 unchanged, so checkpoints still load into a stock open_clip model.
@@ -37,8 +40,12 @@ BLOCK_UNITS_MIN_PARAMS = 50_000_000
 
 
 def parallelize(model: nn.Module, device: torch.device, world_size: int, bf16: bool,
-                grad_checkpointing: bool, compile_blocks: bool, units: str = "auto") -> nn.Module:
+                grad_checkpointing: bool, compile_blocks: bool, units: str = "auto",
+                mesh_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and FSDP2 to `model` in place; returns it.
+
+    `mesh_shape`: (world_size,) (the default) for FSDP, (replicas, shards) for HSDP
+    (spec.mesh_shape chooses it).
 
     `units`: "block" (one FSDP unit per transformer block, then the root: the
     memory-saving layout for large models), "model" (one unit), or "auto"
@@ -52,7 +59,9 @@ def parallelize(model: nn.Module, device: torch.device, world_size: int, bf16: b
             block.compile()
     if units == "auto":
         units = "block" if sum(p.numel() for p in model.parameters()) >= BLOCK_UNITS_MIN_PARAMS else "model"
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh_shape = tuple(mesh_shape or (world_size,))
+    names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
+    mesh = init_device_mesh(device.type, mesh_shape, mesh_dim_names=names)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in blocks if units == "block" else []:
         fully_shard(block, mesh=mesh, mp_policy=mp)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dcslurm.errors import UserError
 from dcslurm.scales import ScaleConfig, estimate_train_gpu_hours
 from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
 
 
 @dataclass
@@ -29,8 +30,10 @@ class TrainParams:
     grad_checkpointing: bool = True
     compile: bool = False
     fsdp_units: str = "auto"  # block | model | auto (per block from 50M parameters up)
+    mesh: str = "auto"  # fsdp (shard over all ranks) | hsdp (shard within a node, replicate across) | auto
+    mesh_replicas: int = 0  # hsdp: replica groups; 0 = one per node (tests force 2 on one machine)
     workers: int = 2  # DataLoader workers per rank
-    data_streams: int = 0  # independent sample streams; 0 = 8 x world (must divide by the world size)
+    data_streams: int = 0  # streams, evenly spaced in the data order; 0 = a multiple of the world >= 64
     shuffle_buffer: int = 256  # samples shuffled within a shard
     log_every: int = 10  # steps between metrics lines
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -50,6 +53,10 @@ class TrainParams:
             raise ValueError(f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
         if self.fsdp_units not in ("auto", "block", "model"):
             raise ValueError(f"fsdp_units: expected auto, block or model, got {self.fsdp_units!r}")
+        if self.mesh not in ("auto", "fsdp", "hsdp"):
+            raise ValueError(f"mesh: expected auto, fsdp or hsdp, got {self.mesh!r}")
+        if self.mesh_replicas < 0:
+            raise ValueError("mesh_replicas: must be >= 0")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every / checkpoint_every: must be >= 1")
         if self.workers < 0 or self.accum < 0 or self.micro_batch < 0 or self.data_streams < 0:
@@ -88,6 +95,30 @@ def resolve_hyper(scale: ScaleConfig, params: dict) -> Hyper:
     )
 
 
+# Scales trained on hundreds of GPUs: there, sharding the model over every rank makes each
+# layer's all-gather cross the inter-node network; HSDP keeps the all-gathers inside a node
+# (NVLink) and sends only one gradient all-reduce per step across nodes.
+HSDP_SCALES = ("large", "xlarge")
+
+
+def mesh_shape(mode: str, scale: str, nodes: int, tasks_per_node: int, replicas: int = 0) -> tuple[int, ...]:
+    """The device mesh: (world,) for FSDP over all ranks, (replicas, shards) for HSDP.
+
+    "auto" is HSDP at the large scales when the job spans several nodes of several
+    tasks each, else FSDP; "hsdp" replicates across nodes (or `replicas` groups).
+    """
+    world = nodes * tasks_per_node
+    if mode == "auto":
+        mode = "hsdp" if scale in HSDP_SCALES and nodes > 1 and tasks_per_node > 1 else "fsdp"
+    if mode == "fsdp":
+        return (world,)
+    replicas = replicas or nodes
+    if world % replicas:
+        raise UserError(f"[stages.train] mesh hsdp: {world} ranks ({nodes} nodes x {tasks_per_node} tasks) "
+                        f"do not split into {replicas} replica groups")
+    return (replicas, world // replicas)
+
+
 def reshard_step(steps: dict) -> str | None:
     """The last step of the reshard stage in this run, if it is there."""
     names = [name for name, step in steps.items() if step.stage == "reshard"]
@@ -114,22 +145,30 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
     per_rank = hp.batch_size // world if hp.batch_size % world == 0 else hp.batch_size / world
     # GPU-hours scale with samples seen: the table's figure is for the scale's own samples.
     hours = estimate_train_gpu_hours(ctx.scale) * hp.samples / ctx.scale.samples_seen
+    params = ctx.params if isinstance(ctx.params, TrainParams) else TrainParams()
+    shape = mesh_shape(params.mesh, ctx.scale.name, res.nodes, res.tasks_per_node, params.mesh_replicas)
+    mesh = f"HSDP mesh {shape[0]} x {shape[1]}" if len(shape) == 2 else f"FSDP mesh {shape[0]}"
     basis = (f"{hp.model}, {hp.samples:,} samples, global batch {hp.batch_size:,} "
-             f"= {res.nodes} nodes x {res.tasks_per_node} tasks x {per_rank:,} per rank, {hp.steps:,} steps, "
+             f"= {res.nodes} nodes x {res.tasks_per_node} tasks x {per_rank:,} per rank, {mesh}, "
+             f"{hp.steps:,} steps, "
              f"lr {hp.lr:g}, warmup {hp.warmup:,}, AdamW b1 {hp.beta1:g} b2 {hp.beta2:g} eps {hp.eps:g} "
              f"wd {hp.weight_decay:g}, cosine; A100-h from DataComp Table 2 ({ctx.scale.name})")
     return Estimate(gpu_hours=hours, basis=basis)
 
 
 def _preflight(config) -> None:
-    """At submit: one-line errors for missing or empty `data` shards, before any job is queued."""
-    if "reshard" in config.selected_stages():
-        return  # its outputs do not exist yet; the task checks them
-    params = config.stages["train"].params
-    if params is not None and params.data:
-        from jobs.train.inputs import check_shards, list_shards
+    """At plan and submit: one-line errors for missing or empty `data` shards, a `resume`
+    checkpoint that is missing, incomplete or of another model, and an unknown model name."""
+    from jobs.models import check_weights
+    from jobs.train.inputs import check_model, check_shards, list_shards
 
+    params = config.stages["train"].params or TrainParams()
+    model = params.model or config.scale.model
+    check_weights(model, "", config.storage_options, where="[stages.train] model: ")
+    if params.data and not in_run(config, "reshard"):  # reshard's outputs do not exist yet; the task checks them
         check_shards(list_shards(params.data, config.storage_options), params.data, config.storage_options)
+    if params.resume:
+        check_model(config.folder(params.resume), model)
 
 
 STAGES = [

@@ -1,7 +1,7 @@
 """CLIP training, top to bottom: DataComp's recipe on FSDP2.
 
     hyperparameters  <- the run's scale (dcslurm.scales), params override for tests
-    data             <- reshard outputs (or params `data`), streams sampled with replacement
+    data             <- reshard outputs (or params `data`), streams over one shuffled order (data.py)
     model            <- open_clip by name, FSDP2 per block (parallelize.py)
     loss             <- open_clip ClipLoss, local loss + gather with grad
     optimizer        <- AdamW, cosine schedule after linear warmup (open_clip's)
@@ -29,7 +29,7 @@ from dcslurm.errors import UserError
 from dcslurm.task import TaskContext, TaskResult
 from jobs.train import checkpoint, data, parallelize
 from jobs.train.metrics import MetricsLog, peak_flops, train_flops_per_sample
-from jobs.train.spec import Hyper, TrainParams, reshard_step, resolve_hyper
+from jobs.train.spec import Hyper, TrainParams, mesh_shape, reshard_step, resolve_hyper
 
 MODEL_FILE = "model.pt"
 
@@ -177,8 +177,11 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     flops_per_sample = train_flops_per_sample(model, image_size, model.context_length, device)
+    mesh = mesh_shape(params.mesh, ctx.scale.name, ctx.world.nnodes, world_size // ctx.world.nnodes,
+                      params.mesh_replicas)
+    ctx.log.info("device mesh %s", " x ".join(map(str, mesh)) + (" (HSDP)" if len(mesh) == 2 else " (FSDP)"))
     parallelize.parallelize(model, device, world_size, bf16, params.grad_checkpointing, params.compile,
-                            params.fsdp_units)
+                            params.fsdp_units, mesh)
     optimizer = make_optimizer(model, hp)
 
     # Resume: params `resume`, else the run's latest complete checkpoint.
