@@ -72,7 +72,7 @@ def _plan_dict(plan) -> dict:
             {"name": s.name, "layout": s.layout, "units": s.units.count, "unit": s.units.label,
              "units_per_task": s.units_per_task, "tasks": s.n_tasks, "depends_on": s.depends_on,
              "gpu_hours": s.estimate.gpu_hours, "bytes_written": s.estimate.bytes_written,
-             "estimate_basis": s.estimate.basis, "resources": dataclasses.asdict(s.resources)}
+             "estimate_basis": s.estimate.basis, "warning": s.estimate.warning, "resources": dataclasses.asdict(s.resources)}
             for s in plan.steps
         ],
         "total": {"gpu_hours": plan.total_estimate.gpu_hours, "bytes_written": plan.total_estimate.bytes_written},
@@ -94,6 +94,9 @@ def _print_plan(plan) -> None:
     bases = [f"{s.name}: {s.estimate.basis}" for s in plan.steps if s.estimate.basis]
     if bases:
         console.print("Estimate basis: " + "; ".join(bases))
+    for s in plan.steps:
+        if s.estimate.warning:
+            console.print(f"warning: {s.estimate.warning}", markup=False)
 
 
 @app.command()

@@ -97,7 +97,8 @@ class Resources:
     constraint: str = ""
     array_throttle: int = 0  # at most this many array tasks at once (%N); 0 = no limit
     requeue: bool = True
-    signal_seconds: int = 120  # warn with SIGUSR1 this long before the time limit
+    # --signal=USR2@N: warn the tasks this long before the time limit (USR2: NCCL may catch USR1)
+    signal_seconds: int = 120
     extra_sbatch: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # e.g. "module load cuda/12"
 
@@ -489,3 +490,17 @@ def _check_time(value: str, where: str) -> None:
     """SLURM time limits: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
     if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", value or ""):
         raise ConfigError(f"{where}: expected a SLURM time limit like '04:00:00' or '2-00:00:00', got {_shown(value)}")
+
+
+def slurm_time_hours(value: str) -> float:
+    """A SLURM time limit (the forms _check_time accepts) in hours: MM, MM:SS, HH:MM:SS,
+    D-HH, D-HH:MM, D-HH:MM:SS."""
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # HH:MM:SS
+        h, m, s = parts
+    else:  # MM[:SS]
+        h, (m, s) = 0, (parts + [0])[:2]
+    return int(days or 0) * 24 + h + m / 60 + s / 3600

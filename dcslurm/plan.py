@@ -187,6 +187,8 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
         params = section.params if section is not None else (spec.params() if spec.params else None)
         ctx = PlanContext(config=config, inputs=inputs, steps=steps, params=params)
         resources = config.resources_for(stage_name, spec.default_resources)
+        if spec.job_shape is not None:
+            resources = spec.job_shape(config, resources)
         stage_units: dict[str, UnitSet] = {}
         stage_steps: list[StepPlan] = []
         for step_spec in spec.steps:
@@ -224,15 +226,19 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
 
 
 def discover_inputs(config: RunConfig) -> PlanInputs:
-    """List the pool once (the I/O half of planning)."""
+    """List the pool once, and read its parquet footers' row counts for the estimates
+    (the I/O half of planning)."""
     metadata: tuple[str, ...] = ()
+    pool_rows = None
     if config.pool.metadata:
         folder = config.folder(config.pool.metadata)
         if not folder.exists():
             raise UserError(f"{folder.url}: pool metadata folder does not exist")
-        metadata = tuple(folder.url_of(n) for n in folder.list(suffix=".parquet"))
+        names = folder.list(suffix=".parquet")
+        metadata = tuple(folder.url_of(n) for n in names)
         if not metadata:
             raise UserError(f"{folder.url}: no .parquet files in the pool metadata folder")
+        pool_rows = _pool_rows(folder, names)
     shards = None
     if config.pool.shards:
         if "{" in config.pool.shards:
@@ -243,7 +249,19 @@ def discover_inputs(config: RunConfig) -> PlanInputs:
             if not names:
                 raise UserError(f"{folder.url}: no .tar shards in the pool shards folder")
             shards = UnitSet(count=len(names), names=tuple(join_url(folder.url, n) for n in names), label="shards")
-    return PlanInputs(metadata_files=metadata, shards=shards)
+    return PlanInputs(metadata_files=metadata, shards=shards, pool_rows=pool_rows)
+
+
+def _pool_rows(folder: DataFolder, names: list[str]) -> int:
+    """The pool's rows from its parquet footers (pool.read_footer: a ranged read each, 8 at
+    a time), for the estimates. An unreadable footer counts 0 here; the download/filter
+    checks name that file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dcslurm.pool import read_footer
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return sum(pool.map(lambda name: read_footer(folder, name).rows, names))
 
 
 def read_plan(run: DataFolder) -> Plan:

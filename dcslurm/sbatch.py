@@ -90,11 +90,14 @@ def render_step_script(plan: Plan, step: StepPlan, launcher: TaskLauncher, log_d
     if step.layout == "distributed":
         lines += [_directive("nodes", res.nodes), _directive("ntasks-per-node", res.tasks_per_node)]
         # The warning signal goes to the tasks (not only the batch shell): the
-        # trainer checkpoints on it and requeues itself.
-        lines.append(_directive("signal", f"USR1@{res.signal_seconds}"))
+        # trainer checkpoints on it and requeues itself. USR2, not USR1: NCCL may
+        # install its own USR1 handler (submitit warns of it).
+        lines.append(_directive("signal", f"USR2@{res.signal_seconds}"))
     else:
         lines += [_directive("nodes", 1), _directive("ntasks", 1)]
     lines.append("#SBATCH --kill-on-invalid-dep=yes")
+    # A requeued job writes the same log file again: append, keeping the earlier attempts.
+    lines.append("#SBATCH --open-mode=append")
     lines += resource_directives(res, step.gpu)
     lines += ["", "set -euo pipefail"]
     lines += list(res.setup)

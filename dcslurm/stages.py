@@ -34,6 +34,7 @@ class Estimate:
     gpu_hours: float = 0.0
     bytes_written: float = 0.0
     basis: str = ""
+    warning: str = ""  # one line plan/submit print: e.g. a job shape absurd for the scale
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PlanInputs:
 
     metadata_files: tuple[str, ...] = ()  # pool parquet URLs, sorted
     shards: UnitSet | None = None  # existing webdataset shards (bring your own)
+    pool_rows: int | None = None  # rows of the metadata files (their footers); None = not read
 
 
 @dataclass
@@ -78,6 +80,9 @@ class StageSpec:
     params: type | None = None  # dataclass of the stage's [stages.NAME] keys
     gpu: bool = False
     default_resources: dict = field(default_factory=dict)
+    # (config, resources) -> resources: the job's shape (nodes x tasks) when the config
+    # does not set it, e.g. training sized from the scale. None = resources as merged.
+    job_shape: Callable[[RunConfig, Any], Any] | None = None
     estimate: Callable[[PlanContext, dict[str, UnitSet]], Estimate] | None = None
     test_only: bool = False  # registered for the test suite; not in `stages = "all"`
     in_all: bool = True  # part of the DataComp workflow `stages = "all"` runs (analyses opt in)

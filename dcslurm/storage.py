@@ -342,17 +342,22 @@ class DataFolder:
         racing writers). Locally: O_CREAT|O_EXCL; on S3: a PUT with If-None-Match: *,
         which the server refuses with 412 when the key exists."""
         if self.is_local:
+            # Written in full under a temporary name, then hard-linked to `rel`: link() is
+            # atomic and fails if `rel` exists, so a reader never sees a half-written file
+            # (an O_EXCL create then write would show it empty for a moment).
             path = self._path(rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
             finally:
-                os.close(fd)
+                os.unlink(tmp)
             return True
 
         def _put() -> bool:

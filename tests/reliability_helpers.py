@@ -56,3 +56,44 @@ def kill_all(pids: list[int]) -> list[int]:
 def only_outputs(digest: dict[str, str], stage_dirs: tuple[str, ...]) -> dict[str, str]:
     """The entries of a tree digest under the stages' output folders."""
     return {k: v for k, v in digest.items() if k.startswith(stage_dirs)}
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def process_tree(root: int) -> dict[int, tuple[int, list[str]]]:
+    """`root` and every live descendant of it (walked through /proc by parent pid): pid -> (ppid, argv)."""
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        ppid = _ppid(pid)
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(pid))
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        args = _proc_args(str(pid))
+        if not args or not args[0]:  # gone, or a zombie (no cmdline): nothing to kill
+            continue
+        tree[pid] = (_ppid(str(pid)) or 0, args)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has name=value: a run's processes, orphans included
+    (an orphan is re-parented to init, so a walk from its old parent no longer finds it)."""
+    key, want = name.encode(), value.encode()
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if int(pid) != os.getpid() and _proc_env(pid).get(key) == want and (_proc_args(pid) or [""])[0]]
+
+
+def proc_env_value(pid: int, name: str) -> str | None:
+    value = _proc_env(str(pid)).get(name.encode())
+    return None if value is None else value.decode(errors="replace")

@@ -234,11 +234,16 @@ def _pipeline_outputs(run: str) -> dict[str, str]:
     return out
 
 
-def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str) -> str:
+def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str, eval_tasks: tuple | None = None,
+                   train_ranks: int = 1) -> str:
+    """The demo workflow's run config; `eval_tasks` (default: every demo task) and `train_ranks`
+    (processes of the one training job) let tests/test_sigkill_soak.py make it cheaper or wider."""
     from dcslurm.demo import DEMO_TASKS, _toml_inline
 
     cpu = "resources = {gpus_per_node = 0, cpus_per_task = 1, mem = \"1000M\", time = \"00:20:00\"}"
-    extra_tasks = ",\n  ".join(_toml_inline(t) for t in DEMO_TASKS)
+    train_cpu = cpu.replace("cpus_per_task = 1,", f"cpus_per_task = 1, tasks_per_node = {train_ranks},")
+    eval_tasks = DEMO_TASKS if eval_tasks is None else eval_tasks
+    extra_tasks = ",\n  ".join(_toml_inline(t) for t in eval_tasks)
     text = f"""
 [run]
 folder = {json.dumps(run)}
@@ -278,10 +283,10 @@ samples = 64
 batch_size = 16
 workers = 0
 checkpoint_every = 2
-{cpu}
+{train_cpu}
 
 [stages.eval]
-tasks = [{", ".join(json.dumps(t["key"]) for t in DEMO_TASKS)}]
+tasks = [{", ".join(json.dumps(t["key"]) for t in eval_tasks)}]
 evalsets = {json.dumps(os.path.join(pool, "heldout"))}
 num_workers = 0
 {cpu}
@@ -408,3 +413,75 @@ def test_a_resumed_rank_reports_only_its_own_stream_positions():
         positions = {s: p + 24 for s, p in positions.items()}  # six more steps of 4 samples a stream
         merged.update(positions)  # what the save's all_gather merge does, rank by rank
     assert merged == {0: 40, 1: 40, 2: 40, 3: 40}
+
+
+# -- the train stage's saves on a full disk (issue 16 item 11) -------------------------------
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: a real filesystem that runs out of space (needs root; skipped otherwise)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _trained_model():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(128, 128)  # 64 KiB of weights, 192 KiB with Adam's moments
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 128)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_a_checkpoint_save_on_a_full_disk_says_so_in_one_line(full_disk, one_rank_group):
+    from jobs.train import checkpoint
+
+    model, optimizer = _trained_model()
+    store = checkpoint.Checkpoints(DataFolder(full_disk))
+    with pytest.raises(RuntimeError) as err:  # was: "[enforce fail at inline_container.cc:672] . unexpected pos"
+        store.save(2, model, optimizer, {"model": "linear"}, rank=0)
+    message = f"{type(err.value).__name__}: {err.value}"
+    print(message)
+    assert "\n" not in message and "unexpected pos" not in message
+    assert message.startswith(f"DiskFull: {full_disk}/step-00000002: disk full: no space left on device")
+    assert store.complete_steps() == []  # nothing half-written is resumable
+
+
+@pytest.mark.parametrize("where", ["output", "scratch"])
+def test_exporting_the_model_to_a_full_disk_says_so_in_one_line(full_disk, one_rank_group, tmp_path,
+                                                                 monkeypatch, where):
+    import tempfile
+
+    from jobs.train import checkpoint
+
+    model, _ = _trained_model()
+    output = DataFolder(full_disk if where == "output" else str(tmp_path / "out"))
+    if where == "scratch":  # torch.save into a full scratch folder: the errno is lost inside torch
+        monkeypatch.setattr(tempfile, "tempdir", full_disk)
+    with pytest.raises(RuntimeError) as err:
+        checkpoint.export_open_clip(model, output, "model.pt", rank=0)
+    message = f"{type(err.value).__name__}: {err.value}"
+    print(message)
+    assert "\n" not in message and "disk full: no space left on device" in message
+    assert message.startswith(f"DiskFull: {full_disk}/"), message

@@ -91,11 +91,6 @@ def test_status_section_prints_the_last_metrics_line(trained):
 
 # -- bad input -------------------------------------------------------------------
 
-def _failure(folder: str) -> str:
-    with open(os.path.join(folder, "_failures", "train", "000000.json")) as f:
-        return json.load(f)["error"]
-
-
 def test_missing_and_empty_shards_are_one_line_errors(tmp_path, shards):
     import tarfile
 
@@ -126,12 +121,15 @@ def test_missing_and_empty_shards_are_one_line_errors(tmp_path, shards):
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path, shards, trained):
     ckpt = os.path.join(trained, "train", "checkpoints", "step-00000002")
     assert os.path.exists(ckpt + ".json")
-    folder, failed = run_train(tmp_path, "other", shards, samples=16 * 2, model="RN50", resume=ckpt)
-    assert failed
-    assert _failure(folder) == f"{ckpt}: checkpoint of model 'dcslurm-tiny-vit', but this run trains 'RN50'"
+    # Refused at submit by the stage's preflight, before a job is queued.
+    with pytest.raises(UserError) as exc:
+        run_train(tmp_path, "other", shards, samples=16 * 2, model="RN50", resume=ckpt)
+    assert str(exc.value) == f"{ckpt}: checkpoint of model 'dcslurm-tiny-vit', but this run trains 'RN50'"
+    assert not os.path.exists(tmp_path / "other")
     # An incomplete checkpoint (no marker) is refused too.
-    folder, failed = run_train(tmp_path, "incomplete", shards, samples=16 * 2, resume=str(tmp_path / "step-1"))
-    assert failed and _failure(folder).endswith("step-1: not a complete checkpoint (no step-1.json marker beside it)")
+    with pytest.raises(UserError) as exc:
+        run_train(tmp_path, "incomplete", shards, samples=16 * 2, resume=str(tmp_path / "step-1"))
+    assert str(exc.value).endswith("step-1: not a complete checkpoint (no step-1.json marker beside it)")
 
 
 def test_unknown_scale_is_a_one_line_error(tmp_path, shards):
@@ -142,7 +140,7 @@ def test_unknown_scale_is_a_one_line_error(tmp_path, shards):
 
 # -- scales and the plan ---------------------------------------------------------
 
-def test_small_scale_dry_run_shows_hyperparameters_and_job_shape(tmp_path):
+def test_small_scale_dry_run_shows_hyperparameters_and_job_shape(tmp_path, shards):
     from typer.testing import CliRunner
 
     from dcslurm.cli import app
@@ -160,8 +158,8 @@ nodes = 2
 tasks_per_node = 4
 gpus_per_node = 4
 [stages.train]
-data = "s3://bucket/shards/{{00000000..00001279}}.tar"
-""")
+data = {json.dumps(shards)}
+""")  # plan checks the data like submit: real shards
     result = CliRunner().invoke(app, ["plan", "-c", str(toml), "--scale", "small", "--json"])
     assert result.exit_code == 0, result.output
     step = json.loads(result.output)["steps"][0]

@@ -7,7 +7,7 @@
   the job, it resumes, and the final weights equal the uninterrupted run's;
 - kill -9 of one rank: srun ends the job; resubmission resumes from the last
   complete checkpoint;
-- SIGUSR1 (the time-limit warning): checkpoint, the job requeues itself, resumes.
+- SIGUSR2 (the time-limit warning): checkpoint, the job requeues itself, resumes.
 """
 
 from __future__ import annotations
@@ -143,13 +143,13 @@ def test_kill_9_of_one_rank_fails_and_resubmission_resumes(slurm_cluster, tmp_pa
 
 
 def test_time_limit_signal_checkpoints_and_the_job_requeues_itself(slurm_cluster, tmp_path, shards):
-    """SIGUSR1 (what --signal=USR1@N sends before the time limit; here from scancel) makes the
-    ranks checkpoint and rank 0 requeue its own job, which then resumes and finishes."""
-    path, folder = slurm_toml(tmp_path, "usr1", shards, step_sleep=0.5)
+    """SIGUSR2 (what the script's --signal=USR2@N sends before the time limit; here from scancel)
+    makes the ranks checkpoint and rank 0 requeue its own job, which then resumes and finishes."""
+    path, folder = slurm_toml(tmp_path, "usr2", shards, step_sleep=0.5)
     sub = submit_run(load_config(path))
     (job_id,) = sub.submission.job_ids()
     wait_step(folder, 5)
-    slurm_cluster.run("scancel", "--signal=USR1", job_id)
+    slurm_cluster.run("scancel", "--signal=USR2", job_id)
     marker = wait_committed(folder, slurm_cluster)
     assert 5 <= marker["stats"]["resumed_from_step"] < STEPS, marker["stats"]
     # Submitted once: only the job's own `scontrol requeue` can have started the resumed attempt.

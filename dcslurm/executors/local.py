@@ -99,9 +99,31 @@ class LocalExecutor(Executor):
         return proc
 
     def _wait(self, procs: list[subprocess.Popen]) -> int:
-        codes = [proctree.wait_then_kill_group(p) for p in procs]
+        # As srun --kill-on-bad-exit=1 does on SLURM: when one rank of a job fails, the others
+        # are killed; else they wait for it in the rendezvous or a collective until the
+        # process-group timeout, and the whole run with them.
+        codes: dict[int, int] = {}
+        lock = threading.Lock()
+
+        def watch(proc: subprocess.Popen) -> None:
+            code = proctree.wait_then_kill_group(proc)
+            with lock:
+                codes[proc.pid] = code
+                if code != 0:
+                    for other in procs:
+                        if other.pid not in codes:  # not reaped yet: its group id is still its own
+                            proctree.kill_group(other.pid)
+
+        if len(procs) == 1:
+            watch(procs[0])
+        else:
+            watchers = [threading.Thread(target=watch, args=(p,), daemon=True) for p in procs]
+            for t in watchers:
+                t.start()
+            for t in watchers:
+                t.join()
         self._children.difference_update(procs)
-        return next((c for c in codes if c != 0), 0)
+        return next((codes[p.pid] for p in procs if codes[p.pid] != 0), 0)
 
     def _terminate_children(self, signum, frame) -> None:
         # `dcslurm cancel` sends SIGTERM to this process: start nothing more, pass it on to the tasks.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from dcslurm.errors import UserError
 from dcslurm.pool import BYTES_PER_SAMPLE
+from dcslurm.scales import estimate_samples
 from dcslurm.shards import UnitSet
 from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
 
@@ -67,10 +68,8 @@ def _units(ctx: PlanContext) -> UnitSet:
 
 
 def _estimate(ctx: PlanContext, units: dict[str, UnitSet]) -> Estimate:
-    # Planning reads no footers, so the estimate uses the scale's pool size.
-    samples = ctx.scale.pool_size
-    return Estimate(bytes_written=samples * BYTES_PER_SAMPLE,
-                    basis=f"{samples:,} samples ({ctx.scale.name} pool) x {BYTES_PER_SAMPLE // 1000} KB")
+    samples, basis = estimate_samples(ctx.scale, ctx.inputs.pool_rows)
+    return Estimate(bytes_written=samples * BYTES_PER_SAMPLE, basis=f"{basis} x {BYTES_PER_SAMPLE // 1000} KB")
 
 
 def preflight(config) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from dcslurm.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA
+from dcslurm.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA, estimate_samples
 from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, shard_units
 
 # DataComp's two scoring models (SPEC section 2: b32 and l14, OpenAI weights).
@@ -25,8 +25,6 @@ DEFAULT_MODELS = (
 MODEL_KEYS = {"name", "model", "pretrained"}
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
-# img2dataset's shard size (SPEC section 2); a planning estimate only.
-SAMPLES_PER_SHARD = 10_000
 # clip-retrieval's A100 rates (img/s); other models are booked at the B/32 rate.
 A100_IMAGES_PER_SECOND = {"ViT-B-32": 2500.0, "ViT-L-14": 312.0}
 
@@ -73,7 +71,7 @@ class EmbedParams:
 
 
 def _estimate(ctx: PlanContext, units: dict) -> Estimate:
-    samples = units["run"].count * SAMPLES_PER_SHARD
+    samples, basis = estimate_samples(ctx.scale, ctx.inputs.pool_rows, units["run"])
     models = ctx.params.models if ctx.params is not None else list(DEFAULT_MODELS)
     if ctx.scale.name == "tiny":
         seconds = 0.0
@@ -82,7 +80,7 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
     return Estimate(
         gpu_hours=seconds / 3600.0,
         bytes_written=samples * (BYTES_PER_SAMPLE_METADATA + BYTES_PER_SAMPLE_EMBEDDINGS * len(models) / 2),
-        basis="10,000 samples a shard; clip-retrieval A100 rates (B/32 2,500 img/s, L/14 312 img/s); "
+        basis=f"{basis}; clip-retrieval A100 rates (B/32 2,500 img/s, L/14 312 img/s); "
               "DataComp's metadata and npz sizes",
     )
 

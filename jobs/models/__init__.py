@@ -110,16 +110,18 @@ def check_weights(name: str, pretrained: str, storage_options: dict | None = Non
 
     if is_weights_path(pretrained):
         require_file(pretrained, storage_options, "model checkpoint file")
-    try:
-        import open_clip
-    except ImportError:
+    models = known_model_names()
+    if models is None:  # no open_clip on this node: the task checks the rest
         return
-    register_configs()
-    models = open_clip.list_models()
     if name not in models:
         raise UserError(f"{where}unknown open_clip model {name!r}{_close_matches(name, models)}")
     if not pretrained or is_weights_path(pretrained):
         return
+    # Only a named tag needs open_clip itself (its pretrained table); importing it costs
+    # torch's import, tens of seconds on a busy login node, on every plan and submit.
+    import open_clip
+
+    register_configs()
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         hint = _close_matches(pretrained, tags) or f" (known: {', '.join(tags) or 'none'})"
@@ -129,6 +131,21 @@ def check_weights(name: str, pretrained: str, storage_options: dict | None = Non
                         f"{_tag_location(name, pretrained)}; the nodes cannot download them (offline): fetch them "
                         "once on a machine with internet into that cache, set pretrained to a checkpoint file, "
                         "or set offline = false if the nodes have internet")
+
+
+def known_model_names() -> list[str] | None:
+    """open_clip's model names (its model_configs/*.json, as open_clip.list_models reads
+    them) plus dcslurm's, found without importing open_clip; None if it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    names = set()
+    for folder in [os.path.join(p, "model_configs") for p in spec.submodule_search_locations] + [CONFIG_DIR]:
+        if os.path.isdir(folder):
+            names.update(f[: -len(".json")] for f in os.listdir(folder) if f.endswith(".json"))
+    return sorted(names)
 
 
 def cached_weights(name: str, tag: str) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dcslurm.errors import UserError
+from dcslurm.scales import estimate_samples
 from dcslurm.shards import UnitSet
 from dcslurm.stages import (Estimate, PlanContext, StageSpec, StepSpec, check_subset_source, in_run, require_file,
                             shard_units)
@@ -62,9 +63,9 @@ def _write_units(ctx: PlanContext) -> UnitSet:
 
 
 def _estimate(ctx: PlanContext, units: dict) -> Estimate:
-    n = units["count"].count
-    return Estimate(bytes_written=n * ctx.params.samples_per_shard * BYTES_PER_SAMPLE,
-                    basis="upper bound: every input sample kept once, 35 KB a sample")
+    samples, basis = estimate_samples(ctx.scale, ctx.inputs.pool_rows, units["count"])
+    return Estimate(bytes_written=samples * BYTES_PER_SAMPLE,
+                    basis=f"upper bound: every input sample kept once, {basis} x 35 KB")
 
 
 SAMPLE_UIDS = 1024  # subset rows read at plan/submit: the head of the file, never all of it

@@ -13,10 +13,13 @@ The RNG needs no saving: the trainer reseeds it from (seed, rank, step).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -30,12 +33,72 @@ from torch.distributed.checkpoint.state_dict import (
 
 from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
+from jobs.train.inputs import check_model  # light: the preflight checks resume checkpoints with it too
 
 _STEP = re.compile(r"^step-(\d{8})\.json$")
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+class DiskFull(RuntimeError):
+    """A save ran out of space; its message is the one line `status` shows."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _says_no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain; DCP re-raises a rank's error as text (CheckpointException)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return True
+        if any(os.strerror(e) in str(exc) for e in _NO_SPACE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes free on the local filesystem holding `path` (None for object storage)."""
+    if "://" in path:
+        return None
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free
+
+
+def _state_bytes(state) -> int:
+    """Bytes of the tensors this rank writes (a DTensor's local shard)."""
+    from torch.utils._pytree import tree_leaves
+
+    total = 0
+    for t in tree_leaves(state):
+        if isinstance(t, torch.Tensor):
+            t = t.to_local() if hasattr(t, "to_local") else t
+            total += t.numel() * t.element_size()
+    return total
+
+
+@contextmanager
+def disk_full_is_one_line(path: str, needed: int):
+    """Turn a save that ran out of space into DiskFull naming `path`. torch's zip writer
+    (torch.save to a path, and DCP's per-rank files) drops the errno and says only
+    "unexpected pos 704 vs 598", so a failed save on a filesystem with less room left than
+    the save needs counts as disk full too."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        free = _free_bytes(path)
+        if _says_no_space(exc) or (free is not None and free < needed):
+            room = f" ({free:,} bytes free, about {needed:,} needed)" if free is not None else ""
+            raise DiskFull(f"{path}: disk full: no space left on device{room}") from exc
+        raise
 
 
 def _writer(folder: DataFolder):
@@ -75,10 +138,13 @@ class Checkpoints:
         if folder.is_local:
             os.makedirs(folder.url, exist_ok=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(folder))
+        state = {"model": model_sd, "optim": optim_sd}
+        with disk_full_is_one_line(folder.url, _state_bytes(state)):
+            dcp.save(state, storage_writer=_writer(folder))
         dist.barrier()
         if rank == 0:
-            self.root.write_json(f"{step_name(step)}.json", {**meta, "step": step, "time": time.time()})
+            with disk_full_is_one_line(f"{self.root.url}/{step_name(step)}.json", 0):
+                self.root.write_json(f"{step_name(step)}.json", {**meta, "step": step, "time": time.time()})
             self._prune()
         dist.barrier()
         return folder.url
@@ -89,24 +155,6 @@ class Checkpoints:
             self.root.remove(f"{step_name(old)}.json")
             folder = self.root.child(step_name(old))
             folder.fs.rm(folder.url.split("://", 1)[-1] if not folder.is_local else folder.url, recursive=True)
-
-
-def read_marker(folder: DataFolder) -> dict:
-    """The commit marker beside checkpoint `folder`; one-line error if it is not complete."""
-    parent_url, name = folder.url.rstrip("/").rsplit("/", 1)
-    parent = DataFolder(parent_url, folder.storage_options)
-    if not parent.exists(f"{name}.json"):
-        raise UserError(f"{folder.url}: not a complete checkpoint (no {name}.json marker beside it)")
-    return parent.read_json(f"{name}.json")
-
-
-def check_model(folder: DataFolder, model_name: str) -> dict:
-    """The marker of complete checkpoint `folder`; one-line error if it is of another model."""
-    meta = read_marker(folder)
-    if meta.get("model") != model_name:
-        raise UserError(f"{folder.url}: checkpoint of model {meta.get('model')!r}, "
-                        f"but this run trains {model_name!r}")
-    return meta
 
 
 def load(folder: DataFolder, model, optimizer, model_name: str) -> dict:
@@ -130,8 +178,12 @@ def export_open_clip(model, output: DataFolder, rel: str, rank: int) -> None:
     """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        weights = {k: v.detach().float().contiguous() for k, v in full.items()}
+        needed = _state_bytes(weights)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.pt")
-            torch.save({k: v.detach().float().contiguous() for k, v in full.items()}, path)
-            output.put_file(path, rel)
+            with disk_full_is_one_line(path, needed):
+                torch.save(weights, path)
+            with disk_full_is_one_line(f"{output.url}/{rel}", needed):
+                output.put_file(path, rel)
     dist.barrier()

@@ -8,10 +8,12 @@ them for tests and small experiments.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from dcslurm.config import slurm_time_hours
 from dcslurm.errors import UserError
-from dcslurm.scales import ScaleConfig, estimate_train_gpu_hours
+from dcslurm.scales import TRAIN_GPUS_BASIS, ScaleConfig, estimate_train_gpu_hours
 from dcslurm.shards import UnitSet
 from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
 
@@ -134,13 +136,55 @@ def _units(ctx: PlanContext) -> UnitSet:
     return UnitSet(count=1, label="dataset")
 
 
+DEFAULT_GPUS_PER_NODE = 8  # when neither [slurm] nor the train resources say
+# Per-rank batches outside this range are a job shape wrong for the scale: above, one
+# rank's activations do not fit an A100 at these models; below, the GPUs idle.
+PER_RANK_BATCH = (16, 4096)
+
+
+def _shape_set(config) -> bool:
+    """True when the config sets the training job's shape itself."""
+    keys = ("nodes", "tasks_per_node")
+    section = config.stages.get("train")
+    return (any(k in (config.raw.get("slurm") or {}) for k in keys)
+            or (section is not None and any(k in section.resources for k in keys)))
+
+
+def job_shape(config, res):
+    """The training job sized from the scale (`ScaleConfig.train_gpus`) when the config
+    sets neither nodes nor tasks_per_node: whole nodes of `gpus_per_node` ([slurm] or
+    the train resources; 8 if unset), one rank per GPU."""
+    if _shape_set(config):
+        return res
+    gpus = max(1, config.scale.train_gpus)
+    per_node = res.gpus_per_node or DEFAULT_GPUS_PER_NODE
+    nodes, tasks = (1, gpus) if gpus <= per_node else (-(-gpus // per_node), per_node)
+    gpus_per_node = res.gpus_per_node
+    if not gpus_per_node and not res.gres and config.scale.name != "tiny":  # tiny trains on CPU
+        gpus_per_node = tasks
+    return dataclasses.replace(res, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus_per_node)
+
+
+def shape_warning(scale: ScaleConfig, hp: Hyper, res, gpu_hours: float) -> str:
+    """One line when the job shape is absurd for the scale, else ""."""
+    world = res.nodes * res.tasks_per_node
+    shape = f"{res.nodes} nodes x {res.tasks_per_node} tasks"
+    per_rank = hp.batch_size / world
+    if not PER_RANK_BATCH[0] <= per_rank <= PER_RANK_BATCH[1] and scale.name not in ("tiny", "debug"):
+        return (f"train: {shape} gives {per_rank:,.0f} samples per rank of the {hp.batch_size:,} global batch "
+                f"(sensible: {PER_RANK_BATCH[0]:,} to {PER_RANK_BATCH[1]:,}); DataComp used "
+                f"{scale.train_gpus:,} GPUs at {scale.name}")
+    wall = gpu_hours / world
+    limit = slurm_time_hours(res.time)
+    if wall > limit and not res.requeue:
+        return (f"train: about {wall:,.1f} h on {shape} ({gpu_hours:,.0f} A100-h) exceeds the time limit "
+                f"{res.time} and requeue is off: the job will not finish")
+    return ""
+
+
 def _estimate(ctx: PlanContext, units: dict) -> Estimate:
-    from dataclasses import asdict
-
-    import dataclasses
-
-    hp = resolve_hyper(ctx.scale, asdict(ctx.params) if dataclasses.is_dataclass(ctx.params) else {})
-    res = ctx.config.resources_for("train", {})
+    hp = resolve_hyper(ctx.scale, dataclasses.asdict(ctx.params) if dataclasses.is_dataclass(ctx.params) else {})
+    res = ctx.steps["train"].resources  # as planned: the config's shape or job_shape's
     world = res.nodes * res.tasks_per_node
     per_rank = hp.batch_size // world if hp.batch_size % world == 0 else hp.batch_size / world
     # GPU-hours scale with samples seen: the table's figure is for the scale's own samples.
@@ -148,12 +192,13 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
     params = ctx.params if isinstance(ctx.params, TrainParams) else TrainParams()
     shape = mesh_shape(params.mesh, ctx.scale.name, res.nodes, res.tasks_per_node, params.mesh_replicas)
     mesh = f"HSDP mesh {shape[0]} x {shape[1]}" if len(shape) == 2 else f"FSDP mesh {shape[0]}"
+    sized = "" if _shape_set(ctx.config) else f" (sized from the scale: {TRAIN_GPUS_BASIS})"
     basis = (f"{hp.model}, {hp.samples:,} samples, global batch {hp.batch_size:,} "
-             f"= {res.nodes} nodes x {res.tasks_per_node} tasks x {per_rank:,} per rank, {mesh}, "
+             f"= {res.nodes} nodes x {res.tasks_per_node} tasks x {per_rank:,} per rank{sized}, {mesh}, "
              f"{hp.steps:,} steps, "
              f"lr {hp.lr:g}, warmup {hp.warmup:,}, AdamW b1 {hp.beta1:g} b2 {hp.beta2:g} eps {hp.eps:g} "
              f"wd {hp.weight_decay:g}, cosine; A100-h from DataComp Table 2 ({ctx.scale.name})")
-    return Estimate(gpu_hours=hours, basis=basis)
+    return Estimate(gpu_hours=hours, basis=basis, warning=shape_warning(ctx.scale, hp, res, hours))
 
 
 def _preflight(config) -> None:
@@ -175,7 +220,7 @@ STAGES = [
     StageSpec(
         name="train", description="FSDP2 CLIP training at the scale's hyperparameters", order=50,
         params=TrainParams, gpu=True, estimate=_estimate,
-        default_resources={"requeue": True}, preflight=_preflight,
+        default_resources={"requeue": True}, job_shape=job_shape, preflight=_preflight,
         steps=(StepSpec("run", "jobs.train.train:run", _units, layout="distributed"),),
     ),
 ]

@@ -6,7 +6,7 @@
     loss             <- open_clip ClipLoss, local loss + gather with grad
     optimizer        <- AdamW, cosine schedule after linear warmup (open_clip's)
     global batch     <- world x micro batch x accumulation steps (exact, with a feature cache)
-    checkpoints      <- DCP every N steps and on SIGUSR1/SIGTERM, then requeue (checkpoint.py)
+    checkpoints      <- DCP every N steps and on SIGUSR2/SIGUSR1/SIGTERM, then requeue (checkpoint.py)
     metrics          <- RUN/train/metrics.jsonl (metrics.py)
     export           <- RUN/train/model.pt, a plain open_clip state_dict
 
@@ -35,7 +35,7 @@ MODEL_FILE = "model.pt"
 
 
 class Preempted(RuntimeError):
-    """The job was told to stop (SIGUSR1 before the time limit, or SIGTERM) and checkpointed."""
+    """The job was told to stop (SIGUSR2 or SIGUSR1 before the time limit, or SIGTERM) and checkpointed."""
 
 
 @dataclass(frozen=True)
@@ -104,17 +104,21 @@ def training_shards(ctx: TaskContext, storage_options: dict) -> list[data.Shard]
 
 
 class StopSignal:
-    """Records SIGUSR1 (time limit near: checkpoint and requeue) and SIGTERM (checkpoint and stop)."""
+    """Records SIGUSR2 (what `--signal=USR2@N` sends before the time limit: checkpoint and
+    requeue), SIGUSR1 likewise (hand-written scripts' `--signal=USR1@N`), and SIGTERM
+    (checkpoint and stop)."""
+
+    REQUEUE = (signal.SIGUSR2, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
         self.requeue = False
-        signal.signal(signal.SIGUSR1, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        for signum in (*self.REQUEUE, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
-        self.requeue = self.requeue or signum == signal.SIGUSR1
+        self.requeue = self.requeue or signum in self.REQUEUE
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank got a signal (a collective: call it on all ranks)."""
