@@ -32,13 +32,14 @@ import pytest
 from tests.infra.s3_server import S3Server
 from tests.infra.slurm_cluster import SlurmCluster
 
-_GATED = {"slow": "--runslow", "apptainer": "--run-apptainer"}
+_GATED = {"slow": "--runslow", "apptainer": "--run-apptainer", "soak": "--run-soak"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dcslurm")
     group.addoption("--runslow", action="store_true", help="also run tests marked slow")
     group.addoption("--run-apptainer", action="store_true", help="also run tests marked apptainer")
+    group.addoption("--run-soak", action="store_true", help="also run tests marked soak (20-35 minutes)")
     group.addoption(
         "--run-all", action="store_true", help="run slow and apptainer tests too (= DCSLURM_TEST_ALL=1)"
     )
