@@ -60,11 +60,14 @@ def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> Non
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     # The parent may have died before the prctl: then nobody would send it any more.
-    if os.getppid() != ppid or (parent is not None and not _alive(parent)):
+    if os.getppid() != ppid or (parent is not None and not alive(parent)):
         os.kill(os.getpid(), sig)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while process `pid` exists (a zombie included); False for pid <= 0."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

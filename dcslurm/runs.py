@@ -239,9 +239,9 @@ def _read_lock(run: DataFolder) -> dict | None:
 
 def _lock_is_stale(holder: dict) -> bool:
     """Held by a process of this host that no longer runs (e.g. a SIGKILLed submit)."""
-    from dcslurm.executors.local import _alive
+    from dcslurm.proctree import alive
 
-    return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid") or 0))
+    return holder.get("host") == socket.gethostname() and not alive(int(holder.get("pid") or 0))
 
 
 def _break_stale_lock(run: DataFolder, stale: dict) -> None:

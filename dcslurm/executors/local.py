@@ -190,7 +190,7 @@ class LocalExecutor(Executor):
         return failed
 
     def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
-        if sub.finished or not _alive(sub.pid) or sub.host != socket.gethostname():
+        if sub.finished or not proctree.alive(sub.pid) or sub.host != socket.gethostname():
             return {}
         # The local run is still going: its unfinished tasks are running or waiting.
         return {(name, i): TaskState.PENDING for name, s in sub.steps.items() for c in s.chunks for i in c.indexes}
@@ -198,17 +198,5 @@ class LocalExecutor(Executor):
     def cancel(self, sub: Submission) -> None:
         if sub.host and sub.host != socket.gethostname():
             raise UserError(f"this run's local executor runs on {sub.host}; cancel it there")
-        if _alive(sub.pid):
+        if proctree.alive(sub.pid):
             os.kill(sub.pid, signal.SIGTERM)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
