@@ -363,7 +363,7 @@ def test_sigkill_soak_every_pass_equals_the_undisturbed_run(tmp_path):
     try:
         # A kill is placed only while its stage runs, so a pass places fewer than it owes:
         # passes go on (bounded) until every kill is placed.
-        while sum(soak.owed.values()) and soak.passes < 3 * PASSES + 2 and not any("hang" in p for p in soak.problems):
+        while sum(soak.owed.values()) and soak.passes < 5 * PASSES + 2 and not any("hang" in p for p in soak.problems):
             # Each pass takes its share of what is owed; the last passes take all of it.
             passes_left = max(1, PASSES - soak.passes)
             soak.run_pass({s: math.ceil(n / passes_left) for s, n in soak.owed.items()})
