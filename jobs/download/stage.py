@@ -110,9 +110,16 @@ def _footer_rows(folder_cache: dict, url: str, storage_options: dict) -> int:
 def _opencv_limit(max_pixels: int):
     """OpenCV reads its decode limit from the environment when it loads: set it for the
     spawned workers (a second line behind BoundedResizer's header check)."""
-    key = "OPENCV_IO_MAX_IMAGE_PIXELS"
+    with _env_var("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels)):
+        yield
+
+
+@contextlib.contextmanager
+def _env_var(key: str, value: str | None):
+    """Set (or, with None, leave) environment variable `key` for the block, then restore it."""
     old = os.environ.get(key)
-    os.environ[key] = str(max_pixels)
+    if value is not None:
+        os.environ[key] = value
     try:
         yield
     finally:
@@ -126,18 +133,13 @@ def _opencv_limit(max_pixels: int):
 def _fsspec_env(storage_options: dict):
     """img2dataset builds its own filesystems (also in its worker processes): hand
     them the run's storage options through fsspec's FSSPEC_S3 variable."""
-    key = "FSSPEC_S3"
-    old_env, old_conf = os.environ.get(key), fsspec.config.conf.get("s3")
+    old_conf = fsspec.config.conf.get("s3")
     if storage_options:
-        os.environ[key] = json.dumps(storage_options)  # for the spawned workers
         fsspec.config.conf["s3"] = {**(old_conf or {}), **storage_options}  # for this process
-    try:
-        yield
+    try:  # FSSPEC_S3 for the spawned workers
+        with _env_var("FSSPEC_S3", json.dumps(storage_options) if storage_options else None):
+            yield
     finally:
-        if old_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old_env
         if old_conf is None:
             fsspec.config.conf.pop("s3", None)
         else:
