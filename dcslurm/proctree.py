@@ -82,9 +82,13 @@ def spawn_session(argv: list[str], **popen) -> subprocess.Popen:
     return subprocess.Popen(argv, start_new_session=True, **popen)
 
 
-def parent_env(sig: int = signal.SIGTERM) -> dict:
+def parent_env(sig: int = signal.SIGKILL) -> dict:
     """Environment asking a child that calls `die_with_parent_from_env` to get `sig`
-    when this process dies. For parents with threads, where a preexec_fn is unsafe."""
+    when this process dies. For parents with threads, where a preexec_fn is unsafe.
+
+    SIGKILL by default: a parent that meant its children to stop gracefully has told
+    them so and waited for them already (the local executor on TERM, INT and HUP);
+    when it dies any other way, nothing is left to wait for a checkpoint to finish."""
     return {PARENT_ENV: f"{os.getpid()} {int(sig)}"}
 
 

@@ -418,3 +418,38 @@ def test_binds_cover_local_stage_inputs(tmp_path, fake):
     binds = [prefix[i + 1] for i, w in enumerate(prefix) if w == "--bind"]
     assert binds == [str(tmp_path / "run"), str(shards)]  # no scratch bind: apptainer's own /tmp
     assert prefix[prefix.index("--pwd") + 1] == "/"
+
+
+# -- lock files ---------------------------------------------------------------------
+
+# The image's %test (containers.selftest) in this environment, but as if only what the image's
+# lock file pins were installed: a module whose distribution the lock leaves out cannot import.
+LOCK_ONLY_SELFTEST = textwrap.dedent("""
+    import importlib.abc, importlib.metadata as md, re, sys
+    from dcslurm import containers
+    kind, lock = sys.argv[1], sys.argv[2]
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+    pinned = {norm(l.split("==")[0]) for l in open(lock) if "==" in l and not l.startswith("#")}
+    pinned.add("dcslurm")  # the image installs this package's own wheel besides the lock
+    owners = md.packages_distributions()
+
+    class OnlyLocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            dists = owners.get(name.split(".")[0], [])
+            if dists and not any(norm(d) in pinned for d in dists):
+                raise ModuleNotFoundError(f"No module named {name!r} (not in {lock})", name=name)
+            return None
+
+    sys.meta_path.insert(0, OnlyLocked())
+    sys.exit(containers.selftest(kind))
+""")
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_the_lock_file_holds_every_distribution_the_images_stages_import(kind):
+    """What the image's %test finds after a 10-minute build, in seconds: each stage of the image
+    imports with only the lock's distributions (the pixel limit's PIL once was missing)."""
+    proc = subprocess.run([sys.executable, "-c", LOCK_ONLY_SELFTEST, kind, str(REPO / "containers" / f"{kind}.lock")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout and f"{kind} image: ok" in proc.stdout, proc.stdout

@@ -4,6 +4,7 @@ signals a task must see reach it. Real processes, checked in /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,8 +25,10 @@ TASK = textwrap.dedent("""
     proctree.guard_group()
     g = subprocess.Popen(["sleep", "120"])
     signal.signal(signal.SIGUSR1, lambda *a: print("got USR1", flush=True))
-    print("pids", os.getpid(), g.pid, flush=True)
     action = sys.argv[1]
+    if action == "slow_term":  # as training does: SIGTERM starts a checkpoint, which takes a while
+        signal.signal(signal.SIGTERM, lambda *a: time.sleep(120))
+    print("pids", os.getpid(), g.pid, flush=True)
     if action == "exit":
         sys.exit(7)
     while True:
@@ -35,6 +38,7 @@ TASK = textwrap.dedent("""
 SUPERVISOR = textwrap.dedent("""
     import sys
     from dcslurm import proctree
+    proctree.die_with_parent_from_env()  # as the runner's main does
     sys.exit(proctree.supervise([sys.executable, sys.argv[1], sys.argv[2]]))
 """)
 
@@ -128,3 +132,27 @@ def test_die_with_parent_from_env_stops_a_child_whose_parent_is_already_gone():
                              env=dict(os.environ, PYTHONPATH=os.getcwd(),
                                       **{proctree.PARENT_ENV: f"{dead.pid} {int(signal.SIGTERM)}"}))
     assert child.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_sigkilled_launcher_takes_its_tasks_at_once_even_one_slow_to_stop(scripts):
+    """The local executor's place: it starts the supervisor with proctree.parent_env(). When it
+    is SIGKILLed, its tasks go within seconds, even a task whose SIGTERM handler would take
+    minutes (a checkpoint); a graceful stop is the launcher's to ask for while it lives."""
+    launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        from dcslurm import proctree
+        sup = subprocess.Popen([sys.executable, {str(scripts / "sup.py")!r}, {str(scripts / "task.py")!r},
+                                "slow_term"], env={{**os.environ, **proctree.parent_env()}})
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    line = launcher.stdout.readline()
+    assert line.startswith("pids"), line
+    task, grandchild = (int(x) for x in line.split()[1:])
+    launcher.kill()
+    launcher.wait()
+    try:
+        assert _gone([task, grandchild])
+    finally:
+        for pid in (task, grandchild):  # on failure: no leftover for the next test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from dcslurm import proctree
 from dcslurm.config import load_config
 from dcslurm.markers import read_marker
 from dcslurm.runs import submit_run
@@ -67,7 +68,8 @@ def wait_step(folder: str, step: int, timeout: float = 300) -> None:
 
 
 def rank_pids(job_id: str, rank: int) -> list[int]:
-    """PIDs of the runner process of `rank` in SLURM job `job_id` (found by its environment)."""
+    """PIDs of the task process of `rank` in SLURM job `job_id` (found by its environment): the
+    runner's child that runs the stage, not its supervisor (proctree.supervise)."""
     out = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -78,7 +80,7 @@ def rank_pids(job_id: str, rank: int) -> list[int]:
         except OSError:
             continue
         if (env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_PROCID") == str(rank).encode()
-                and b"dcslurm.runner" in cmd):
+                and b"dcslurm.runner" in cmd and proctree.WATCHDOG_ENV.encode() in env):
             out.append(int(pid))
     return out
 

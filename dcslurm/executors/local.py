@@ -92,7 +92,9 @@ class LocalExecutor(Executor):
                 raise _Stopped
             # Each task leads its own session: when its main process exits, however it
             # exits, _wait kills what is left of the group (nothing a task starts outlives it).
-            # If this process dies (even by SIGKILL) the task gets SIGTERM: see proctree.parent_env.
+            # If this process dies (even by SIGKILL) the task gets SIGKILL, and its supervisor's
+            # watchdog kills the rest of its group: see proctree.parent_env. A graceful stop
+            # (TERM, INT, HUP: _terminate_children) passes TERM on and waits for the tasks first.
             proc = proctree.spawn_session(argv, stdout=out, stderr=subprocess.STDOUT,
                                           env={**env, **proctree.parent_env()})
             self._children.add(proc)
@@ -166,8 +168,10 @@ class LocalExecutor(Executor):
         self._stopping = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._terminate_children)
-            # Ctrl-C reaches only this process (each task has its own session): pass it on too.
+            # Ctrl-C and a closed terminal reach only this process (each task has its own
+            # session): pass them on too, so that tasks stop as after `dcslurm cancel`.
             signal.signal(signal.SIGINT, self._terminate_children)
+            signal.signal(signal.SIGHUP, self._terminate_children)
         for step in plan.steps:
             ssub = sub.steps.get(step.name)
             if ssub is None:
