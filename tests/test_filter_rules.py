@@ -166,7 +166,7 @@ def test_laion2b(pool, tmp_path):
 
 def test_text_based(pool, tmp_path):
     folder, table, _ = pool
-    wn = rules.wordnet_reader("/usr/share/wordnet")
+    wn = rules.wordnet_reader()  # the default, Princeton WordNet 3.0 (tests/test_filter_wordnet.py)
     ids = sorted({wn.synsets(w)[0].offset() for w in ("dog", "car", "boat", "sunflower", "kite")})
     synsets = tmp_path / "in21k.txt"
     synsets.write_text("".join(f"n{i:08d}\n" for i in ids))

