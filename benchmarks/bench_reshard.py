@@ -1,7 +1,8 @@
-"""Reshard throughput against raw sequential reading of the same input shards.
+"""Reshard throughput against raw sequential reading of the same input shards, bytes read
+from S3, and speed against DataComp's resharder.py.
 
     .venv/bin/python benchmarks/bench_reshard.py [--shards 4] [--samples 10000] [--dir /tmp/bench-reshard]
-        [--out-dir /dev/shm/bench-reshard]
+        [--out-dir /dev/shm/bench-reshard] [--sections throughput,s3,datacomp]
 
 Builds img2dataset-like shards (real JPEGs of about 35-50 KB, captions, json
 with uid; DataComp's 10,000 samples a shard by default), then in one run times:
@@ -16,11 +17,29 @@ Throughput is input bytes / time. Goal: reshard >= 50% of cat. Warm, `cat` is
 a memory copy (several GB/s) that no stage writing its output durably can
 approach (`cat` into one fsync'd file is printed for scale); cold is what a
 cluster's shards on disk or object storage look like.
+
+Section `s3`: the same pool in a bucket of a private SeaweedFS (the test suite's
+server, with its metrics on), resharded with the 30% subset; the bytes the server
+sent of the pool's bucket (its own counter, every process and request included)
+against the bytes of the kept samples' members plus their 512-byte headers. The
+count step reads each tar once (it walks every header and json); the write step
+should read only the kept spans. Goal: write's reads <= 1.1x kept + headers.
+
+Section `datacomp`: DataComp's resharder.py (shared/datacomp/reference, run as it
+is, in its own virtualenv: --datacomp-python) and this reshard on the local
+executor, both with --workers processes, same shards, same 30% subset; wall
+time of the whole command each. resharder.py imports img2dataset's blurrer at the
+top but uses it only with --apply-blur: the benchmark gives it a stand-in module
+(written under --dir) rather than img2dataset's whole download stack; its other
+imports (cv2, simdjson, cloudpathlib) must be in that virtualenv or in
+--datacomp-pythonpath.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import io
 import json
 import logging
@@ -30,6 +49,8 @@ import shutil
 import subprocess
 import tarfile
 import time
+
+import sys
 
 import numpy as np
 from PIL import Image
@@ -58,6 +79,7 @@ def real_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
 
 
 def build_pool(folder: str, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+    """img2dataset-like shards {:08d}.tar, each with the {:08d}_stats.json img2dataset writes beside it."""
     rng = np.random.default_rng(seed)
     jpegs = real_jpegs(40, rng)
     os.makedirs(folder, exist_ok=True)
@@ -75,6 +97,8 @@ def build_pool(folder: str, n_shards: int, per_shard: int, seed: int = 0) -> lis
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
+        with open(os.path.join(folder, f"{shard:08d}_stats.json"), "w") as f:
+            json.dump({"count": per_shard, "successes": per_shard}, f)
     return uids
 
 
@@ -127,21 +151,7 @@ def time_reshard(root: str, name: str, shards: str, subset: str, tasks: int, pat
     """
     run = os.path.join(out_root, f"run-{name}")
     shutil.rmtree(run, ignore_errors=True)
-    cfg = os.path.join(root, f"{name}.toml")
-    with open(cfg, "w") as f:
-        f.write(f"""
-[run]
-folder = {json.dumps(run)}
-stages = ["reshard"]
-[pool]
-shards = {json.dumps(shards)}
-[executor]
-kind = "local"
-max_parallel = 1
-[stages.reshard]
-subset = {json.dumps(subset)}
-tasks = {tasks}
-""")
+    cfg = write_config(os.path.join(root, f"{name}.toml"), run, shards, subset, tasks)
     config = load_config(cfg)
     t = time.perf_counter()
     result = submit_run(config)
@@ -170,6 +180,152 @@ tasks = {tasks}
     return out
 
 
+def write_config(path: str, run: str, shards: str, subset: str, tasks: int, workers: int = 1,
+                 endpoint_url: str = "") -> str:
+    with open(path, "w") as f:
+        f.write(f"""
+[run]
+folder = {json.dumps(run)}
+stages = ["reshard"]
+[pool]
+shards = {json.dumps(shards)}
+[executor]
+kind = "local"
+max_parallel = {workers}
+[stages.reshard]
+subset = {json.dumps(subset)}
+tasks = {tasks}
+""")
+        if endpoint_url:
+            f.write(f"[storage]\nendpoint_url = {json.dumps(endpoint_url)}\n")
+    return path
+
+
+def kept_bytes(paths: list[str], subset_uids: list[str]) -> tuple[int, int]:
+    """(bytes of the members of the samples whose uid is in the subset, their header bytes):
+    what a reshard must read at least, each sample once however often the subset repeats it."""
+    wanted = set(subset_uids)
+    data = headers = 0
+    for p in paths:
+        members: dict[str, list[int]] = {}
+        uid_of: dict[str, str] = {}
+        with tarfile.open(p) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, []).append(m.size)
+                if ext == "json":
+                    uid_of[key] = json.loads(tar.extractfile(m).read())["uid"]
+        for key, sizes in members.items():
+            if uid_of.get(key) in wanted:
+                data += sum(sizes)
+                headers += tarfile.BLOCKSIZE * len(sizes)
+    return data, headers
+
+
+def bench_s3(root: str, paths: list[str], subset: str, subset_uids: list[str], tasks: int) -> None:
+    """Bytes read from S3 by a reshard of the pool in a bucket; see the module docstring."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.test_reshard_s3 import MeteredS3Server
+
+    server = MeteredS3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)  # the task processes take credentials from the environment
+    try:
+        fs = server.fs()
+        pool = server.make_bucket("bench-pool").removeprefix("s3://")
+        out = server.make_bucket("bench-run")
+        for p in paths:
+            fs.put_file(p, f"{pool}/{os.path.basename(p)}")
+        fs.put_file(subset, f"{out.removeprefix('s3://')}/subset.npy")
+        cfg = write_config(os.path.join(root, "s3.toml"), f"{out}/run", f"s3://{pool}", f"{out}/subset.npy", tasks,
+                           endpoint_url=server.endpoint_url)
+        before = server.sent_bytes(pool)
+        t = time.perf_counter()
+        assert not submit_run(load_config(cfg)).failed
+        wall = time.perf_counter() - t
+        read = server.sent_bytes(pool) - before
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.close()
+    total = sum(os.path.getsize(p) for p in paths)
+    data, headers = kept_bytes(paths, subset_uids)
+    write = read - total  # the count step reads each tar once, whole
+    print(f"S3 reshard [30% subset]: {wall:.2f} s; the server sent {read / 1e6:.1f} MB of the pool's "
+          f"{total / 1e6:.1f} MB; kept members {data / 1e6:.1f} MB + headers {headers / 1e6:.2f} MB")
+    print(f"  count step (each tar once): {total / 1e6:.1f} MB; write step: {write / 1e6:.1f} MB "
+          f"= {write / (data + headers):.3f}x kept + headers (goal <= 1.1x); whole stage: "
+          f"{read / (data + headers):.2f}x kept + headers, {read / total:.2f}x the input")
+
+
+def digests(folder: str) -> dict[str, str]:
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(folder)) if n.endswith(".tar")}
+
+
+def output_samples(folder: str) -> int:
+    """Samples in the output shards, counted from their tars (both tools' outputs alike)."""
+    total = 0
+    for p in glob.glob(os.path.join(folder, "*.tar")):
+        with tarfile.open(p) as tar:
+            total += len({m.name.split(".", 1)[0] for m in tar})
+    return total
+
+
+def bench_datacomp(root: str, shards: str, subset: str, tasks: int, workers: int, python: str,
+                   pythonpath: str) -> None:
+    """Wall time of DataComp's resharder.py and of this reshard, same shards and subset."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reference = os.path.join(os.path.dirname(here), "shared", "datacomp", "reference", "resharder.py")
+    if not os.path.exists(reference):
+        reference = "/work/shared/datacomp/reference/resharder.py"
+    shim = os.path.join(root, "dc-shim", "img2dataset")  # see the module docstring
+    os.makedirs(shim, exist_ok=True)
+    with open(os.path.join(shim, "__init__.py"), "w") as f:
+        f.write('"""Stand-in: resharder.py uses img2dataset only with --apply-blur (not passed)."""\n')
+    with open(os.path.join(shim, "blurrer.py"), "w") as f:
+        f.write("class BoundingBoxBlurrer:  # made by every worker, called only with --apply-blur\n"
+                "    def __call__(self, *a, **k):\n"
+                "        raise RuntimeError('img2dataset stand-in: --apply-blur is not supported here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.path.dirname(shim)) if p)}
+    probe = subprocess.run([python, "-c", "import cv2, simdjson, cloudpathlib, webdataset, pyarrow, tqdm"],
+                           env=env, capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"DataComp resharder.py: skipped: {python} cannot import its modules "
+              f"({(probe.stderr.strip().splitlines() or ['?'])[-1]}); see --datacomp-python/--datacomp-pythonpath")
+        return
+    dc_runs, dc_digests = [], []
+    for i in range(2):  # twice: its wall time, and whether its output is the same run to run
+        out = os.path.join(root, f"dc-out{i}")
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        t = time.perf_counter()
+        subprocess.run([python, reference, "-i", shards, "-o", out, "-s", subset, "-j", str(workers),
+                        "--shard-size", "10000", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+        dc_runs.append(time.perf_counter() - t)
+        dc_digests.append(digests(out))
+    ours, our_digests = [], []
+    for i in range(2):
+        run = os.path.join(root, f"ours-run{i}")
+        shutil.rmtree(run, ignore_errors=True)
+        cfg = write_config(os.path.join(root, f"ours{i}.toml"), run, shards, subset, tasks, workers)
+        t = time.perf_counter()
+        assert not submit_run(load_config(cfg)).failed
+        ours.append(time.perf_counter() - t)
+        our_digests.append(digests(os.path.join(run, "reshard")))
+    dc_n = output_samples(os.path.join(root, "dc-out0"))
+    our_n = output_samples(os.path.join(root, "ours-run0", "reshard"))
+    print(f"DataComp resharder.py -j {workers}: {min(dc_runs):.2f} s (runs: {', '.join(f'{x:.2f}' for x in dc_runs)})"
+          f", {dc_n} samples; output identical run to run: {dc_digests[0] == dc_digests[1]}")
+    print(f"reshard, local executor, {workers} at a time: {min(ours):.2f} s (runs: "
+          f"{', '.join(f'{x:.2f}' for x in ours)}), {our_n} samples; output identical run to run: "
+          f"{our_digests[0] == our_digests[1]}")
+    print(f"  speed against resharder.py (best runs): {min(dc_runs) / min(ours):.2f}x (goal >= 3x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=4)
@@ -179,11 +335,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="reshard runs per subset (best reported)")
     parser.add_argument("--out-dir", default="", help="where the runs write their shards (default: --dir); "
                         "/dev/shm leaves out this disk's write speed")
+    parser.add_argument("--sections", default="throughput,s3,datacomp",
+                        help="which parts to run (comma-separated: throughput, s3, datacomp)")
+    parser.add_argument("--workers", type=int, default=2, help="datacomp: processes of each tool")
+    parser.add_argument("--datacomp-python", default=os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), ".venv-datacomp", "bin", "python"),
+        help="datacomp: the interpreter of DataComp's environment")
+    parser.add_argument("--datacomp-pythonpath", default="", help="datacomp: extra PYTHONPATH for it")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     shards = os.path.join(args.dir, "shards")
     shutil.rmtree(args.dir, ignore_errors=True)
     uids = build_pool(shards, args.shards, args.samples)
-    paths = sorted(os.path.join(shards, n) for n in os.listdir(shards))
+    paths = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
     total = sum(os.path.getsize(p) for p in paths)
     rng = np.random.default_rng(1)
     picked = [u for u in uids if rng.random() < 0.3]
@@ -191,9 +355,19 @@ def main() -> None:
         "30% subset, 10% of it x2": picked + picked[: len(picked) // 10],
         "every sample once": uids,
     }
+    for i, subset_uids in enumerate(subsets.values()):
+        np.save(os.path.join(args.dir, f"subset{i}.npy"), uids_to_array(subset_uids))
     mb = total / 1e6
     print(f"input: {len(paths)} shards, {len(uids)} samples, {mb:.1f} MB; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
+    if "s3" in sections:
+        bench_s3(args.dir, paths, os.path.join(args.dir, "subset0.npy"), subsets["30% subset, 10% of it x2"],
+                 args.tasks)
+    if "datacomp" in sections:
+        bench_datacomp(args.dir, shards, os.path.join(args.dir, "subset0.npy"), args.tasks, args.workers,
+                       args.datacomp_python, args.datacomp_pythonpath)
+    if "throughput" not in sections:
+        return
     cold, cold_cpu = time_cat(paths, cold=True)
     print(f"cat to /dev/null, cold: wall {cold:.3f} s = {mb / cold:.0f} MB/s; CPU {cold_cpu:.3f} s")
     time_cat(paths)  # warm the page cache
@@ -202,9 +376,8 @@ def main() -> None:
     copy = time_copy(paths, os.path.join(args.dir, "copy.tmp"))
     print(f"(for scale) cat into one fsync'd file on the same disk: {copy:.3f} s = {mb / copy:.0f} MB/s "
           f"= {cat / copy:.1%} of warm cat, {cold / copy:.1%} of cold cat")
-    for i, (label, subset_uids) in enumerate(subsets.items()):
+    for i, label in enumerate(subsets):
         path = os.path.join(args.dir, f"subset{i}.npy")
-        np.save(path, uids_to_array(subset_uids))
         # best of --repeat fresh runs: this machine's disk and CPUs are shared and noisy
         runs = [time_reshard(args.dir, f"s{i}", shards, path, args.tasks, paths, args.out_dir or args.dir)
                 for _ in range(args.repeat)]

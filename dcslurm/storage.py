@@ -216,6 +216,13 @@ class DataFolder:
     def read_bytes(self, rel: str) -> bytes:
         return retry(lambda: self.fs.cat_file(self._path(rel)), self.url_of(rel))
 
+    def read_ranges(self, rel: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """Bytes [starts[i], ends[i]) of `rel`, one bytes object per range (fsspec's
+        cat_ranges: on S3 one ranged GET each, run concurrently)."""
+        path = self._path(rel)
+        return retry(lambda: self.fs.cat_ranges([path] * len(starts), list(starts), list(ends), on_error="raise"),
+                     self.url_of(rel))
+
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 

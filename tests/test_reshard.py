@@ -462,6 +462,42 @@ def test_mapped_fast_walk_reads_exactly_what_the_careful_walk_reads(tmp_path):
         assert taken == (label in ("ustar", "ours")), label
 
 
+def test_spans_of_a_remote_tar_are_read_merged_and_sliced_by_tar_offset(monkeypatch):
+    """The write step's reader of a remote tar fetches only the members it copies: members of one
+    sample, and samples in a row, in one ranged read (only headers and padding between them);
+    a skipped sample's image never. Slices by tar offset give the members' bytes."""
+    from dcslurm.storage import DataFolder
+    from jobs.reshard import tario
+
+    samples = _simple_samples(6)
+    for s in samples:
+        s["jpg"] = s["jpg"] * 8  # 5.6-7.3 KB: longer than the gap merged over
+    data = _tar_bytes(samples)
+    folder = DataFolder("memory://reshard-spans-test")
+    folder.write_bytes("a.tar", data)
+    table = TarSampleReader(io.BytesIO(data), len(data)).table()
+    taken = [0, 1, 4]  # 0 and 1 in a row; 2 and 3 skipped
+    rows = [j for i in taken for j in range(table.starts[i], table.starts[i + 1])]
+    starts = [int(table.offsets[j]) for j in rows]
+    ends = [int(table.offsets[j] + table.sizes[j]) for j in rows]
+    reads = []
+    read_ranges = DataFolder.read_ranges
+
+    def counted(self, rel, s, e):
+        reads.append(list(zip(s, e)))
+        return read_ranges(self, rel, s, e)
+
+    monkeypatch.setattr(DataFolder, "read_ranges", counted)
+    reader = tario.open_tar_spans(folder, "a.tar", starts, ends)
+    assert reads == [[(starts[0], ends[5]), (starts[6], ends[8])]]  # samples 0-1 merged, then sample 4
+    with reader:
+        view = reader.source.view()
+        assert reader.source.size == len(data)
+        assert [bytes(view[a:b]) for a, b in zip(starts, ends)] == [data[a:b] for a, b in zip(starts, ends)]
+        with pytest.raises(IndexError):
+            view[int(table.offsets[table.starts[2]]):int(table.offsets[table.starts[2]]) + 10]  # not fetched
+
+
 def test_one_task_output_is_the_subset_multiset(pool, one_task_run):
     out = os.path.join(one_task_run, "reshard")
     multiset, keys, per_shard = read_output(out)

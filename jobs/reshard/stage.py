@@ -29,7 +29,7 @@ from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
 from jobs.reshard.subset import SubsetFile, hex_halves, load_subset_url
 from jobs.reshard.tario import (ReadCounters, SampleTable, TarSampleReader, TarShardWriter, json_uid,
-                                open_tars_ahead)
+                                open_tar_spans, open_tars_ahead)
 
 COUNTS_DIR = "_counts"
 INDEX_FILE = "_index.json"
@@ -153,7 +153,7 @@ class KeptSamples:
         picked = np.flatnonzero(counts > 0)
         lo, hi = table.starts[picked], table.starts[picked + 1]
         lengths = hi - lo
-        rows = np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        rows = _concat_ranges(lo, hi)
         p = self.parts
         p["shard"].append(np.full(len(picked), shard, np.int32))
         p["first"].append(first[picked])
@@ -171,6 +171,12 @@ class KeptSamples:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
+
+
+def _concat_ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The integers of [lo[i], hi[i]) for every i, in order, without a Python loop."""
+    lengths = hi - lo
+    return np.repeat(lo - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
 
 
 def _byte_strings(texts: list[str]) -> np.ndarray:
@@ -292,23 +298,37 @@ def write(ctx: TaskContext) -> TaskResult:
     n_parts = ctx.step.units.count
     shards = [s for part in ctx.shards for s in split_evenly(layout["n_shards"], n_parts, part)]
     _remove_stale_temporaries(ctx.output, shards)
-    todo = {shard: _shard_inputs(layout, shard) for shard in shards
+    kept = _KeptColumns(ctx)
+    # per shard to write, what it takes from each input shard: known before any input is opened,
+    # so a remote input is read only where those samples lie
+    todo = {shard: [_KeptSlice.of(e, kept, *_shard_range(layout, shard)) for e in _shard_inputs(layout, shard)]
+            for shard in shards
             if not (ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)))}
     outputs, stats = [], Counter()
-    kept = _KeptColumns(ctx)
     # every input tar this task reads, in reading order, each opened while the one before is copied
-    with _readers(ctx, [e["url"] for entries in todo.values() for e in entries]) as readers:
+    with _span_readers(ctx, [piece for pieces in todo.values() for piece in pieces]) as readers:
         for shard in shards:
             if shard not in todo:
                 stats["shards_resumed"] += 1
             else:
-                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers, kept)
+                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers)
                 for k in ("samples", "bytes", "repeats"):
                     stats[k] += written[k]
                 stats["shards_written"] += 1
             outputs.append(f"{ctx.step.stage}/{shard_name(shard)}")
     out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **stats}
     return TaskResult(outputs=outputs, stats=out)
+
+
+def _span_readers(ctx: TaskContext, pieces: list[_KeptSlice]) -> contextlib.closing:
+    """Readers of the input tars of `pieces`, in order, each holding the bytes of its piece's
+    members (a local tar: mapped whole; a remote one: only those spans, by ranged reads)."""
+    sources = []
+    for piece in pieces:
+        folder, name = split_url(ctx, piece.url)
+        starts, ends = piece.spans()
+        sources.append((folder, name, starts, ends, piece.url))
+    return contextlib.closing(open_tars_ahead(sources, open_tar_spans))
 
 
 def _remove_stale_temporaries(folder: DataFolder, shards: list[int]) -> None:
@@ -362,12 +382,59 @@ class _KeptColumns:
         return self.columns, int(a), int(b)
 
 
+@dataclasses.dataclass
+class _KeptSlice:
+    """What output shard [lo, hi) takes from input shard `entry`: its kept samples `inside`
+    (positions among the input's kept samples) and where their members lie in the tar.
+    The columns are views of the count task's arrays: a write task plans every piece it
+    copies before opening any input, without a Python object per sample."""
+
+    entry: dict
+    lo: int
+    hi: int
+    inside: np.ndarray
+    begins: np.ndarray  # per kept sample of the input: its first global index
+    counts: np.ndarray  # per kept sample: its multiplicity
+    first: np.ndarray  # per kept sample: its uid's first subset row
+    keys: np.ndarray  # per kept sample, bytes
+    starts: np.ndarray  # kept sample i's members are rows starts[i]:starts[i + 1] of the member columns
+    exts: np.ndarray  # per member, bytes
+    offsets: np.ndarray  # per member: where its data starts in the tar
+    sizes: np.ndarray
+
+    @property
+    def url(self) -> str:
+        return self.entry["url"]
+
+    @classmethod
+    def of(cls, entry: dict, kept: _KeptColumns, lo: int, hi: int) -> _KeptSlice:
+        cols, a, b = kept.of(entry)
+        counts = cols["count"][a:b]
+        if int(counts.sum()) != entry["kept"]:
+            raise UserError(f"{entry['url']}: the count step's records disagree ({int(counts.sum())} kept samples "
+                            f"in {COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): "
+                            "rerun the count step")
+        ends = entry["start"] + np.cumsum(counts)
+        begins = ends - counts
+        inside = np.flatnonzero((ends > lo) & (begins < hi))  # the kept samples this output shard takes (from a)
+        m0, m1 = int(cols["starts"][a]), int(cols["starts"][b])
+        return cls(entry=entry, lo=lo, hi=hi, inside=inside, begins=begins, counts=counts, first=cols["first"][a:b],
+                   keys=cols["key"][a:b], starts=cols["starts"][a:b + 1] - m0, exts=cols["ext"][m0:m1],
+                   offsets=cols["offset"][m0:m1], sizes=cols["size"][m0:m1])
+
+    def spans(self) -> tuple[list[int], list[int]]:
+        """(starts, ends) in the tar of the members of the samples taken: all that is copied."""
+        rows = _concat_ranges(self.starts[self.inside], self.starts[self.inside + 1])
+        offsets = self.offsets[rows]
+        return offsets.tolist(), (offsets + self.sizes[rows]).tolist()
+
+
 Members = list[tuple[bytes, bytes | memoryview]]  # (extension as UTF-8, data) of one sample
 
 
-def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int, entries: list[dict],
-                 readers: Iterator[TarSampleReader | None], kept: _KeptColumns) -> dict:
-    """Write output shard `shard` from `entries`, taking one reader from `readers` for each."""
+def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int, pieces: list[_KeptSlice],
+                 readers: Iterator[TarSampleReader | None]) -> dict:
+    """Write output shard `shard` from `pieces`, taking one reader from `readers` for each."""
     lo, hi = _shard_range(layout, shard)
     shuffle = bool(ctx.params.get("shuffle"))
     collected: list[tuple[bytes, Members]] = []
@@ -383,9 +450,9 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
             else:
                 _add_sample(writer, key, members)
 
-        for entry in entries:
-            used.append(entry["url"])
-            _copy_range(entry, next(readers), kept, subset, lo, hi, emit, stats)
+        for piece in pieces:
+            used.append(piece.url)
+            _copy_range(piece, next(readers), subset, emit, stats)
         if shuffle:
             for j in np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard]).permutation(len(collected)):
                 _add_sample(writer, *collected[j])
@@ -406,39 +473,29 @@ def _add_sample(writer: TarShardWriter, key: bytes, members: Members) -> None:
         writer.add(key + b"." + ext, data)
 
 
-def _copy_range(entry: dict, reader: TarSampleReader | None, kept: _KeptColumns, subset: SubsetFile,
-                lo: int, hi: int, emit: Callable[[bytes, Members], None], stats: dict) -> None:
-    """Emit the kept samples of input shard `entry` (read by `reader`) whose global indexes fall in
+def _copy_range(piece: _KeptSlice, reader: TarSampleReader | None, subset: SubsetFile,
+                emit: Callable[[bytes, Members], None], stats: dict) -> None:
+    """Emit the kept samples of `piece` (read by `reader`) whose global indexes fall in its
     [lo, hi): their members are copied from where the count step found them, no second walk."""
-    url = entry["url"]
+    url = piece.url
     if reader is None:
         raise UserError(f"{url}: input shard disappeared since it was counted")
-    cols, a, b = kept.of(entry)
-    counts = cols["count"][a:b]
-    if int(counts.sum()) != entry["kept"]:
-        raise UserError(f"{url}: the count step's records disagree ({int(counts.sum())} kept samples in "
-                        f"{COUNTS_DIR}/{entry['task']:06d}.npz, {entry['kept']} in its .json): rerun the count step")
-    ends = entry["start"] + np.cumsum(counts)
-    begins = ends - counts
-    inside = np.flatnonzero((ends > lo) & (begins < hi))  # the kept samples this output shard takes (from a)
-    begins, counts = begins.tolist(), counts.tolist()
-    # this shard's columns as Python lists, names as bytes (the writer takes them as they are)
-    m0, m1 = int(cols["starts"][a]), int(cols["starts"][b])
-    starts = (cols["starts"][a:b + 1] - m0).tolist()
-    keys, exts = cols["key"][a:b].tolist(), cols["ext"][m0:m1].tolist()
-    offsets, sizes = cols["offset"][m0:m1], cols["size"][m0:m1]
+    lo, hi = piece.lo, piece.hi
+    # this piece's columns as Python lists, names as bytes (the writer takes them as they are)
+    begins, counts, keys = piece.begins.tolist(), piece.counts.tolist(), piece.keys.tolist()
+    starts, exts = piece.starts.tolist(), piece.exts.tolist()
     with reader:
         source = reader.source
-        if source.size != entry["input_bytes"] or (offsets + sizes > source.size).any():
-            raise UserError(f"{url}: {source.size} bytes now, {entry['input_bytes']} when counted: "
+        if source.size != piece.entry["input_bytes"] or (piece.offsets + piece.sizes > source.size).any():
+            raise UserError(f"{url}: {source.size} bytes now, {piece.entry['input_bytes']} when counted: "
                             "the input changed during the run")
         view = source.view()
-        offsets, ends_at = offsets.tolist(), (offsets + sizes).tolist()
+        offsets, ends_at = piece.offsets.tolist(), (piece.offsets + piece.sizes).tolist()
         picked = []
-        for i in inside.tolist():
+        for i in piece.inside.tolist():
             members = [(exts[j], view[offsets[j]:ends_at[j]]) for j in range(starts[i], starts[i + 1])]
             picked.append((i, keys[i], members))
-        _check_uids(url, picked, cols["first"][a:b], subset)
+        _check_uids(url, picked, piece.first, subset)
         for i, key, members in picked:
             begin = begins[i]
             for r in range(max(0, lo - begin), min(counts[i], hi - begin)):

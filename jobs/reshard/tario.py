@@ -30,6 +30,7 @@ give the same bytes.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import mmap
@@ -37,12 +38,15 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
+from fsspec.utils import merge_offset_ranges
+
+from dcslurm.errors import StorageError
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: archives are padded to a multiple of it
@@ -700,18 +704,79 @@ def open_tar(folder, name: str, scratch: str, url: str = "") -> TarSampleReader:
             os.unlink(copy)  # the mapping keeps the data until it is closed
 
 
-def open_tars_ahead(sources: list[tuple]) -> Iterator[TarSampleReader | None]:
-    """`open_tar(*source)` for each source in order, each one opened while the caller reads
-    the one before it; None for a tar that does not exist.
+# Spans of a remote tar closer than this are fetched in one ranged read: between two members
+# of a sample, or two kept samples in a row, lie only a header (512 bytes; more with PAX or GNU
+# long-name records) and padding. A skipped sample with an image is far longer, so it is not read.
+SPAN_MERGE_GAP = 4 * BLOCK
+
+
+class _SpanSource:
+    """Some byte spans of a tar, held in memory and sliced by tar offset like `_MappedSource.view()`.
+
+    What the write step copies is known before it opens a tar (the count step recorded every
+    kept member's offset and size), so a remote tar is read only there: a 30% subset reads 30%
+    of the tar, not all of it. What one is held is what a write copies from one input into one
+    output shard (at most that shard's bytes), and two are held at a time: the one being
+    copied and the next, fetched meanwhile by `open_tars_ahead`.
+    """
+
+    def __init__(self, size: int, starts: list[int], chunks: list[bytes]):
+        self.size = size
+        self._starts = starts
+        self._chunks = [memoryview(c) for c in chunks]
+
+    def view(self) -> _SpanSource:
+        return self
+
+    def __getitem__(self, span: slice) -> memoryview:
+        i = bisect.bisect_right(self._starts, span.start) - 1
+        if i < 0 or span.stop - self._starts[i] > len(self._chunks[i]):
+            raise IndexError(f"bytes {span.start}-{span.stop} of the tar were not fetched")
+        base = self._starts[i]
+        return self._chunks[i][span.start - base:span.stop - base]
+
+    def close(self) -> None:
+        self._chunks = []  # slices handed out keep their own chunk alive
+
+
+def open_tar_spans(folder, name: str, starts: list[int], ends: list[int], url: str = "") -> TarSampleReader:
+    """A reader whose source holds at least bytes [starts[i], ends[i]) of tar `name` in DataFolder
+    `folder` (for copying members the count step located; it cannot walk the tar);
+    FileNotFoundError if absent. A local tar is mapped whole (reading it in place costs nothing
+    more); a remote one is read only at those spans, nearby ones merged (`SPAN_MERGE_GAP`), by
+    concurrent ranged reads (`DataFolder.read_ranges`)."""
+    url = url or folder.url_of(name)
+    local = folder.local_path(name)
+    if local is not None:
+        return TarSampleReader(None, name=url, source=_MappedSource(local))
+    size = folder.size(name)
+    if starts and max(ends) > size:
+        # the tar shrank since it was counted: the caller's size check reports it in one line
+        return TarSampleReader(None, name=url, source=_SpanSource(size, [], []))
+    _, merged_starts, merged_ends = merge_offset_ranges([name] * len(starts), list(starts), list(ends),
+                                                        max_gap=SPAN_MERGE_GAP)
+    chunks = folder.read_ranges(name, merged_starts, merged_ends) if starts else []
+    for start, end, chunk in zip(merged_starts, merged_ends, chunks):
+        if len(chunk) != end - start:
+            raise StorageError(f"{url}: {len(chunk)} bytes read at {start} where {end - start} were asked: "
+                               "the input changed during the run")
+    return TarSampleReader(None, name=url, source=_SpanSource(size, merged_starts, chunks))
+
+
+def open_tars_ahead(sources: list[tuple], opener: Callable[..., TarSampleReader] = open_tar
+                    ) -> Iterator[TarSampleReader | None]:
+    """`opener(*source)` (default `open_tar`) for each source in order, each one opened while the
+    caller reads the one before it; None for a tar that does not exist.
 
     Opening is the I/O of a shard: a local one is paged in whole (MAP_POPULATE),
-    a remote one downloaded to scratch. Both release the GIL, so one thread
-    overlaps the next shard's reading with the Python work on this one. The
-    caller closes each reader it is given; one it never takes is closed here.
+    a remote one downloaded to scratch or read at the spans a write copies. All of
+    these release the GIL, so one thread overlaps the next shard's reading with the
+    Python work on this one. The caller closes each reader it is given; one it never
+    takes is closed here.
     """
     def opened(source: tuple) -> TarSampleReader | None:
         try:
-            return open_tar(*source)
+            return opener(*source)
         except FileNotFoundError:
             return None
 
