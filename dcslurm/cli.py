@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "evalsets": "dcslurm.evalsets_cli",
     "containers": "dcslurm.containers_cli",
     "audit": "dcslurm.audit_cli",
+    "sweep": "dcslurm.sweep_cli",
 }
 
 
@@ -47,15 +48,36 @@ def scales(as_json: bool = typer.Option(False, "--json", help="Print JSON for sc
     if as_json:
         print(json.dumps({name: s.to_dict() for name, s in SCALES.items()}, indent=1))
         return
-    table = Table(title="Compute scales")
-    for col in ("scale", "pool = samples seen", "model", "batch", "lr", "warmup", "beta2", "train MACs",
-                "steps", "train A100-h"):
-        table.add_column(col, justify="right" if col not in ("scale", "model") else "left")
-    for s in SCALES.values():
-        table.add_row(s.name, f"{s.samples_seen:,}", s.model, f"{s.batch_size:,}", f"{s.lr:g}",
-                      f"{s.warmup:,}", f"{s.beta2:g}", f"{s.train_macs:.2g}", f"{s.steps:,}",
-                      f"{estimate_train_gpu_hours(s):,.1f}")
-    console.print(table)
+    cells = {
+        "scale": [s.name for s in SCALES.values()],
+        "pool = samples seen": [f"{s.samples_seen:,}" for s in SCALES.values()],
+        "model": [s.model for s in SCALES.values()],
+        "batch": [f"{s.batch_size:,}" for s in SCALES.values()],
+        "steps": [f"{s.steps:,}" for s in SCALES.values()],
+        "lr": [f"{s.lr:g}" for s in SCALES.values()],
+        "warmup": [f"{s.warmup:,}" for s in SCALES.values()],
+        "beta2": [f"{s.beta2:g}" for s in SCALES.values()],
+        "train MACs": [f"{s.train_macs:.2g}" for s in SCALES.values()],
+        "train A100-h": [f"{estimate_train_gpu_hours(s):,.1f}" for s in SCALES.values()],
+    }
+
+    def scale_table(title: str, cols: list[str]) -> Table:
+        # no_wrap: a number folded over lines is unreadable; a narrow terminal gets two tables
+        table = Table(title=title)
+        for col in cols:
+            table.add_column(col, justify="left" if col in ("scale", "model") else "right", no_wrap=True)
+        for i in range(len(SCALES)):
+            table.add_row(*(cells[c][i] for c in cols))
+        return table
+
+    from rich.measure import Measurement
+
+    whole = scale_table("Compute scales", list(cells))
+    if Measurement.get(console, console.options.update_width(10_000), whole).maximum <= console.width:
+        console.print(whole)
+    else:
+        console.print(scale_table("Compute scales: data and model", list(cells)[:5]))
+        console.print(scale_table("Compute scales: optimizer and cost", ["scale", *list(cells)[5:]]))
     console.print("AdamW beta1 0.9, eps 1e-6, weight decay 0.2, cosine schedule after linear warmup.")
 
 
@@ -80,17 +102,27 @@ def _plan_dict(plan) -> dict:
 
 
 def _print_plan(plan) -> None:
-    table = Table(title=f"Plan of {plan.run_url} (scale {plan.scale})")
-    for col in ("step", "layout", "units", "per task", "tasks", "after", "GPU-h", "writes"):
-        table.add_column(col, justify="left" if col in ("step", "layout", "after") else "right")
+    from rich import box
+
+    # Readable at 80 columns: names and numbers never wrap (a folded cell reads one
+    # character per line); "after" is left out when every step follows the one above.
+    chained = all(s.depends_on == ([plan.steps[i - 1].name] if i else []) for i, s in enumerate(plan.steps))
+    table = Table(title=f"Plan of {plan.run_url} (scale {plan.scale})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    cols = ("step", "layout", "units", "per task", "tasks", *(() if chained else ("after",)), "GPU-h", "writes")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("step", "layout", "after", "units") else "right",
+                         no_wrap=col != "units", min_width=10 if col == "units" else None)
     for s in plan.steps:
         table.add_row(s.name, s.layout, f"{s.units.count:,} {s.units.label}", f"{s.units_per_task:,}",
-                      f"{s.n_tasks:,}", ",".join(s.depends_on) or "-", f"{s.estimate.gpu_hours:,.1f}",
-                      human_bytes(s.estimate.bytes_written))
+                      f"{s.n_tasks:,}", *(() if chained else (",".join(s.depends_on) or "-",)),
+                      f"{s.estimate.gpu_hours:,.1f}", human_bytes(s.estimate.bytes_written))
     total = plan.total_estimate
-    table.add_row("total", "", "", "", f"{sum(s.n_tasks for s in plan.steps):,}", "",
+    table.add_row("total", "", "", "", f"{sum(s.n_tasks for s in plan.steps):,}", *(() if chained else ("",)),
                   f"{total.gpu_hours:,.1f}", human_bytes(total.bytes_written))
     console.print(table)
+    if chained:
+        console.print("Each step starts when the one above it has succeeded (afterok).")
     bases = [f"{s.name}: {s.estimate.basis}" for s in plan.steps if s.estimate.basis]
     if bases:
         console.print("Estimate basis: " + "; ".join(bases))
@@ -285,6 +317,7 @@ def main() -> None:
     # typer >= 0.17 raises the exception classes of its own copy of click
     # (typer._click), not the `click` package's: match those.
     from typer import _click
+    from typer.exceptions import Abort  # typer._click has no Abort of its own
 
     try:
         # Not standalone: a UserError must reach the handler below, not click's; the
@@ -299,7 +332,7 @@ def main() -> None:
     except _click.exceptions.ClickException as exc:  # usage errors: click's own message, exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except _click.exceptions.Abort:
+    except Abort:
         sys.exit(1)
     except OSError as exc:  # e.g. a full disk or a read-only folder met where no one expected it
         where = f"{exc.filename}: " if exc.filename else ""

@@ -120,19 +120,27 @@ def test_results_command_table_exports_and_plot(tmp_path):
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    out = runner.invoke(app, ["results", str(tmp_path), "--csv"])
+    out = runner.invoke(app, ["results", str(tmp_path), "--csv"])  # the leaderboard: a row per filter
+    rows = {r["filter"]: r for r in csv.DictReader(io.StringIO(out.output))}
+    assert float(rows["clip_score"]["Average mean"]) == pytest.approx(0.003 + sum(range(38)) / 100 / 38)
+    assert rows["basic"]["Average mean"] == "" and rows["basic"]["Average n"] == "0"
+    assert float(rows["chance"]["ImageNet mean"]) == pytest.approx(0.001)
+
+    out = runner.invoke(app, ["results", str(tmp_path), "--csv", "--runs"])
     rows = list(csv.DictReader(io.StringIO(out.output)))
     by_run = {r["run"]: r for r in rows}
     assert float(by_run["small-clip"]["Average"]) == pytest.approx(0.003 + sum(range(38)) / 100 / 38)
     assert by_run["small-basic"]["Average"] == "" and by_run["small-basic"]["Retrieval"] == ""
     assert "MSCOCO" in by_run["small-basic"]["missing"]
 
-    out = runner.invoke(app, ["results", str(tmp_path), "--json"])
+    out = runner.invoke(app, ["results", str(tmp_path), "--json", "--runs"])
     data = {r["run"]: r for r in json.loads(out.output)}
     assert data["small-basic"]["missing"] == ["MSCOCO"] and data["small-clip"]["subset_size"] == 3_840_000
 
-    out = runner.invoke(app, ["results", str(tmp_path), "--markdown"])
+    out = runner.invoke(app, ["results", str(tmp_path), "--markdown", "--runs"])
     assert out.output.startswith("| run | scale | filter |") and "| missing |" in out.output
+    out = runner.invoke(app, ["results", str(tmp_path), "--markdown"])
+    assert out.output.startswith("| filter | scale | training samples | seeds | ImageNet |")
 
 
 def test_extra_tasks_are_reported_but_not_aggregated(tmp_path):

@@ -90,6 +90,18 @@ def test_missing_or_unknown_option_is_a_usage_error_exit_2(argv):
 
 # -- item 12: the local executor's status and cancel --------------------------------------
 
+def test_output_into_a_closed_pipe_ends_without_a_traceback():
+    """`dcslurm scales | head -1`: the reader goes away; the CLI stops quietly (exit 1, as rich
+    does), never a traceback (once: an AttributeError on typer._click's missing Abort)."""
+    proc = subprocess.Popen([DCSLURM, "scales"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "COLUMNS": "80"})
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does once it has its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 1)
+    assert "Traceback" not in err, err
+
+
 def test_sigkilled_local_task_is_reported_as_killed_by_signal(tmp_path):
     cfg = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=1, sleep=60)
     sub = subprocess.Popen([DCSLURM, "submit", "-c", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
