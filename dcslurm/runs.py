@@ -20,14 +20,17 @@ from dcslurm.executors import TaskState, make_executor
 from dcslurm.markers import done_indexes, failed_indexes, read_failure
 from dcslurm.plan import PLAN_FILE, Plan, discover_inputs, make_plan, plan_changes, read_plan
 from dcslurm.slurm import SchedulerUnreachable
+from dcslurm.stages import PlanInputs
 from dcslurm.storage import DataFolder
 from dcslurm.submission import Submission, load_submissions, save_submission
 
 RUN_FILE = "run.json"  # the config fingerprint the run folder was created with
 
 
-def plan_run(config: RunConfig) -> Plan:
-    return make_plan(config, discover_inputs(config))
+def plan_run(config: RunConfig, inputs: PlanInputs | None = None) -> Plan:
+    """`inputs`: what the pool will hold when it is another run's output that does not
+    exist yet (a sweep's branches are planned before their shared upstream ran)."""
+    return make_plan(config, inputs if inputs is not None else discover_inputs(config))
 
 
 def check_run_folder(run: DataFolder, config: RunConfig, plan: Plan | None = None) -> None:
@@ -136,13 +139,17 @@ class SubmitResult:
 
 
 def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None = None,
-               progress=None, checks: bool = True) -> SubmitResult:
+               progress=None, checks: bool = True, after: list[str] | None = None,
+               inputs: PlanInputs | None = None) -> SubmitResult:
     """Plan the run, then queue (slurm) or run (local) every unfinished task.
 
-    `checks=False` (dry runs only) skips the stages' input checks."""
-    if not checks and not dry_run:
+    `checks=False` (dry runs only) skips the stages' input checks. `after`: SLURM job ids
+    the run's first jobs wait for (afterok), e.g. the jobs making its inputs, which do not
+    exist yet: then `inputs` says what they will be, and the caller has checked them
+    (dcslurm.sweep checks the branch as one run with its upstream)."""
+    if not checks and not dry_run and not after:
         raise ValueError("a real submission always checks its inputs")
-    plan = plan_run(config)
+    plan = plan_run(config, inputs)
     if checks:
         preflight_run(config, plan)
     run = config.folder()
@@ -152,7 +159,8 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
         if run.exists(PLAN_FILE):
             pending = pending_tasks(run, plan)
         script_dir = script_dir or os.path.abspath(f"dcslurm-sbatch-{plan.run_name}")
-        sub = executor.submit(plan, pending, dry_run=True, script_dir=script_dir, progress=progress)
+        sub = executor.submit(plan, pending, dry_run=True, script_dir=script_dir, progress=progress,
+                              after=after)
         return SubmitResult(plan, sub, pending, script_dir=script_dir)
     run.check_reachable()
     # From the checks to the record (and, locally, to the end of the run) one submit
@@ -177,7 +185,7 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
                                 f"(scancel {' '.join(ids)})" if ids else str(exc)) from None
 
         sub = executor.submit(plan, pending, dry_run=False, script_dir=script_dir, progress=progress,
-                              on_queued=record_jobs)
+                              on_queued=record_jobs, after=after)
         record_jobs(sub)
         result = SubmitResult(plan, sub, pending, script_dir=script_dir or "")
         if executor.kind == "local":

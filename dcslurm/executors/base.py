@@ -37,11 +37,13 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
-               script_dir: str | None = None, progress=None, on_queued=None) -> Submission:
+               script_dir: str | None = None, progress=None, on_queued=None,
+               after: list[str] | None = None) -> Submission:
         """Run or queue the `pending` task indexes of each step, in plan order,
         each step after the previous one succeeded. `on_queued(sub)` is called
         after each job is queued, so the caller can record it before the next
-        one (a later failure must not lose jobs already queued)."""
+        one (a later failure must not lose jobs already queued). `after`: job ids
+        of another run that the first step waits for (a scheduler's afterok)."""
 
     @abstractmethod
     def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:

@@ -136,7 +136,9 @@ class LocalExecutor(Executor):
         raise SystemExit(128 + signum)
 
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
-               script_dir: str | None = None, progress=None, on_queued=None) -> Submission:
+               script_dir: str | None = None, progress=None, on_queued=None,
+               after: list[str] | None = None) -> Submission:
+        # `after` (job ids to wait for) means nothing here: a local run starts when its caller runs it.
         log_root = self.log_dir()
         sub = Submission(executor="local", pid=os.getpid(), host=socket.gethostname())
         for step in plan.steps:

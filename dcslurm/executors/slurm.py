@@ -24,14 +24,16 @@ class SlurmExecutor(Executor):
     kind = "slurm"
 
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
-               script_dir: str | None = None, progress=None, on_queued=None) -> Submission:
+               script_dir: str | None = None, progress=None, on_queued=None,
+               after: list[str] | None = None) -> Submission:
+        """`after`: job ids (another run's) that this run's first jobs wait for (afterok)."""
         log_root = self.log_dir()
         script_dir = script_dir or os.path.join(log_root, "sbatch")
         self.prepare_log_dir(script_dir, "sbatch scripts")
         max_array = self.config.slurm.max_array_size or (
             slurm.DEFAULT_MAX_ARRAY_SIZE if dry_run else slurm.max_array_size())
         sub = Submission(executor="slurm")
-        previous_jobs: list[str] = []
+        previous_jobs: list[str] = list(after or [])
         entries: list[tuple[str, str, list[int]]] = []  # for the hand-submission script
         previous_entries: list[int] = []
         for step in plan.steps:
