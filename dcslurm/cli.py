@@ -134,8 +134,8 @@ def _print_plan(plan) -> None:
 @app.command()
 def plan(
     config: str = typer.Option(..., "--config", "-c", help="The run's TOML file."),
-    scale: Optional[str] = typer.Option(None, help="Override [run] scale."),
-    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: [run] stages)."),
+    scale: Optional[str] = typer.Option(None, help="Override \\[run] scale."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: \\[run] stages)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     no_checks: bool = typer.Option(False, "--no-checks", help="Skip the input checks (to cost a run whose "
                                    "inputs do not exist yet)."),
@@ -156,9 +156,9 @@ def plan(
 @app.command()
 def submit(
     config: str = typer.Option(..., "--config", "-c", help="The run's TOML file."),
-    scale: Optional[str] = typer.Option(None, help="Override [run] scale."),
+    scale: Optional[str] = typer.Option(None, help="Override \\[run] scale."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages, e.g. embed,filter."),
-    executor: Optional[str] = typer.Option(None, help="slurm or local (default: [executor] kind)."),
+    executor: Optional[str] = typer.Option(None, help="slurm or local (default: \\[executor] kind)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the sbatch scripts; submit nothing."),
     out: Optional[str] = typer.Option(None, help="Folder for the sbatch scripts (default: beside the logs)."),
     no_checks: bool = typer.Option(False, "--no-checks", help="With --dry-run only: skip the input checks."),

@@ -20,7 +20,7 @@ console = Console()
 
 @app.command("list")
 def list_filters(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
-    """The filters and their parameters (write them in [stages.filter] spec)."""
+    """The filters and their parameters (write them in \\[stages.filter] spec)."""
     from jobs.filter.filterspec import FILTERS
 
     if as_json:

@@ -117,18 +117,22 @@ def render_step_script(plan: Plan, step: StepPlan, launcher: TaskLauncher, log_d
     return "\n".join(lines) + "\n"
 
 
-def render_submit_script(entries: list[tuple[str, str, list[int]]]) -> str:
+def render_submit_script(entries: list[tuple[str, str, list[int]]], log_dirs: list[str] = (),
+                         after: list[str] = ()) -> str:
     """A bash script submitting rendered scripts in order with afterok dependencies.
 
     `entries` are (variable, script file name, indexes of earlier entries it waits for).
+    `log_dirs`: the scripts' --output folders, made first (SLURM does not make them, and
+    rendering makes nothing on the machine that renders). `after`: job ids of another run
+    that the entries without earlier entries wait for.
     """
     lines = ["#!/bin/bash", "# Submit this run's scripts by hand, in order, with dependencies.",
              "set -euo pipefail", 'cd "$(dirname "$0")"']
+    if log_dirs:
+        lines.append("mkdir -p " + " ".join(shlex.quote(d) for d in log_dirs))
     for var, script, deps in entries:
-        dep = ""
-        if deps:
-            ids = ":".join(f"${{{entries[d][0]}}}" for d in deps)
-            dep = f'--dependency="afterok:{ids}" '
+        ids = ":".join(f"${{{entries[d][0]}}}" for d in deps) if deps else ":".join(after)
+        dep = f'--dependency="afterok:{ids}" ' if ids else ""
         lines.append(f"{var}=$(sbatch --parsable {dep}{shlex.quote(script)} | cut -d';' -f1)")
         lines.append(f'echo "{script}: job ${{{var}}}"')
     return "\n".join(lines) + "\n"

@@ -110,3 +110,15 @@ def test_submit_script_chains_dependencies():
     text = render_submit_script([("JOB_0", "a.sbatch", []), ("JOB_1", "b.sbatch", [0])])
     assert 'JOB_1=$(sbatch --parsable --dependency="afterok:${JOB_0}" b.sbatch' in text
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_submit_script_makes_the_log_folders_and_waits_for_another_runs_jobs():
+    """A sweep branch rendered by hand waits for its upstream's jobs too (`after`), and the
+    --output folders exist before the first sbatch (SLURM does not make them)."""
+    text = render_submit_script([("JOB_0", "a.sbatch", []), ("JOB_1", "b.sbatch", [0])],
+                                log_dirs=["/logs/run/a", "/logs/my run/b"], after=["101", "102"])
+    assert "mkdir -p /logs/run/a '/logs/my run/b'\n" in text
+    assert text.index("mkdir -p") < text.index("sbatch --parsable")
+    assert 'JOB_0=$(sbatch --parsable --dependency="afterok:101:102" a.sbatch' in text
+    assert 'JOB_1=$(sbatch --parsable --dependency="afterok:${JOB_0}" b.sbatch' in text
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)

@@ -36,12 +36,15 @@ class SlurmExecutor(Executor):
         previous_jobs: list[str] = list(after or [])
         entries: list[tuple[str, str, list[int]]] = []  # for the hand-submission script
         previous_entries: list[int] = []
+        log_dirs: list[str] = []
         for step in plan.steps:
             indexes = pending.get(step.name, [])
             if not indexes:
                 continue
             step_logs = f"{log_root.rstrip('/')}/{step.name}"
-            self.prepare_log_dir(step_logs)
+            if not dry_run:  # a dry run (render) makes nothing but its scripts: submit.sh makes these
+                self.prepare_log_dir(step_logs)
+            log_dirs.append(step_logs)
             launcher = self.launcher(step.gpu)
             chunks = chunk_for_max_array_size(indexes, max_array) if step.layout == "array" else [None]
             ssub = StepSubmission(step.name, step_logs)
@@ -79,7 +82,7 @@ class SlurmExecutor(Executor):
                     progress(step.name, n + 1, len(chunks))
             previous_jobs, previous_entries = this_jobs, this_entries
         with open(os.path.join(script_dir, "submit.sh"), "w") as f:
-            f.write(render_submit_script(entries))
+            f.write(render_submit_script(entries, log_dirs, list(after or [])))
         return sub
 
     def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
