@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from dcslurm.config import RunConfig
 from dcslurm.errors import UserError
-from dcslurm.executors import TaskState, make_executor
+from dcslurm.executors import Executor, TaskState, make_executor
 from dcslurm.markers import done_indexes, failed_indexes, read_failure
 from dcslurm.plan import PLAN_FILE, Plan, discover_inputs, make_plan, plan_changes, read_plan
 from dcslurm.slurm import SchedulerUnreachable
@@ -188,12 +188,7 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
                               on_queued=record_jobs, after=after)
         record_jobs(sub)
         result = SubmitResult(plan, sub, pending, script_dir=script_dir or "")
-        if executor.kind == "local":
-            try:
-                result.failed = executor.run(plan, sub, progress=progress)
-            finally:
-                sub.finished = time.time()
-                record_jobs(sub)
+        result.failed = executor.wait(plan, sub, progress=progress, on_finished=record_jobs)
     return result
 
 
@@ -340,18 +335,15 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
     from dcslurm.config import parse_config
 
     cfg = config or parse_config({"run": {"folder": run_url, "stages": []}}, "status")
-    checked: set[int] = set()
+    executors: dict[int, Executor] = {}  # id(sub) -> the executor that ran it
     unreachable: dict[int, str] = {}  # id(sub) -> why its queue could not be read
     for sub in latest.values():
-        if id(sub) in checked:
+        if id(sub) in executors:
             continue
-        checked.add(id(sub))
+        executor = executors[id(sub)] = make_executor(sub.executor, cfg)
         try:
-            executor = make_executor(sub.executor, cfg)
             active.update(executor.active_tasks(sub))
-            states = getattr(executor, "final_states", lambda s: None)(sub)
-            if states:
-                final.update(states)
+            final.update(executor.final_states(sub) or {})
         except SchedulerUnreachable as exc:
             unreachable[id(sub)] = f"cannot reach SLURM ({exc}): running/pending unknown"
     out = []
@@ -362,14 +354,10 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
         sub = latest.get(step.name)
         submitted: dict[int, str] = {}  # index -> log path
         if sub is not None:
-            ssub = sub.steps[step.name]
-            for chunk in ssub.chunks:
+            executor = executors[id(sub)]
+            for chunk in sub.steps[step.name].chunks:
                 for i in chunk.indexes:
-                    if sub.executor == "slurm":
-                        submitted[i] = (f"{ssub.log_dir}/{chunk.job_id}_{i - chunk.offset}.log" if chunk.array
-                                        else f"{ssub.log_dir}/{chunk.job_id}.log")
-                    else:
-                        submitted[i] = f"{ssub.log_dir}/local-{i:06d}.log"
+                    submitted[i] = executor.log_path(sub, step.name, chunk, i)
         here = {i: st for (name, i), st in active.items() if name == step.name and i not in done}
         candidates = (set(submitted) | failures) - done - set(here)
         unknown_reason = unreachable.get(id(sub), "") if sub is not None else ""
@@ -452,7 +440,5 @@ def cancel_run(run_url: str, storage_options: dict | None = None) -> list[str]:
     for sub in load_submissions(run):
         executor = make_executor(sub.executor, cfg)
         if executor.active_tasks(sub):
-            executor.cancel(sub)
-            ids = [f"local pid {sub.pid}"] if sub.executor == "local" else sub.job_ids()
-            cancelled.update(dict.fromkeys(ids))
+            cancelled.update(dict.fromkeys(executor.cancel(sub)))
     return list(cancelled)

@@ -13,7 +13,7 @@ from dcslurm.errors import UserError
 from dcslurm.plan import Plan
 from dcslurm.sbatch import TaskLauncher
 from dcslurm.storage import join_url
-from dcslurm.submission import Submission
+from dcslurm.submission import JobChunk, Submission
 
 
 class TaskState(str, Enum):
@@ -49,9 +49,26 @@ class Executor(ABC):
     def active_tasks(self, sub: Submission) -> dict[tuple[str, int], TaskState]:
         """(step, index) -> RUNNING/PENDING for the tasks of `sub` still queued or running."""
 
+    def wait(self, plan: Plan, sub: Submission, progress=None, on_finished=None) -> dict[str, list[int]]:
+        """Wait for the tasks of `sub` where this executor runs them in the foreground;
+        returns the failed task indexes per step. A scheduler's jobs run on their own:
+        nothing to wait for, nothing known to have failed yet. `on_finished(sub)` is
+        called once a foreground run has ended (however it ended), to record that."""
+        return {}
+
+    def final_states(self, sub: Submission) -> dict[tuple[str, int], str] | None:
+        """(step, index) -> the scheduler's final state (FAILED, TIMEOUT, ...) where it
+        keeps them; None when it does not (or cannot be asked)."""
+        return None
+
     @abstractmethod
-    def cancel(self, sub: Submission) -> None:
-        """Stop whatever of `sub` is still queued or running."""
+    def log_path(self, sub: Submission, step: str, chunk: JobChunk, index: int) -> str:
+        """Where task `index` of `step` (in `chunk` of `sub`) writes its log."""
+
+    @abstractmethod
+    def cancel(self, sub: Submission) -> list[str]:
+        """Stop whatever of `sub` is still queued or running; returns what was stopped
+        (job ids, or the local run's pid), each once."""
 
     def prepare_log_dir(self, path: str, what: str = "task logs") -> None:
         """Create a folder for task logs (or sbatch scripts), or refuse in one line before

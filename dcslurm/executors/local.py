@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dcslurm import proctree
@@ -27,6 +28,11 @@ from dcslurm.submission import JobChunk, StepSubmission, Submission
 
 class _Stopped(Exception):
     """The run was cancelled before this task started."""
+
+
+def _task_log(log_dir: str, index: int) -> str:
+    """A local task's log file: one per task index, appended to across resubmits."""
+    return os.path.join(log_dir, f"local-{index:06d}.log")
 
 
 def _free_port() -> int:
@@ -60,7 +66,7 @@ class LocalExecutor(Executor):
         try:
             code = self._run_task(plan, step, index, ssub.log_dir)
         except _Stopped:
-            log = os.path.join(ssub.log_dir, f"local-{index:06d}.log")
+            log = _task_log(ssub.log_dir, index)
             with contextlib.suppress(OSError):
                 if os.path.getsize(log) == 0:
                     os.unlink(log)
@@ -70,7 +76,7 @@ class LocalExecutor(Executor):
         return code
 
     def _run_task(self, plan: Plan, step: StepPlan, index: int, log_dir: str) -> int:
-        log = os.path.join(log_dir, f"local-{index:06d}.log")
+        log = _task_log(log_dir, index)
         env = self._env(plan, step)
         world = step.resources.nodes * step.resources.tasks_per_node if step.layout == "distributed" else 1
         with open(log, "ab") as out:
@@ -157,13 +163,21 @@ class LocalExecutor(Executor):
                     f.write("#!/bin/bash\nset -euo pipefail\n")
                     for step in plan.steps:
                         for i in pending.get(step.name, []):
-                            argv = self._argv(plan, step, i, os.path.join(log_root, step.name, f"local-{i:06d}.log"))
+                            argv = self._argv(plan, step, i, _task_log(os.path.join(log_root, step.name), i))
                             f.write(" ".join(shlex.quote(a) for a in argv) + "\n")
             return sub
         return sub
 
-    def run(self, plan: Plan, sub: Submission, progress=None) -> dict[str, list[int]]:
+    def wait(self, plan: Plan, sub: Submission, progress=None, on_finished=None) -> dict[str, list[int]]:
         """Run the submission in the foreground; returns failed task indexes per step."""
+        try:
+            return self._run_steps(plan, sub, progress)
+        finally:
+            sub.finished = time.time()
+            if on_finished is not None:
+                on_finished(sub)
+
+    def _run_steps(self, plan: Plan, sub: Submission, progress=None) -> dict[str, list[int]]:
         failed: dict[str, list[int]] = {}
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
@@ -201,8 +215,12 @@ class LocalExecutor(Executor):
         # The local run is still going: its unfinished tasks are running or waiting.
         return {(name, i): TaskState.PENDING for name, s in sub.steps.items() for c in s.chunks for i in c.indexes}
 
-    def cancel(self, sub: Submission) -> None:
+    def log_path(self, sub: Submission, step: str, chunk: JobChunk, index: int) -> str:
+        return _task_log(sub.steps[step].log_dir, index)
+
+    def cancel(self, sub: Submission) -> list[str]:
         if sub.host and sub.host != socket.gethostname():
             raise UserError(f"this run's local executor runs on {sub.host}; cancel it there")
         if proctree.alive(sub.pid):
             os.kill(sub.pid, signal.SIGTERM)
+        return [f"local pid {sub.pid}"]

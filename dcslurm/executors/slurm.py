@@ -115,5 +115,14 @@ class SlurmExecutor(Executor):
                 out[(name, arr + chunk.offset if chunk.array else 0)] = state
         return out
 
-    def cancel(self, sub: Submission) -> None:
-        slurm.scancel(sub.job_ids())
+    def log_path(self, sub: Submission, step: str, chunk: JobChunk, index: int) -> str:
+        log_dir = sub.steps[step].log_dir
+        # The names the scripts' --output gives: %A_%a for an array task, %j for a job.
+        if chunk.array:
+            return f"{log_dir}/{chunk.job_id}_{index - chunk.offset}.log"
+        return f"{log_dir}/{chunk.job_id}.log"
+
+    def cancel(self, sub: Submission) -> list[str]:
+        ids = sub.job_ids()
+        slurm.scancel(ids)
+        return ids
