@@ -142,7 +142,8 @@ def main() -> None:
                 for side in (("bombs", "clean") if r % 2 == 0 else ("clean", "bombs")):
                     pss, rss, rate, totals = run_task(pools[side], os.path.join(tmp, f"{side}-{r}"))
                     results[side].append((pss, rss, rate, totals))
-                    print(f"round {r}: {side:5s} peak PSS {pss:5.2f} GB, RSS {rss:5.2f} GB  small images {rate:6.1f}/s  "
+                    print(f"round {r}: {side:5s} peak PSS {pss:5.2f} GB, RSS {rss:5.2f} GB  "
+                          f"small images {rate:6.1f}/s  "
                           f"successes {totals.successes}  failures {dict(totals.failures)}", flush=True)
         print(f"\n{args.small} photos + {args.large} PNGs of 100-900 MP, default threads (64) and "
               f"processes (2), cpu count {os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")

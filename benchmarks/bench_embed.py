@@ -39,7 +39,8 @@ from PIL import Image  # noqa: E402
 def photos() -> list[Image.Image]:
     import skimage.data as data
 
-    arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.camera(), data.immunohistochemistry()]
+    arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.camera(),
+              data.immunohistochemistry()]
     return [Image.fromarray(a).convert("RGB") for a in arrays]
 
 
@@ -78,7 +79,8 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def reference_rate(model, preprocess, tokenizer, samples: list[dict], batch: int, repeats: int = 1) -> tuple[float, float]:
+def reference_rate(model, preprocess, tokenizer, samples: list[dict], batch: int,
+                   repeats: int = 1) -> tuple[float, float]:
     """(samples/s, CPU seconds a sample) of the model alone on pre-decoded, pre-tokenised batches."""
     images = torch.stack([preprocess(Image.open(io.BytesIO(s["image"])).convert("RGB")) for s in samples])
     tokens = tokenizer([s["caption"] for s in samples])
@@ -159,9 +161,11 @@ def main() -> None:
     print(f"reference (model alone, pre-decoded)  {before:9.2f} samples/s  {cpu_ref1:7.3f} CPU s/sample", flush=True)
     stats, wall, cpu = run_stage(root, shards, ckpt, args.model, args.batch, args.workers, n_shards)
     cpu_stage = stats["embed_cpu_seconds"] / stats["samples"]
-    print(f"stage (end to end, from its stats)     {stats['samples_per_s']:9.2f} samples/s  {cpu_stage:7.3f} CPU s/sample "
+    print(f"stage (end to end, from its stats)     {stats['samples_per_s']:9.2f} samples/s  "
+          f"{cpu_stage:7.3f} CPU s/sample "
           f"incl. decode workers ({stats['samples']} samples, {stats['embed_seconds']:.1f} s)", flush=True)
-    print(f"stage (wall, incl. model load {stats['model_load_seconds']:.1f} s) {stats['samples'] / wall:9.2f} samples/s",
+    print(f"stage (wall, incl. model load {stats['model_load_seconds']:.1f} s) "
+          f"{stats['samples'] / wall:9.2f} samples/s",
           flush=True)
     after, cpu_ref2 = reference_rate(model, preprocess, tokenizer, samples, args.batch)
     print(f"reference again                        {after:9.2f} samples/s  {cpu_ref2:7.3f} CPU s/sample", flush=True)

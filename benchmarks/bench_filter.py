@@ -196,7 +196,8 @@ def main() -> None:
             shutil.rmtree(pool, ignore_errors=True)
             gen = make_pool(big, rows, args.rows_per_file, seed=1)
             ours_big = measure("ours", big, os.path.join(base, "ours_x.npy"), args.fraction)
-            print(f"ours x{args.scale_check} ({rows:,} rows, generated in {gen:.0f} s): {ours_big['seconds']:.1f} s wall "
+            print(f"ours x{args.scale_check} ({rows:,} rows, generated in {gen:.0f} s): "
+                  f"{ours_big['seconds']:.1f} s wall "
                   f"{ours_big['cpu_seconds']:.1f} s CPU  "
                   f"peak RSS {ours_big['peak_rss_mb']:.0f} MB (x{ours_big['peak_rss_mb'] / ours['peak_rss_mb']:.2f} "
                   f"of the {args.rows:,}-row run)")

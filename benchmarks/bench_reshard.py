@@ -47,10 +47,9 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
-
-import sys
 
 import numpy as np
 from PIL import Image

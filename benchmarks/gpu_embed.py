@@ -117,7 +117,9 @@ def model_alone(name: str, ckpt_dir: str) -> tuple[float, float, str]:
     iters = 20 if name == "ViT-B-32" else 10
     rate_img = batch / timed(image_only, iters)
     rate_both = batch / timed(both, iters)
-    del model
+    # Drop the model (the closures above share this cell) so empty_cache can hand its memory back
+    # before the next model loads; rebinding rather than `del` keeps the closures' name defined.
+    model = None
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rate_img, rate_both, ckpt

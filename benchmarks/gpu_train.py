@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU check with the tiny model")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--budget-s", type=float, default=420, help="give up on a model whose batches have not fitted by then")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="give up on a model whose batches have not fitted by then")
     parser.add_argument("--json", default="", help="also write the results here as JSON")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke

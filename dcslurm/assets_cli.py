@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -123,7 +122,9 @@ def fetch(name: str, dest_dir: str | None = None, source: str | None = None, exp
 
 
 @app.command("list")
-def list_assets(dest: Optional[str] = typer.Option(None, "--dir", help="Asset folder (default ~/.cache/dcslurm/assets).")) -> None:
+def list_assets(
+    dest: Optional[str] = typer.Option(None, "--dir", help="Asset folder (default ~/.cache/dcslurm/assets)."),
+) -> None:
     """The assets, where each goes, and whether a verified copy is present."""
     folder = dest or default_dir()
     table = Table(title=f"Assets in {folder}")

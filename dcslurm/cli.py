@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dcslurm.errors import UserError
-from dcslurm.scales import SCALES, estimate_train_gpu_hours
 from dcslurm.humanize import human_bytes
+from dcslurm.scales import SCALES, estimate_train_gpu_hours
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run the DataComp workflow as SLURM array jobs (or on this machine).")
@@ -94,7 +94,8 @@ def _plan_dict(plan) -> dict:
             {"name": s.name, "layout": s.layout, "units": s.units.count, "unit": s.units.label,
              "units_per_task": s.units_per_task, "tasks": s.n_tasks, "depends_on": s.depends_on,
              "gpu_hours": s.estimate.gpu_hours, "bytes_written": s.estimate.bytes_written,
-             "estimate_basis": s.estimate.basis, "warning": s.estimate.warning, "resources": dataclasses.asdict(s.resources)}
+             "estimate_basis": s.estimate.basis, "warning": s.estimate.warning,
+             "resources": dataclasses.asdict(s.resources)}
             for s in plan.steps
         ],
         "total": {"gpu_hours": plan.total_estimate.gpu_hours, "bytes_written": plan.total_estimate.bytes_written},

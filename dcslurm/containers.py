@@ -153,7 +153,8 @@ def image_spec(kind: str, header: str | None = None, root: Path | None = None) -
     lock = d / f"{kind}.lock"
     if not lock.is_file():
         raise UserError(f"{lock}: missing lock file (write it with `dcslurm containers lock`)")
-    spec = ImageSpec(kind, (d / f"{kind}.def").read_text(), lock.read_text(), source_digest(root), package_version(root))
+    spec = ImageSpec(kind, (d / f"{kind}.def").read_text(), lock.read_text(), source_digest(root),
+                     package_version(root))
     return spec.with_header(HEADERS.get(header, header)) if header else spec
 
 

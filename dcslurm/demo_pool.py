@@ -350,7 +350,7 @@ def write_heldout(folder: DataFolder, n: int, seed: int) -> None:
             classes, _label, templates = tasks[name]
             task.write_text("classnames.txt", "\n".join(classes) + "\n")
             task.write_text("zeroshot_classification_templates.txt", "\n".join(templates) + "\n")
-    folder.write_text("labels.jsonl", "".join(json.dumps(l, sort_keys=True) + "\n" for l in labels))
+    folder.write_text("labels.jsonl", "".join(json.dumps(label, sort_keys=True) + "\n" for label in labels))
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -204,7 +204,8 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
                 name=name, stage=stage_name, entry=step_spec.entry, layout=step_spec.layout,
                 units=units, units_per_task=per_task,
                 depends_on=[previous] if previous else [],
-                resources=resources if step_spec.layout != "single" else dataclasses.replace(resources, nodes=1, tasks_per_node=1),
+                resources=(resources if step_spec.layout != "single"
+                           else dataclasses.replace(resources, nodes=1, tasks_per_node=1)),
                 gpu=spec.gpu,
             )
             steps[name] = step

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dcslurm.storage import s3fs_options
 from dcslurm.humanize import human_bytes
+from dcslurm.storage import s3fs_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pools: inspect one, or generate the demo pool.")
 console = Console()

@@ -16,10 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dcslurm.humanize import human_bytes
 from dcslurm.markers import done_indexes
 from dcslurm.plan import Plan, read_plan
 from dcslurm.storage import DataFolder, s3fs_options
-from dcslurm.humanize import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reports on a run's stages.")
 console = Console()

@@ -11,9 +11,21 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from dcslurm.results import (COLUMNS, RESULTS_FILE, Leaderboard, LeaderRow, RunResults, leaderboard,
-                             leaderboard_csv, leaderboard_markdown, plot_leaderboard, read_run, to_csv, to_json,
-                             to_markdown)
+from dcslurm.results import (
+    COLUMNS,
+    RESULTS_FILE,
+    Leaderboard,
+    LeaderRow,
+    RunResults,
+    leaderboard,
+    leaderboard_csv,
+    leaderboard_markdown,
+    plot_leaderboard,
+    read_run,
+    to_csv,
+    to_json,
+    to_markdown,
+)
 
 console = Console()
 

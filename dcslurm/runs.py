@@ -79,7 +79,8 @@ def _check_plan(run: DataFolder, plan: Plan) -> None:
             first = min(done, default=None)
             marker = read_marker(run, step.name, first) if first is not None else None
             if marker is not None and (first >= step.n_tasks or not marker_matches(marker, step, first)):
-                changed[step.name] = (f"task {first} was committed for units {marker.get('start')}..{marker.get('stop')} "
+                changed[step.name] = (f"task {first} was committed for units "
+                                      f"{marker.get('start')}..{marker.get('stop')} "
                                       "of another plan")
     bad = [(name, what) for name, what in changed.items() if done_indexes(run, name)]
     if bad:
@@ -420,7 +421,7 @@ def _last_error_line(log_path: str) -> str:
         return "no log (the task may have been killed before it started)"
     with open(log_path, "rb") as f:
         f.seek(max(0, os.path.getsize(log_path) - 65536))
-        lines = [l.strip() for l in f.read().decode("utf-8", "replace").splitlines() if l.strip()]
+        lines = [s.strip() for s in f.read().decode("utf-8", "replace").splitlines() if s.strip()]
     if not lines:
         return "empty log"
     for line in reversed(lines):

@@ -98,7 +98,8 @@ def parse_brace_pattern(spec: str) -> UnitSet:
         raise UserError(f"shard pattern {spec!r}: range ends before it starts")
     width = len(lo) if lo.startswith("0") else 0
     fmt = "{:0%dd}" % width if width else "{:d}"
-    escaped = spec[: m.start()].replace("{", "{{").replace("}", "}}") + fmt + spec[m.end():].replace("{", "{{").replace("}", "}}")
+    escaped = (spec[: m.start()].replace("{", "{{").replace("}", "}}") + fmt
+               + spec[m.end():].replace("{", "{{").replace("}", "}}"))
     return UnitSet(count=last - first + 1, pattern=escaped, first=first, label="shards")
 
 

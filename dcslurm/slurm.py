@@ -120,4 +120,5 @@ def scancel(job_ids: list[str]) -> None:
 
 
 def available() -> bool:
-    return shutil.which("sbatch") is not None and bool(os.environ.get("SLURM_CONF") or os.path.exists("/etc/slurm/slurm.conf"))
+    return shutil.which("sbatch") is not None and bool(os.environ.get("SLURM_CONF")
+                                                       or os.path.exists("/etc/slurm/slurm.conf"))

@@ -383,7 +383,8 @@ def submit_sweep(sweep: Sweep, progress=None, log=print) -> list[PieceResult]:
         first_failed = up_failed
         for p in sweep.branch_pieces(b.name):
             if first_failed:
-                results.append(PieceResult(p.name, skipped=f"{UPSTREAM if up_failed else b.name + ' first seed'} failed"))
+                what = UPSTREAM if up_failed else b.name + " first seed"
+                results.append(PieceResult(p.name, skipped=f"{what} failed"))
                 continue
             log(f"{p.name}: dcslurm submit -c {p.config.path}")
             if p.first:
@@ -496,7 +497,8 @@ def toml_dumps(doc: dict) -> str:
                 lines += ["", f"[[{_key(name)}]]", *(f"{_key(k)} = {_value(v)}" for k, v in item.items())]
             continue
         lines += ["", f"[{_key(name)}]"]
-        lines += [f"{_key(k)} = {_value(v)}" for k, v in table.items() if not (name == "stages" and isinstance(v, dict))]
+        lines += [f"{_key(k)} = {_value(v)}" for k, v in table.items()
+                  if not (name == "stages" and isinstance(v, dict))]
         if name == "stages":
             for stage, values in table.items():
                 lines += ["", f"[stages.{_key(stage)}]", *(f"{_key(k)} = {_value(v)}" for k, v in values.items())]

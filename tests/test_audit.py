@@ -255,7 +255,8 @@ def test_row_groups_handle_missing_values_and_empty_files(tmp_path):
     assert g["language"][0] == "(missing)"
     pq.write_table(pa.table({"uid": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     np.save(tmp_path / "s.npy", np.zeros(0, np.dtype("u8,u8")))
-    counts = filteraudit.count_file(InputFile("0", str(tmp_path / "empty.parquet")), load_subset(str(tmp_path / "s.npy")), cfg)
+    counts = filteraudit.count_file(InputFile("0", str(tmp_path / "empty.parquet")),
+                                    load_subset(str(tmp_path / "s.npy")), cfg)
     assert counts["rows"] == 0 and counts["kept"] == 0
 
 

@@ -62,10 +62,12 @@ def test_planted_colour_shift_is_found_and_mean_colour_alone_recovers_it(planted
 
 
 def test_sampling_is_seeded_balanced_and_respects_subsets(pools, tmp_path):
-    from jobs.reshard.subset import uids_to_array
     import pyarrow.parquet as pq
 
-    uids = sorted(u for p in sorted((pools / "a/metadata").glob("*.parquet")) for u in pq.read_table(p)["uid"].to_pylist())
+    from jobs.reshard.subset import uids_to_array
+
+    uids = sorted(u for p in sorted((pools / "a/metadata").glob("*.parquet"))
+                  for u in pq.read_table(p)["uid"].to_pylist())
     np.save(tmp_path / "s.npy", uids_to_array(uids[:40]))
     src = [bias.Source("a", str(pools / "a/metadata"), str(tmp_path / "s.npy")), _source(pools, "b", "b")]
     files = bias.metadata_files(src, None)
@@ -76,7 +78,7 @@ def test_sampling_is_seeded_balanced_and_respects_subsets(pools, tmp_path):
     assert s1["available"] == [40, 300] and s1["n"] == 40  # balanced: the smaller source decides
     from jobs.reshard.subset import pair_to_uid
 
-    assert {pair_to_uid(h, l) for h, l in zip(s1["rows"][0]["hi"], s1["rows"][0]["lo"])} == set(uids[:40])
+    assert {pair_to_uid(hi, lo) for hi, lo in zip(s1["rows"][0]["hi"], s1["rows"][0]["lo"])} == set(uids[:40])
     assert all((x["hi"] == y["hi"]).all() for x, y in zip(s1["rows"], s2["rows"]))
 
 
@@ -90,7 +92,8 @@ def test_report_renders(planted_report):
     for feat in FEATURES:
         assert md.count(f"| {feat} |") == 1
     assert "no pretrained model offline" in md
-    assert json.loads((out / "bias.json").read_text())["features"]["img"]["accuracy"] == rep["features"]["img"]["accuracy"]
+    features = json.loads((out / "bias.json").read_text())["features"]
+    assert features["img"]["accuracy"] == rep["features"]["img"]["accuracy"]
 
 
 def _toml(path, run, pools, executor="local", tasks=2):

@@ -260,7 +260,7 @@ def test_missing_apptainer_is_one_line_error_saying_how_to_run_without(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "submit", "--config", cfg_path],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and "%" not in l and "━" not in l]
+    lines = [s for s in proc.stderr.splitlines() if s.strip() and "%" not in s and "━" not in s]
     assert len(lines) == 1 and "dcslurm-no-such-apptainer" in lines[0] and "enabled = false" in lines[0]
     assert not (tmp_path / "run" / "synth").exists()
 
@@ -268,7 +268,8 @@ def test_missing_apptainer_is_one_line_error_saying_how_to_run_without(tmp_path)
 def test_missing_image_says_how_to_get_one(tmp_path, fake, monkeypatch):
     apptainer, _ = fake
     monkeypatch.setenv(containers.IMAGE_DIR_ENV, str(tmp_path / "empty"))
-    cfg = load_config(_config(tmp_path, str(tmp_path / "run"), f"enabled = true\napptainer = {json.dumps(str(apptainer))}"))
+    cfg = load_config(_config(tmp_path, str(tmp_path / "run"),
+                              f"enabled = true\napptainer = {json.dumps(str(apptainer))}"))
     with pytest.raises(UserError, match="containers build"):
         make_executor("slurm", cfg).launcher(False)
 
@@ -409,10 +410,12 @@ def test_binds_cover_local_stage_inputs(tmp_path, fake):
     shards.mkdir()
     image = _fake_image(tmp_path / "img")
     cfg_path = _config(tmp_path, str(tmp_path / "run"),
-                       f"enabled = true\napptainer = {json.dumps(str(apptainer))}\ncpu_image = {json.dumps(str(image))}\n"
+                       f"enabled = true\napptainer = {json.dumps(str(apptainer))}\n"
+                       f"cpu_image = {json.dumps(str(image))}\n"
                        f"gpu_image = {json.dumps(str(image))}\nscratch = \"\"", stages=("train",))
     text = Path(cfg_path).read_text().replace(
-        "[stages.synth]\nunits = 3\n", f"[stages.train]\ndata = {json.dumps(str(shards) + '/{00000000..00000003}.tar')}\n")
+        "[stages.synth]\nunits = 3\n",
+        f"[stages.train]\ndata = {json.dumps(str(shards) + '/{00000000..00000003}.tar')}\n")
     Path(cfg_path).write_text(text)
     prefix = make_executor("slurm", load_config(cfg_path)).launcher(True).prefix
     binds = [prefix[i + 1] for i, w in enumerate(prefix) if w == "--bind"]

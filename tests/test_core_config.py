@@ -53,9 +53,12 @@ def test_unknown_scale_is_one_line():
     ({"run": {"folder": "/x"}, "executor": {"kind": "k8s"}}, r"expected 'local' or 'slurm'"),
     ({"run": {"folder": "/x"}, "slrum": {}}, r"unknown section \[slrum\] \(did you mean \[slurm\]\?\)"),
     ({"run": {"folder": "/x", "stages": ["synth", "nope"]}}, r"unknown stage 'nope'"),
-    ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"unitz": 3}}}, r"\[stages.synth\]: unknown key 'unitz'"),
-    ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"units": -1}}}, r"\[stages.synth\] units: must be >= 0"),
-    ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"resources": {"mem": 4}}}}, r"\[stages.synth\].resources mem: expected string"),
+    ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"unitz": 3}}},
+     r"\[stages.synth\]: unknown key 'unitz'"),
+    ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"units": -1}}},
+     r"\[stages.synth\] units: must be >= 0"),
+    ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"resources": {"mem": 4}}}},
+     r"\[stages.synth\].resources mem: expected string"),
 ])
 def test_bad_config_is_one_line_error_naming_the_key(raw, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -72,7 +72,8 @@ def test_cli_errors_are_one_line_and_submit_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     cfg = write_run_toml(tmp_path / "run.toml", "s3://bucket/run", units=3,
-                         extra='[storage]\nendpoint_url = "http://127.0.0.1:9"\nmax_attempts = 1\nconnect_timeout = 1\n')
+                         extra='[storage]\nendpoint_url = "http://127.0.0.1:9"\n'
+                               'max_attempts = 1\nconnect_timeout = 1\n')
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "submit", "-c", cfg], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -102,7 +103,10 @@ def test_killed_local_run_resumes_to_identical_outputs(tmp_path):
     assert set(result.pending["synth"]) == set(range(12)) - committed
     again = [e for e in executions(str(run), "synth") if e["time"] >= resubmitted_at]
     assert {e["index"] for e in again}.isdisjoint(committed)  # no task ran after its marker existed
-    strip = lambda d: {k: v for k, v in d.items() if k != "plan.json"}
+
+    def strip(d):
+        return {k: v for k, v in d.items() if k != "plan.json"}
+
     ref_tree = tree_digest(str(tmp_path / "ref"))
     run_tree = tree_digest(str(run))
     assert strip(run_tree).keys() == strip(ref_tree).keys()

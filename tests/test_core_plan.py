@@ -11,8 +11,14 @@ from dcslurm.errors import UserError
 from dcslurm.plan import Plan, make_plan
 from dcslurm.sbatch import TaskLauncher, render_step_script, render_submit_script
 from dcslurm.shards import (
-    ChunkedIndexes, chunk_for_max_array_size, compress_indexes, expand_indexes, parse_brace_pattern,
-    split_evenly, split_units, task_range,
+    ChunkedIndexes,
+    chunk_for_max_array_size,
+    compress_indexes,
+    expand_indexes,
+    parse_brace_pattern,
+    split_evenly,
+    split_units,
+    task_range,
 )
 from dcslurm.stages import PlanInputs
 

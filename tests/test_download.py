@@ -370,7 +370,8 @@ def test_first_shard_ids_number_files_one_after_another_like_img2dataset():
     ("<urlopen error [Errno 111] Connection refused>", "connection refused"),
     ("The read operation timed out", "timeout"),
     ("Image decoding error", "undecodable image"),
-    ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS", "image too large"),
+    ("OpenCV(4.14.0) loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS",
+     "image too large"),
     ("<urlopen error [Errno -2] Name or service not known>", "dns failure"),
 ])
 def test_failure_reasons(message, reason):

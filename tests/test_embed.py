@@ -69,7 +69,8 @@ def write_shard(path: str, shard: int, n_good: int, bad: bool = False) -> list[d
                 image, ext = _jpeg(arr, (300, 200), "JPEG", "L"), "jpg"
             else:
                 image, ext = _jpeg(arr, (240 + 13 * i, 200 + 7 * i)), "jpg"
-            caption = LONG_CAPTION if i == 3 else f"photo {i} of {['an astronaut', 'a cat', 'coffee', 'a rocket', 'a camera man'][i % 5]}"
+            subject = ["an astronaut", "a cat", "coffee", "a rocket", "a camera man"][i % 5]
+            caption = LONG_CAPTION if i == 3 else f"photo {i} of {subject}"
             meta = {"uid": uid, "key": key, "url": f"http://example.com/{key}.jpg", "original_width": 640,
                     "original_height": 480, "sha256": f"{i:064x}", "status": "success", "error_message": None}
             if bad and i >= n_good:
@@ -199,7 +200,8 @@ def test_plan_books_gpu_hours_from_the_models():
     from dcslurm.shards import UnitSet
     from dcslurm.stages import PlanInputs
 
-    raw = {"run": {"folder": "/tmp/x", "scale": "small", "stages": ["embed"]}, "stages": {"embed": {"units_per_task": 10}}}
+    raw = {"run": {"folder": "/tmp/x", "scale": "small", "stages": ["embed"]},
+           "stages": {"embed": {"units_per_task": 10}}}
     plan = make_plan(parse_config(raw), PlanInputs(shards=UnitSet(count=1282, pattern="s3://b/{:08d}.tar")))
     step = plan.step("embed")
     assert step.gpu and step.n_tasks == 129 and step.resources.gpus_per_node == 1
@@ -356,7 +358,8 @@ def test_shards_and_run_folder_on_s3(s3_server, s3_bucket, ref_run, data, tmp_pa
     for name in sorted(os.listdir(data["shards"])):
         fs.put_file(os.path.join(data["shards"], name), f"{bucket}/pool/{name}")
     cfg_path = write_config(tmp_path / "s3.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool", data["ckpts"],
-                            extra=f'log_dir = "{tmp_path}/logs"\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+                            extra=f'log_dir = "{tmp_path}/logs"\n'
+                                  f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
     cfg = load_config(cfg_path)
     assert not submit_run(cfg).failed
     folder = cfg.folder()
@@ -365,6 +368,7 @@ def test_shards_and_run_folder_on_s3(s3_server, s3_bucket, ref_run, data, tmp_pa
         with np.load(io.BytesIO(folder.read_bytes(f"embed/{stem}.npz"))) as z:
             return {k: z[k] for k in z.files}
 
-    _assert_same_outputs(ref_run, read_npz, lambda s: pq.read_table(io.BytesIO(folder.read_bytes(f"embed/{s}.parquet"))),
+    _assert_same_outputs(ref_run, read_npz,
+                         lambda s: pq.read_table(io.BytesIO(folder.read_bytes(f"embed/{s}.parquet"))),
                          data["good"])
     assert not [p for p in fs.find(f"{bucket}/run/embed") if "00000002" in p or ".tmp-" in p]

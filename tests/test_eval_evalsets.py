@@ -29,7 +29,8 @@ def test_prepare_copies_a_local_copy_and_resumes(tmp_path):
     res = runner.invoke(app, ["evalsets", "prepare", "--out", str(out), "--tasks", "mnist", "--source", str(src)])
     assert res.exit_code == 0, res.output
     assert "5 files copied, 0 already there" in res.output
-    assert (out / "wds_mnist_test" / "test" / "1.tar").read_bytes() == (src / "wds_mnist_test" / "test" / "1.tar").read_bytes()
+    assert ((out / "wds_mnist_test" / "test" / "1.tar").read_bytes()
+            == (src / "wds_mnist_test" / "test" / "1.tar").read_bytes())
     res = runner.invoke(app, ["evalsets", "prepare", "--out", str(out), "--tasks", "mnist", "--source", str(src)])
     assert "0 files copied, 5 already there" in res.output
 

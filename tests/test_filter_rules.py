@@ -345,7 +345,8 @@ def test_vas_target_file(pool, tmp_path):
 def test_vas_d_last_round_keeps_exactly_the_target(pool, tmp_path):
     folder, table, emb = pool
     rounds, fraction = 4, 0.3
-    subset, stats, _ = run(folder, f"clip_score(l14, fraction=0.45) then vas_d(fraction={fraction}, iterations={rounds})",
+    subset, stats, _ = run(folder,
+                           f"clip_score(l14, fraction=0.45) then vas_d(fraction={fraction}, iterations={rounds})",
                            tmp_path)
     n_target = int(len(table) * fraction)
     assert len(subset) == n_target == stats["parameters"]["1"]["last_size"]

@@ -235,8 +235,10 @@ def test_storage_defaults_bound_every_request():
     ({"slurm": {"cpus_per_task": 0}}, r"\[slurm\] cpus_per_task: must be >= 1"),
     ({"slurm": {"array_throttle": -1}}, r"\[slurm\] array_throttle: must be >= 0"),
     ({"slurm": {"nodes": 0}}, r"\[slurm\] nodes: must be >= 1"),
-    ({"stages": {"synth": {"resources": {"cpus_per_task": 0}}}}, r"\[stages.synth\].resources cpus_per_task: must be >= 1"),
-    ({"stages": {"synth": {"resources": {"array_throttle": -2}}}}, r"\[stages.synth\].resources array_throttle: must be >= 0"),
+    ({"stages": {"synth": {"resources": {"cpus_per_task": 0}}}},
+     r"\[stages.synth\].resources cpus_per_task: must be >= 1"),
+    ({"stages": {"synth": {"resources": {"array_throttle": -2}}}},
+     r"\[stages.synth\].resources array_throttle: must be >= 0"),
     ({"storage": {"connect_timeout": 0}}, r"\[storage\] connect_timeout: must be > 0"),
     ({"storage": {"read_timeout": -1}}, r"\[storage\] read_timeout: must be > 0"),
     ({"storage": {"max_attempts": 0}}, r"\[storage\] max_attempts: must be >= 1"),
@@ -252,7 +254,8 @@ SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
 
 
 @pytest.mark.parametrize("raw, key", [
-    ({"storage": {"endpoint_url": f"https://AKIAIOSFODNN7EXAMPLE:{SECRET}@s3.example.org"}}, r"\[storage\] endpoint_url"),
+    ({"storage": {"endpoint_url": f"https://AKIAIOSFODNN7EXAMPLE:{SECRET}@s3.example.org"}},
+     r"\[storage\] endpoint_url"),
     ({"storage": {"endpoint_url": f"https://user:{SECRET}@s3.example.org"}}, r"\[storage\] endpoint_url"),
     ({"slurm": {"setup": ["module load x", f"export AWS_SECRET_ACCESS_KEY={SECRET}"]}}, r"\[slurm\] setup"),
     ({"slurm": {"extra_sbatch": [f"--export=ALL,MY_SECRET_TOKEN={SECRET}"]}}, r"\[slurm\] extra_sbatch"),

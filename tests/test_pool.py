@@ -232,6 +232,6 @@ def test_heldout_is_a_clip_benchmark_webdataset(demo):
                     img = Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read())).convert("RGB")
                     assert _dominant_shape_colour(img) == classes[label]
     assert (held / "retrieval" / "dataset_type.txt").read_text().strip() == "retrieval"
-    labels = [json.loads(l) for l in (held / "labels.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in (held / "labels.jsonl").read_text().splitlines()]
     pool_uids = {r["uid"] for i in range(3) for r in pq.read_table(str(demo / "a" / f"{i:08d}.parquet")).to_pylist()}
-    assert len(labels) == 40 and not pool_uids & {l["uid"] for l in labels}
+    assert len(labels) == 40 and not pool_uids & {label["uid"] for label in labels}

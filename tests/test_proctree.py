@@ -111,7 +111,8 @@ def test_die_with_parent_kills_a_worker_whose_parent_is_sigkilled(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import subprocess, sys, time
         w = subprocess.Popen([sys.executable, "-c",
-            "from dcslurm import proctree; proctree.die_with_parent(); import time; print('ready', flush=True); time.sleep(120)"],
+            "from dcslurm import proctree; proctree.die_with_parent(); import time; "
+            "print('ready', flush=True); time.sleep(120)"],
             stdout=subprocess.PIPE, text=True)
         assert w.stdout.readline() == "ready\\n"
         print(w.pid, flush=True)

@@ -7,8 +7,8 @@ import hashlib
 import io
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile

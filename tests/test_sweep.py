@@ -136,7 +136,8 @@ def test_a_branch_that_fails_its_checks_queues_nothing(tmp_path, pool):
 def test_status_and_cancel_of_a_folder_that_is_no_sweep(tmp_path, command):
     proc = _cli("sweep", command, str(tmp_path))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"dcslurm: error: {tmp_path}: not a dcslurm sweep folder (no sweep.toml); submit a sweep first"
+    assert proc.stderr.strip() == (f"dcslurm: error: {tmp_path}: not a dcslurm sweep folder (no sweep.toml); "
+                                   "submit a sweep first")
 
 
 # -- planning --------------------------------------------------------------------
@@ -192,7 +193,7 @@ def test_slurm_queues_every_piece_at_once_with_afterok(tmp_path, pool, monkeypat
     queued: list[tuple[str, list[str], str]] = []  # (job name, extra args, id)
 
     def fake_sbatch(path, extra=()):
-        name = next(l.strip().split("=", 1)[1] for l in open(path) if l.startswith("#SBATCH --job-name="))
+        name = next(s.strip().split("=", 1)[1] for s in open(path) if s.startswith("#SBATCH --job-name="))
         queued.append((name, list(extra), str(1000 + len(queued))))
         return queued[-1][2]
 
@@ -294,7 +295,8 @@ def test_sweep_of_three_filters_two_seeds_equals_each_branch_run_alone(tmp_path,
             assert (open(f"{piece.folder}/eval/results.jsonl").read()
                     == open(f"{theirs}/eval/results.jsonl").read())
     # Seeds differ; a resubmit of the whole sweep runs nothing and leaves the upstream untouched.
-    assert _digest(f"{folder}/runs/nofilter-seed0/train/model.pt") != _digest(f"{folder}/runs/nofilter-seed1/train/model.pt")
+    assert (_digest(f"{folder}/runs/nofilter-seed0/train/model.pt")
+            != _digest(f"{folder}/runs/nofilter-seed1/train/model.pt"))
     res = CliRunner().invoke(_app(), ["sweep", "-c", path])
     assert res.exit_code == 0, res.output
     assert _markers(up) == up_markers

@@ -18,8 +18,7 @@ from dcslurm.config import ConfigError, load_config
 from dcslurm.errors import UserError
 from dcslurm.runs import submit_run
 from dcslurm.storage import DataFolder
-from tests.train_helpers import read_metrics, write_shards, write_train_toml
-
+from tests.train_helpers import write_shards, write_train_toml
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,8 @@ def markdown(report: dict, title: str = "Filter audit") -> str:
     t = report["test"]
     lines = [f"# {title}", "",
              f"{report['rows_kept']:,} of {report['rows_raw']:,} rows kept: overall keep rate "
-             f"{report['keep_rate']:.4f} ({report['files']} metadata files; groups from `{report['groups_file']}`).", "",
+             f"{report['keep_rate']:.4f} ({report['files']} metadata files; "
+             f"groups from `{report['groups_file']}`).", "",
              f"Test: {t['name']}; alpha = {t['alpha']}, {t['groups_tested']} groups tested, so a group is "
              f"*significantly lower* when p < {t['per_group_threshold']:.3g}. **Exclusion amplification** = "
              f"significantly lower and under {t['rare_share']:.0%} of the raw pool. Keep ratio SE = "

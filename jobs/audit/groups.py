@@ -46,7 +46,8 @@ def _words(text: str) -> str:
     return " " + " ".join(_NOT_WORD.split(text.lower())).strip() + " "
 
 
-def load_groups(path: str = "", extra_columns: list[str] | tuple[str, ...] = (), text: str | None = None) -> GroupConfig:
+def load_groups(path: str = "", extra_columns: list[str] | tuple[str, ...] = (),
+                text: str | None = None) -> GroupConfig:
     """Parse a groups file (default: jobs/audit/groups.toml); one-line UserError naming file and key."""
     path = path or DEFAULT_GROUPS
     try:

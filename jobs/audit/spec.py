@@ -76,7 +76,8 @@ def validate_sources(sources: list[dict]) -> None:
             raise ValueError(f"sources[{i}]: expected a table {{name, metadata, subset, shards}}")
         unknown = set(s) - SOURCE_KEYS
         if unknown:
-            raise ValueError(f"sources[{i}]: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(SOURCE_KEYS))})")
+            raise ValueError(f"sources[{i}]: unknown key {sorted(unknown)[0]!r} "
+                             f"(known: {', '.join(sorted(SOURCE_KEYS))})")
         for key in ("name", "metadata"):
             if not isinstance(s.get(key), str) or not s.get(key):
                 raise ValueError(f"sources[{i}] {key}: expected a non-empty string")

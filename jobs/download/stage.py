@@ -59,12 +59,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations calls h
 
 import fsspec.config  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
 from img2dataset.blurrer import BoundingBoxBlurrer  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.reader import Reader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from dcslurm import proctree  # noqa: E402
 from dcslurm.demo_pool import DemoPoolServer, read_serve_info  # noqa: E402

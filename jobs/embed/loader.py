@@ -86,8 +86,9 @@ class Tokenization:
     """A tokenizer that also says which captions it had to truncate."""
 
     def __init__(self, recipe: TextRecipe):
-        from jobs.models import register_configs
         import open_clip
+
+        from jobs.models import register_configs
 
         register_configs()
         self.recipe = recipe

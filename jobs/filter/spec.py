@@ -69,7 +69,6 @@ def _preflight(config) -> None:
 
 def _check_param_files(terms, storage_options: dict) -> None:
     """Each file a filter parameter names (set by the user; defaults are the nodes' own paths)."""
-    import os
 
     from dcslurm.stages import require_file
 

@@ -78,7 +78,8 @@ def write(ctx: TaskContext) -> TaskResult:
     total = engine.write_subset(files, ctx.output, ctx.output)
     stage = ctx.step.stage
     stats = engine.summary(spec, ctx.upstream_stats(f"{stage}.apply"),
-                           [{"rows": s["rows"], "null_text": s["null_text"]} for s in ctx.upstream_stats(f"{stage}.map")],
+                           [{"rows": s["rows"], "null_text": s["null_text"]}
+                            for s in ctx.upstream_stats(f"{stage}.map")],
                            ctx.output.read_json(engine.PARAMS), ctx.seed)
     stats = engine.json_safe(stats)
     assert stats["kept_rows"] == total

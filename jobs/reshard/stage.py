@@ -28,8 +28,15 @@ from dcslurm.stages import filter_in_run
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
 from jobs.reshard.subset import SubsetFile, hex_halves, load_subset_url
-from jobs.reshard.tario import (ReadCounters, SampleTable, TarSampleReader, TarShardWriter, json_uid,
-                                open_tar_spans, open_tars_ahead)
+from jobs.reshard.tario import (
+    ReadCounters,
+    SampleTable,
+    TarSampleReader,
+    TarShardWriter,
+    json_uid,
+    open_tar_spans,
+    open_tars_ahead,
+)
 
 COUNTS_DIR = "_counts"
 INDEX_FILE = "_index.json"
@@ -454,7 +461,8 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
             used.append(piece.url)
             _copy_range(piece, next(readers), subset, emit, stats)
         if shuffle:
-            for j in np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard]).permutation(len(collected)):
+            rng = np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard])
+            for j in rng.permutation(len(collected)):
                 _add_sample(writer, *collected[j])
         writer.close()
         stats["bytes"] = writer.bytes
