@@ -1,29 +1,29 @@
 """The end-to-end demo: the whole DataComp workflow on the offline demo pool.
 
-`dcslurm demo --out DIR` runs, in order (each an ordinary run with its own run.toml
-under DIR/configs/, so any step can be rerun by hand with `dcslurm submit -c`):
+`dcslurm demo --out DIR` is two sweeps (dcslurm/sweep.py) over the demo pool:
 
-  1. DIR/pool                  the demo pool (`dcslurm pool demo`), skipped when complete;
-  2. DIR/runs/nofilter         download -> filter "no_filter" -> reshard -> train -> eval;
-  3. DIR/runs/clip30           embed nofilter's downloaded shards with the model nofilter
-                               trained (no pretrained CLIP weights exist offline), filter
-                               the top 30% by that score, reshard -> train -> eval;
-  4. DIR/runs/<filter>-seedS   for S = 1..seeds-1: train + eval on that filter's reshard
-                               folder with [run] seed = S;
-  5. the results table (`dcslurm results DIR/runs`) and, per filter, the mean and
-     spread of each demo task across seeds.
+  DIR/pool                        the demo pool (`dcslurm pool demo`), skipped when complete;
+  DIR/configs/nofilter.toml  ->   DIR/sweeps/nofilter: upstream = download; branch
+                                  nofilter (filter "no_filter") x seeds 0..seeds-1;
+  DIR/configs/clip30.toml    ->   DIR/sweeps/clip30: upstream = embed nofilter's downloaded
+                                  shards with the model nofilter-seed0 trained (no pretrained
+                                  CLIP weights exist offline), branch clip30 (top 30% by that
+                                  score) x the same seeds;
 
-Every run skips its committed tasks, so rerunning the same command resumes.
+then the leaderboard of DIR/sweeps (results.leaderboard: per filter, mean ± std over the
+seeds of each demo task, chance beside it) and what each filter trained on by the
+pool's noise kind. Two sweeps, because the second one's upstream reads a model a branch
+of the first trains. Each is an ordinary sweep file (`dcslurm sweep -c` reruns one) and
+every piece skips its committed tasks, so rerunning the same command resumes.
 Light at import (no torch): the CLI imports it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
@@ -84,17 +84,6 @@ class DemoSettings:
 
 
 @dataclass
-class DemoRun:
-    """One run of the demo: its name, filter, seed and run.toml text."""
-
-    name: str
-    filter: str  # NOFILTER or CLIP30
-    seed: int
-    toml: str
-    config_path: str = ""
-
-
-@dataclass
 class DemoLayout:
     """Where the demo puts things under `out` (a local folder)."""
 
@@ -109,15 +98,27 @@ class DemoLayout:
         return os.path.join(self.pool, "heldout")
 
     @property
-    def runs(self) -> str:
-        return os.path.join(self.out, "runs")
-
-    @property
     def configs(self) -> str:
         return os.path.join(self.out, "configs")
 
-    def run(self, name: str) -> str:
-        return os.path.join(self.runs, name)
+    @property
+    def sweeps(self) -> str:
+        return os.path.join(self.out, "sweeps")
+
+    def sweep_file(self, name: str) -> str:
+        return os.path.join(self.configs, f"{name}.toml")
+
+    def sweep(self, name: str) -> str:
+        return os.path.join(self.sweeps, name)
+
+    def upstream(self, name: str) -> str:
+        from dcslurm.sweep import UPSTREAM
+
+        return os.path.join(self.sweep(name), UPSTREAM)
+
+    def run(self, name: str, seed: int = 0) -> str:
+        """A filter's run folder for one seed (the sweep's SWEEP/runs/<branch>-seed<S>)."""
+        return os.path.join(self.sweep(name), "runs", f"{name}-seed{seed}")
 
 
 def _q(s: str) -> str:
@@ -137,81 +138,84 @@ def _toml_inline(d: dict) -> str:
 _CPU_RESOURCES = 'resources = {gpus_per_node = 0, cpus_per_task = 2, mem = ""}'
 
 
-def _common(settings: DemoSettings, folder: str, seed: int, stages: list[str]) -> str:
-    return (f"[run]\nfolder = {_q(folder)}\nscale = \"tiny\"\nseed = {seed}\n"
-            f"stages = [{', '.join(_q(s) for s in stages)}]\n\n"
+def _eval_tasks(settings: DemoSettings) -> list[dict]:
+    """DEMO_TASKS, retrieval with its chance: mean recall@1 is 1 / images either way
+    (text -> image: 1 of N images; image -> text: 3 of its 3N captions)."""
+    return [t if "random_score" in t else {**t, "random_score": 1 / settings.heldout} for t in DEMO_TASKS]
+
+
+def _sweep_head(settings: DemoSettings, layout: DemoLayout, name: str) -> str:
+    seeds = ", ".join(str(s) for s in range(settings.seeds))
+    return (f"[run]\nfolder = {_q(layout.sweep(name))}\nname = \"demo\"\nscale = \"tiny\"\n\n"
+            f"[sweep]\nseeds = [{seeds}]\n\n"
             f"[executor]\nkind = {_q(settings.executor)}\n"
             "max_parallel = 2  # local: two tasks at once (download, filter, reshard arrays) on 2 cores\n")
 
 
-def _train_eval(settings: DemoSettings, layout: DemoLayout, data: str = "") -> str:
+def _branch_stages(settings: DemoSettings, layout: DemoLayout, name: str) -> str:
+    """reshard, train, eval (the filter spec is the branch's) and the branch itself."""
     train = ["[stages.train]"]
-    if data:
-        train.append(f"data = {_q(data)}")
     if settings.train_samples:
         train.append(f"samples = {settings.train_samples}")
     train.append("workers = 1  # data-loading processes: the demo targets 2 cores")
     train.append(_CPU_RESOURCES)
-    tasks = ", ".join(_q(t["key"]) for t in DEMO_TASKS)
-    extra = ",\n  ".join(_toml_inline(t) for t in DEMO_TASKS)
-    return ("\n".join(train) + "\n\n"
+    tasks = _eval_tasks(settings)
+    keys = ", ".join(_q(t["key"]) for t in tasks)
+    extra = ",\n  ".join(_toml_inline(t) for t in tasks)
+    return ("[stages.reshard]\nsamples_per_shard = 1000\n\n"
+            + "\n".join(train) + "\n\n"
             "[stages.eval]\n"
-            f"tasks = [{tasks}]\n"
+            f"tasks = [{keys}]\n"
             f"evalsets = {_q(layout.heldout)}\n"
             "units_per_task = 4  # one process loads the model once for the four small sets\n"
             "num_workers = 1\n"
             f"{_CPU_RESOURCES}\n"
-            f"extra_tasks = [\n  {extra},\n]\n")
+            f"extra_tasks = [\n  {extra},\n]\n\n"
+            f"[[branches]]\nname = {_q(name)}\nfilter = {_q(FILTER_SPECS[name])}\n")
 
 
-def demo_runs(settings: DemoSettings) -> list[DemoRun]:
-    """The demo's runs, in the order they must run, with their run.toml texts."""
+def sweep_texts(settings: DemoSettings) -> dict[str, str]:
+    """The demo's sweep files, in the order they must run: name -> TOML text."""
     layout = DemoLayout(os.path.abspath(settings.out))
-    runs = []
-    nofilter_dir = layout.run(NOFILTER)
-    runs.append(DemoRun(NOFILTER, NOFILTER, 0, (
-        "# The unfiltered baseline: download the demo pool, keep every sample, train, evaluate.\n"
-        + _common(settings, nofilter_dir, 0, ["download", "filter", "reshard", "train", "eval"])
-        + f"\n[pool]\nmetadata = {_q(layout.pool)}\n\n"
-        "[stages.download]\nprocesses = 1\nthreads = 16\n\n"
-        f"[stages.filter]\nspec = {_q(FILTER_SPECS[NOFILTER])}\n\n"
-        "[stages.reshard]\nsamples_per_shard = 1000\n\n"
-        + _train_eval(settings, layout))))
-    scorer = os.path.join(nofilter_dir, "train", "model.pt")
-    runs.append(DemoRun(CLIP30, CLIP30, 0, (
-        "# CLIP-score top 30%. No pretrained CLIP weights exist offline, so the scoring model\n"
-        "# is the one the nofilter run trained on this same unfiltered pool.\n"
-        + _common(settings, layout.run(CLIP30), 0, ["embed", "filter", "reshard", "train", "eval"])
-        + f"\n[pool]\nshards = {_q(os.path.join(nofilter_dir, 'download'))}\n\n"
-        "[stages.embed]\n"
-        f"models = [{_toml_inline({'name': 'tiny', 'model': 'dcslurm-tiny-vit', 'pretrained': scorer})}]\n"
-        "device = \"cpu\"\nworkers = 1\nunits_per_task = 64  # one task: the model loads once\n"
-        f"{_CPU_RESOURCES}\n\n"
-        f"[stages.filter]\nspec = {_q(FILTER_SPECS[CLIP30])}\n\n"
-        "[stages.reshard]\nsamples_per_shard = 1000\n\n"
-        + _train_eval(settings, layout))))
-    for seed in range(1, settings.seeds):
-        for name in (NOFILTER, CLIP30):
-            run_name = f"{name}-seed{seed}"
-            runs.append(DemoRun(run_name, name, seed, (
-                f"# {name} with another seed: train + eval on the {name} run's resharded data.\n"
-                + _common(settings, layout.run(run_name), seed, ["train", "eval"])
-                # Not run here (not in stages): names the data's filter in `dcslurm results`.
-                + f"\n[stages.filter]\nspec = {_q(FILTER_SPECS[name])}\n\n"
-                + _train_eval(settings, layout, data=os.path.join(layout.run(name), "reshard")))))
-    return runs
+    first = 0  # the first seed's run filters, reshards, and (nofilter's) trains the scorer
+    scorer = os.path.join(layout.run(NOFILTER, first), "train", "model.pt")
+    return {
+        NOFILTER: (
+            "# The unfiltered baseline: download the demo pool (the upstream), keep every sample,\n"
+            "# reshard, train and evaluate with each seed. Written by `dcslurm demo`.\n"
+            + _sweep_head(settings, layout, NOFILTER)
+            + f"\n[pool]\nmetadata = {_q(layout.pool)}\n\n"
+            "[stages.download]\nprocesses = 1\nthreads = 16\n\n"
+            + _branch_stages(settings, layout, NOFILTER)),
+        CLIP30: (
+            "# CLIP-score top 30%. No pretrained CLIP weights exist offline, so the upstream embeds\n"
+            "# the nofilter sweep's downloaded shards with the model its first seed trained on this\n"
+            "# same unfiltered pool. Runs after the nofilter sweep. Written by `dcslurm demo`.\n"
+            + _sweep_head(settings, layout, CLIP30)
+            + f"\n[pool]\nshards = {_q(os.path.join(layout.upstream(NOFILTER), 'download'))}\n\n"
+            "[stages.embed]\n"
+            f"models = [{_toml_inline({'name': 'tiny', 'model': 'dcslurm-tiny-vit', 'pretrained': scorer})}]\n"
+            "device = \"cpu\"\nworkers = 1\nunits_per_task = 64  # one task: the model loads once\n"
+            f"{_CPU_RESOURCES}\n\n"
+            + _branch_stages(settings, layout, CLIP30)),
+    }
 
 
-def write_configs(settings: DemoSettings) -> list[DemoRun]:
-    """Write every run's run.toml under OUT/configs/ and return the runs."""
+def write_sweep_files(settings: DemoSettings) -> list[str]:
+    """Write DIR/configs/<name>.toml for each sweep, checked as sweep files (no I/O
+    beyond the write: the pool and the scorer need not exist yet); their paths in order."""
+    from dcslurm.sweep import load_sweep
+
     layout = DemoLayout(os.path.abspath(settings.out))
     os.makedirs(layout.configs, exist_ok=True)
-    runs = demo_runs(settings)
-    for r in runs:
-        r.config_path = os.path.join(layout.configs, f"{r.name}.toml")
-        with open(r.config_path, "w") as f:
-            f.write(r.toml)
-    return runs
+    paths = []
+    for name, text in sweep_texts(settings).items():
+        path = layout.sweep_file(name)
+        with open(path, "w") as f:
+            f.write(text)
+        load_sweep(path)
+        paths.append(path)
+    return paths
 
 
 def pool_is_complete(settings: DemoSettings) -> bool:
@@ -239,146 +243,44 @@ def ensure_pool(settings: DemoSettings, log=print) -> None:
                        heldout=settings.heldout)
 
 
-def run_one(run: DemoRun, log=print, poll_s: float = 10.0, timeout_s: float = 6 * 3600) -> float:
-    """Submit one run and return when it is complete (the slurm executor is polled,
-    since the next run reads this one's outputs). Returns the wall seconds."""
-    from dcslurm.config import load_config
-    from dcslurm.runs import run_status, submit_run
+def run_sweep(path: str, log=print, poll_s: float = 10.0, timeout_s: float = 6 * 3600) -> list[str]:
+    """Run one sweep file (dcslurm.sweep.submit_sweep) and return when every piece is
+    complete: the local executor runs them in turn; on SLURM they are queued at once and
+    polled, since the demo's next sweep reads this one's outputs. Returns what failed,
+    one line a piece ([] = all done)."""
+    from dcslurm.sweep import load_sweep, submit_sweep, sweep_status
 
     started = time.time()
-    cfg = load_config(run.config_path)
+    sweep = load_sweep(path)
     step_started: dict[str, float] = {}
 
     def progress(step: str, done: int, total: int) -> None:
         step_started.setdefault(step, time.time())
         if done == total:
-            log(f"  {run.name} {step}: {total} tasks done in {time.time() - step_started[step]:.0f} s")
+            log(f"  {step}: {total} tasks done in {time.time() - step_started.pop(step):.0f} s")
 
-    result = submit_run(cfg, progress=progress)
-    if result.failed:
-        where = ", ".join(f"{s} ({len(i)} tasks)" for s, i in result.failed.items())
-        raise UserError(f"{cfg.run_url}: demo run {run.name} failed in {where}; see `dcslurm status {cfg.run_url}`")
-    if cfg.executor.kind == "slurm":
+    results = submit_sweep(sweep, progress=progress, log=log)
+    failed = [f"{r.piece}: {', '.join(f'{k} ({len(v)} tasks)' for k, v in r.failed.items())} failed" for r in results
+              if r.failed] + [f"{r.piece}: not run: {r.skipped}" for r in results if r.skipped]
+    if not failed and sweep.pieces[0].config.executor.kind == "slurm":
         while True:
-            _plan, steps = run_status(cfg.run_url, cfg.storage_options, cfg)
-            failed = [s.name for s in steps if s.counts["failed"]]
-            if failed:
-                raise UserError(f"{cfg.run_url}: demo run {run.name} failed in {', '.join(failed)}; "
-                                f"see `dcslurm status {cfg.run_url}`")
-            if all(s.counts["done"] == s.n_tasks for s in steps):
+            states = sweep_status(sweep.folder, sweep.storage_options)
+            failed = [f"{p.piece}: {', '.join(p.failed_steps)} failed" for p in states if p.state == "failed"]
+            if failed or all(p.state == "done" for p in states):
                 break
             if time.time() - started > timeout_s:
-                raise UserError(f"{cfg.run_url}: demo run {run.name} not done after {timeout_s:.0f} s")
+                raise UserError(f"{sweep.folder}: demo sweep not done after {timeout_s:.0f} s; "
+                                f"see `dcslurm sweep status {sweep.folder}`")
             time.sleep(poll_s)
-    seconds = time.time() - started
-    log(f"{run.name}: done in {seconds:.0f} s")
-    return seconds
+    log(f"{sweep.folder}: {'failed' if failed else 'done'} in {time.time() - started:.0f} s")
+    return failed
 
 
-# -- the summary: mean and spread across seeds ---------------------------------
+def demo_leaderboard(out: str):
+    """The leaderboard (dcslurm.results) of every demo run under OUT/sweeps."""
+    from dcslurm.results import leaderboard
 
-@dataclass
-class FilterSummary:
-    """One filter's results across seeds."""
-
-    filter: str
-    spec: str
-    subset_size: int | None  # samples in the training shards
-    seeds: list[int] = field(default_factory=list)
-    scores: dict[str, list[float]] = field(default_factory=dict)  # task name -> one value per seed
-
-    def mean(self, task: str) -> float:
-        xs = self.scores[task]
-        return math.fsum(xs) / len(xs)
-
-    def std(self, task: str) -> float:
-        """Sample standard deviation (n - 1); 0 for one seed."""
-        xs = self.scores[task]
-        if len(xs) < 2:
-            return 0.0
-        m = self.mean(task)
-        return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def summarize(runs_dir: str, seeds: int) -> list[FilterSummary]:
-    """Per filter: each demo task's main metric for seeds 0..seeds-1 (runs missing results are skipped)."""
-    from dcslurm.results import read_run
-
-    out = []
-    for name in (NOFILTER, CLIP30):
-        summary = FilterSummary(name, FILTER_SPECS[name], None)
-        for seed in range(seeds):
-            folder = DataFolder(os.path.join(runs_dir, name if seed == 0 else f"{name}-seed{seed}"))
-            if not folder.exists("eval/results.jsonl"):
-                continue
-            r = read_run(folder)
-            if seed == 0:
-                summary.subset_size = trained_samples(folder.url)
-            summary.seeds.append(seed)
-            for t in DEMO_TASKS:
-                value = r.aggregate.extras.get(t["name"])
-                if value is not None:
-                    summary.scores.setdefault(t["name"], []).append(value)
-        out.append(summary)
-    return out
-
-
-def _short_names() -> list[str]:
-    """Column names: "shapes", ..., "retrieval" (main metrics: accuracy, mean recall@1)."""
-    return [t["name"].removeprefix("Demo ") for t in DEMO_TASKS]
-
-
-def trained_samples(run_dir: str) -> int | None:
-    """Samples in a run's training shards (reshard/sizes.json): the subset's samples
-    that were downloaded (the nofilter subset also lists the pool's dead URLs)."""
-    folder = DataFolder(run_dir)
-    if not folder.exists("reshard/sizes.json"):
-        return None
-    return sum(folder.read_json("reshard/sizes.json").values())
-
-
-def run_rows(runs_dir: str, seeds: int) -> tuple[list[str], list[list[str]]]:
-    """(header, rows), one row per demo run with results: run, seed,
-    samples trained on (the reshard size table), each demo task's main metric."""
-    from dcslurm.results import read_run
-
-    header = ["run", "seed", "samples", *_short_names()]
-    rows = []
-    for name in (NOFILTER, CLIP30):
-        for seed in range(seeds):
-            run_name = name if seed == 0 else f"{name}-seed{seed}"
-            folder = DataFolder(os.path.join(runs_dir, run_name))
-            if not folder.exists("eval/results.jsonl"):
-                continue
-            r = read_run(folder)
-            size = trained_samples(os.path.join(runs_dir, name))
-            rows.append([run_name, str(seed), "-" if size is None else f"{size:,}",
-                         *(f"{r.aggregate.extras[t['name']]:.3f}" if t["name"] in r.aggregate.extras else "missing"
-                           for t in DEMO_TASKS)])
-    return header, rows
-
-
-def summary_rows(summaries: list[FilterSummary]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): filter, samples trained on, then "mean±std" per demo task
-    (a filter with fewer seeds than the others says how many)."""
-    max_seeds = max((len(s.seeds) for s in summaries), default=0)
-    tasks = [t["name"] for t in DEMO_TASKS]
-    header = ["filter", "samples", *_short_names()]
-    rows = []
-    for s in summaries:
-        cells = [s.filter if len(s.seeds) == max_seeds else f"{s.filter} ({len(s.seeds)} seeds)",
-                 "-" if s.subset_size is None else f"{s.subset_size:,}"]
-        for t in tasks:
-            cells.append(f"{s.mean(t):.3f}±{s.std(t):.3f}" if s.scores.get(t) else "missing")
-        rows.append(cells)
-    return header, rows
-
-
-def summary_markdown(summaries: list[FilterSummary]) -> str:
-    header, rows = summary_rows(summaries)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return leaderboard(DemoLayout(os.path.abspath(out)).sweeps)
 
 
 # The pool's noise kinds (docs/DEMO_POOL.md) that can reach training (dead URLs cannot).
@@ -389,7 +291,7 @@ NOISE_COLUMNS = ("clean", "mismatched_caption", "boilerplate_caption", "non_engl
 def noise_composition(out: str) -> dict[str, dict[str, int]]:
     """Per filter: how many of the samples it trained on are of each of the pool's
     noise kinds (the pool's `demo_kind` ground truth, which no filter reads).
-    Trained samples = the filter's subset.npy uids that the nofilter run downloaded."""
+    Trained samples = the filter's subset.npy uids that the nofilter sweep's upstream downloaded."""
     import glob
 
     import numpy as np
@@ -401,13 +303,13 @@ def noise_composition(out: str) -> dict[str, dict[str, int]]:
         t = pq.read_table(path, columns=["uid", "demo_kind"])
         kind_of.update(zip(t.column("uid").to_pylist(), t.column("demo_kind").to_pylist()))
     downloaded: set[str] = set()
-    for path in sorted(glob.glob(os.path.join(layout.run(NOFILTER), "download", "*.parquet"))):
+    for path in sorted(glob.glob(os.path.join(layout.upstream(NOFILTER), "download", "*.parquet"))):
         t = pq.read_table(path, columns=["uid", "status"])
         downloaded.update(u for u, st in zip(t.column("uid").to_pylist(), t.column("status").to_pylist())
                           if st == "success")
     out_counts = {}
     for name in (NOFILTER, CLIP30):
-        path = os.path.join(layout.run(name), "filter", "subset.npy")
+        path = os.path.join(layout.run(name), "filter", "subset.npy")  # the first seed filters
         if not os.path.exists(path):
             continue
         counts = {k: 0 for k in NOISE_COLUMNS}
@@ -430,9 +332,3 @@ def noise_rows(composition: dict[str, dict[str, int]]) -> tuple[list[str], list[
         total = sum(counts.values())
         rows.append([name, f"{total:,}", *(f"{100 * counts.get(k, 0) / max(total, 1):.1f}%" for k in NOISE_COLUMNS)])
     return header, rows
-
-
-def chance_row(heldout: int) -> dict[str, float | None]:
-    """Each demo task's chance score; retrieval's mean recall@1 is 1 / images either way
-    (text -> image: 1 of N images; image -> text: 3 of its 3N captions)."""
-    return {t["name"]: t.get("random_score", 1 / heldout) for t in DEMO_TASKS}
