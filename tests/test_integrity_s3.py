@@ -17,7 +17,9 @@ from dcslurm.task import TaskContext, TaskResult
 pytestmark = pytest.mark.s3
 
 # Short timeouts and one attempt: the test waits seconds, not botocore's backoff.
-_FAST = {"connect_timeout": 2, "read_timeout": 5, "max_attempts": 1}
+# A stopped server refuses connections at once; the read timeout only has to outlast a slow
+# answer from a loaded machine.
+_FAST = {"connect_timeout": 2, "read_timeout": 20, "max_attempts": 1}
 _SERVER = {}  # the running test's S3Server, for the stage function below
 
 
@@ -56,14 +58,16 @@ def test_task_whose_output_upload_fails_commits_no_marker(s3_server, s3_bucket):
                     resources=Resources(), gpu=False)
     plan = Plan(run_url=run_url, run_name="run", scale="tiny", fingerprint="x", steps=[step], stage_params={},
                 storage_options=opts)
-    folder = DataFolder(run_url, opts)
-    folder.write_text(PLAN_FILE, plan.to_json())
+    # The setup and the checks use the default timeouts: only the task must give up fast
+    # (a loaded machine's SeaweedFS can take longer than 5 s to answer a healthy request).
+    patient = s3fs_options(endpoint_url=s3_server.endpoint_url)
+    DataFolder(run_url, patient).write_text(PLAN_FILE, plan.to_json())
     _SERVER["server"] = s3_server
     try:
         code = run_task(run_url, "lose", 0, storage_options=opts)
     finally:
         s3_server.start()
     assert code != 0
-    folder = DataFolder(run_url, opts)
+    folder = DataFolder(run_url, patient)
     assert read_marker(folder, "lose", 0) is None
     assert not folder.exists("lose/part-0.bin")
