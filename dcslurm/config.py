@@ -463,17 +463,21 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
     )
 
 
+def read_toml(path: str, what: str = "config file") -> dict:
+    """A TOML file's table, or a one-line ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_config(path: str, scale: str | None = None, stages: list[str] | None = None,
                 executor: str | None = None) -> RunConfig:
     """Read and validate a run.toml."""
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_config(raw, path, scale=scale, stages=stages, executor=executor)
+    return parse_config(read_toml(path), path, scale=scale, stages=stages, executor=executor)
 
 
 def _resolve(url: str, base_dir: str) -> str:

@@ -40,7 +40,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from dcslurm.config import RunConfig, load_dataclass, parse_config
+from dcslurm.config import RunConfig, load_dataclass, parse_config, read_toml
 from dcslurm.errors import ConfigError, UserError
 from dcslurm.stages import PlanInputs
 from dcslurm.storage import DataFolder, join_url
@@ -121,14 +121,7 @@ class Sweep:
 # -- reading a sweep file ------------------------------------------------------
 
 def load_sweep(path: str, executor: str | None = None) -> Sweep:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such sweep file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_sweep(raw, path, executor=executor)
+    return parse_sweep(read_toml(path, "sweep file"), path, executor=executor)
 
 
 def read_sweep(sweep_url: str, storage_options: dict | None = None) -> Sweep:
