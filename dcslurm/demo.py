@@ -20,13 +20,13 @@ Light at import (no torch): the CLI imports it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 
 from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
+from dcslurm.sweep import toml_value
 
 # The demo pool's held-out sets (docs/DEMO_POOL.md), registered as extra eval tasks.
 DEMO_TASKS = (
@@ -121,18 +121,6 @@ class DemoLayout:
         return os.path.join(self.sweep(name), "runs", f"{name}-seed{seed}")
 
 
-def _q(s: str) -> str:
-    """A TOML basic string (JSON's escaping is valid TOML)."""
-    return json.dumps(s)
-
-
-def _toml_inline(d: dict) -> str:
-    parts = []
-    for k, v in d.items():
-        parts.append(f"{k} = {_q(v) if isinstance(v, str) else repr(v)}")
-    return "{" + ", ".join(parts) + "}"
-
-
 # The tiny model runs on CPUs: no GPU asked of SLURM, 2 cores a task, and the site's default
 # memory (mem = "" drops the embed stage's 64G default: the demo's tasks need under 2 GB).
 _CPU_RESOURCES = 'resources = {gpus_per_node = 0, cpus_per_task = 2, mem = ""}'
@@ -146,9 +134,9 @@ def _eval_tasks(settings: DemoSettings) -> list[dict]:
 
 def _sweep_head(settings: DemoSettings, layout: DemoLayout, name: str) -> str:
     seeds = ", ".join(str(s) for s in range(settings.seeds))
-    return (f"[run]\nfolder = {_q(layout.sweep(name))}\nname = \"demo\"\nscale = \"tiny\"\n\n"
+    return (f"[run]\nfolder = {toml_value(layout.sweep(name))}\nname = \"demo\"\nscale = \"tiny\"\n\n"
             f"[sweep]\nseeds = [{seeds}]\n\n"
-            f"[executor]\nkind = {_q(settings.executor)}\n"
+            f"[executor]\nkind = {toml_value(settings.executor)}\n"
             "max_parallel = 2  # local: two tasks at once (download, filter, reshard arrays) on 2 cores\n")
 
 
@@ -160,18 +148,18 @@ def _branch_stages(settings: DemoSettings, layout: DemoLayout, name: str) -> str
     train.append("workers = 1  # data-loading processes: the demo targets 2 cores")
     train.append(_CPU_RESOURCES)
     tasks = _eval_tasks(settings)
-    keys = ", ".join(_q(t["key"]) for t in tasks)
-    extra = ",\n  ".join(_toml_inline(t) for t in tasks)
+    keys = ", ".join(toml_value(t["key"]) for t in tasks)
+    extra = ",\n  ".join(toml_value(t) for t in tasks)
     return ("[stages.reshard]\nsamples_per_shard = 1000\n\n"
             + "\n".join(train) + "\n\n"
             "[stages.eval]\n"
             f"tasks = [{keys}]\n"
-            f"evalsets = {_q(layout.heldout)}\n"
+            f"evalsets = {toml_value(layout.heldout)}\n"
             "units_per_task = 4  # one process loads the model once for the four small sets\n"
             "num_workers = 1\n"
             f"{_CPU_RESOURCES}\n"
             f"extra_tasks = [\n  {extra},\n]\n\n"
-            f"[[branches]]\nname = {_q(name)}\nfilter = {_q(FILTER_SPECS[name])}\n")
+            f"[[branches]]\nname = {toml_value(name)}\nfilter = {toml_value(FILTER_SPECS[name])}\n")
 
 
 def sweep_texts(settings: DemoSettings) -> dict[str, str]:
@@ -184,7 +172,7 @@ def sweep_texts(settings: DemoSettings) -> dict[str, str]:
             "# The unfiltered baseline: download the demo pool (the upstream), keep every sample,\n"
             "# reshard, train and evaluate with each seed. Written by `dcslurm demo`.\n"
             + _sweep_head(settings, layout, NOFILTER)
-            + f"\n[pool]\nmetadata = {_q(layout.pool)}\n\n"
+            + f"\n[pool]\nmetadata = {toml_value(layout.pool)}\n\n"
             "[stages.download]\nprocesses = 1\nthreads = 16\n\n"
             + _branch_stages(settings, layout, NOFILTER)),
         CLIP30: (
@@ -192,9 +180,9 @@ def sweep_texts(settings: DemoSettings) -> dict[str, str]:
             "# the nofilter sweep's downloaded shards with the model its first seed trained on this\n"
             "# same unfiltered pool. Runs after the nofilter sweep. Written by `dcslurm demo`.\n"
             + _sweep_head(settings, layout, CLIP30)
-            + f"\n[pool]\nshards = {_q(os.path.join(layout.upstream(NOFILTER), 'download'))}\n\n"
+            + f"\n[pool]\nshards = {toml_value(os.path.join(layout.upstream(NOFILTER), 'download'))}\n\n"
             "[stages.embed]\n"
-            f"models = [{_toml_inline({'name': 'tiny', 'model': 'dcslurm-tiny-vit', 'pretrained': scorer})}]\n"
+            f"models = [{toml_value({'name': 'tiny', 'model': 'dcslurm-tiny-vit', 'pretrained': scorer})}]\n"
             "device = \"cpu\"\nworkers = 1\nunits_per_task = 64  # one task: the model loads once\n"
             f"{_CPU_RESOURCES}\n\n"
             + _branch_stages(settings, layout, CLIP30)),

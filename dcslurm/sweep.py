@@ -466,7 +466,8 @@ def _key(k: str) -> str:
     return k if _BARE.fullmatch(k) else json.dumps(k)
 
 
-def _value(v) -> str:
+def toml_value(v) -> str:
+    """One TOML value (inline: a table as {k = v}); the one writer of TOML values."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -474,9 +475,9 @@ def _value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v)  # JSON's escapes are valid in a TOML basic string
     if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"no TOML form for {type(v).__name__}")
 
 
@@ -487,12 +488,12 @@ def toml_dumps(doc: dict) -> str:
     for name, table in doc.items():
         if isinstance(table, list):
             for item in table:
-                lines += ["", f"[[{_key(name)}]]", *(f"{_key(k)} = {_value(v)}" for k, v in item.items())]
+                lines += ["", f"[[{_key(name)}]]", *(f"{_key(k)} = {toml_value(v)}" for k, v in item.items())]
             continue
         lines += ["", f"[{_key(name)}]"]
-        lines += [f"{_key(k)} = {_value(v)}" for k, v in table.items()
+        lines += [f"{_key(k)} = {toml_value(v)}" for k, v in table.items()
                   if not (name == "stages" and isinstance(v, dict))]
         if name == "stages":
             for stage, values in table.items():
-                lines += ["", f"[stages.{_key(stage)}]", *(f"{_key(k)} = {_value(v)}" for k, v in values.items())]
+                lines += ["", f"[stages.{_key(stage)}]", *(f"{_key(k)} = {toml_value(v)}" for k, v in values.items())]
     return "# Written by dcslurm sweep.\n" + "\n".join(lines).lstrip("\n") + "\n"

@@ -238,12 +238,13 @@ def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str, eval_tas
                    train_ranks: int = 1) -> str:
     """The demo workflow's run config; `eval_tasks` (default: every demo task) and `train_ranks`
     (processes of the one training job) let tests/test_sigkill_soak.py make it cheaper or wider."""
-    from dcslurm.demo import DEMO_TASKS, _toml_inline
+    from dcslurm.demo import DEMO_TASKS
+    from dcslurm.sweep import toml_value
 
     cpu = "resources = {gpus_per_node = 0, cpus_per_task = 1, mem = \"1000M\", time = \"00:20:00\"}"
     train_cpu = cpu.replace("cpus_per_task = 1,", f"cpus_per_task = 1, tasks_per_node = {train_ranks},")
     eval_tasks = DEMO_TASKS if eval_tasks is None else eval_tasks
-    extra_tasks = ",\n  ".join(_toml_inline(t) for t in eval_tasks)
+    extra_tasks = ",\n  ".join(toml_value(t) for t in eval_tasks)
     text = f"""
 [run]
 folder = {json.dumps(run)}

@@ -25,7 +25,8 @@ CPU = 'resources = {gpus_per_node = 0, cpus_per_task = 1, mem = "1000M", time = 
 def sweep_toml(path, folder: str, pool: str, executor: str = "local", branches: str | None = None,
                extra_run: str = "", seeds=(0, 1)) -> str:
     """A sweep over the demo pool with the tiny model (random init: no weights offline)."""
-    from dcslurm.demo import DEMO_TASKS, _toml_inline
+    from dcslurm.demo import DEMO_TASKS
+    from dcslurm.sweep import toml_value
 
     tasks = (DEMO_TASKS[0], DEMO_TASKS[3])
     if branches is None:
@@ -76,7 +77,7 @@ tasks = [{", ".join(json.dumps(t["key"]) for t in tasks)}]
 evalsets = {json.dumps(os.path.join(pool, "heldout"))}
 num_workers = 0
 {CPU}
-extra_tasks = [{", ".join(_toml_inline(t) for t in tasks)}]
+extra_tasks = [{", ".join(toml_value(t) for t in tasks)}]
 {branches}"""
     with open(path, "w") as f:
         f.write(text)
