@@ -21,6 +21,7 @@ from dcslurm.stages import Estimate, PlanContext, PlanInputs, get_stage
 from dcslurm.storage import DataFolder, join_url
 
 PLAN_FILE = "plan.json"
+RUN_TOML = "run.toml"  # a run's config in its folder, where a sweep writes one per piece
 DEFAULT_MAX_TASKS = 10_000
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcslurm.errors import StorageError, UserError
+from dcslurm.plan import PLAN_FILE, RUN_TOML
 from dcslurm.storage import DataFolder, is_remote
 from dcslurm.tasks import AGGREGATE_GROUPS, datacomp_tasks, scored_tasks
 
@@ -98,8 +99,6 @@ def _mean(xs) -> float:
 
 # -- run folders ------------------------------------------------------------
 
-PLAN_FILE = "plan.json"
-RUN_TOML = "run.toml"  # a run's config in its folder (a sweep writes one per run)
 FINISHED = "finished"
 
 

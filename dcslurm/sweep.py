@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 
 from dcslurm.config import RunConfig, load_dataclass, parse_config, read_toml
 from dcslurm.errors import ConfigError, UserError
+from dcslurm.plan import PLAN_FILE, RUN_TOML, discover_inputs, read_plan
 from dcslurm.stages import PlanInputs
 from dcslurm.storage import DataFolder, join_url
 
 SWEEP_FILE = "sweep.toml"
-RUN_TOML = "run.toml"  # each piece's config, in its run folder
 UPSTREAM = "upstream"
 UPSTREAM_STAGES = ("download", "embed")
 BRANCH_STAGES = ["filter", "reshard", "train", "eval"]
@@ -268,7 +268,6 @@ def check_sweep(sweep: Sweep) -> None:
 
 def upstream_complete(sweep: Sweep) -> bool:
     """Every task of the upstream's plan is committed (its outputs can be listed)."""
-    from dcslurm.plan import PLAN_FILE, read_plan
     from dcslurm.runs import pending_tasks
 
     if sweep.upstream is None:
@@ -285,7 +284,6 @@ def branch_inputs(sweep: Sweep) -> PlanInputs:
     samples_per_shard) each: jobs/download/stage.py) and embed's {stem}.parquet of each.
     The same URLs a listing of the finished upstream gives (the slow test checks it),
     so the plan's unit digests do not change when the branch is resubmitted later."""
-    from dcslurm.plan import discover_inputs
 
     up = sweep.upstream
     pool_cfg = parse_config({**{k: v for k, v in sweep.raw.items() if k not in ("sweep", "branches")},
@@ -420,7 +418,6 @@ class PieceStatus:
 
 
 def sweep_status(sweep_url: str, storage_options: dict | None = None) -> list[PieceStatus]:
-    from dcslurm.plan import PLAN_FILE
     from dcslurm.runs import run_status
 
     sweep = read_sweep(sweep_url, storage_options)
@@ -443,7 +440,6 @@ def sweep_status(sweep_url: str, storage_options: dict | None = None) -> list[Pi
 
 def cancel_sweep(sweep_url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
     """Cancel every piece's queued and running jobs: piece -> what was cancelled."""
-    from dcslurm.plan import PLAN_FILE
     from dcslurm.runs import cancel_run
 
     sweep = read_sweep(sweep_url, storage_options)
