@@ -138,15 +138,20 @@ class Reader:
 NPY_BLOCK_BYTES = 8 << 20  # read at once when only some rows of an npz key are wanted
 
 
-def _read_npy_rows(fh, url: str, key: str, rows: int, select: np.ndarray | None) -> np.ndarray:
-    """A 2-d .npy array from a stream (its shape checked against `rows` before any data is read),
-    all of it or only the rows `select` names, reading NPY_BLOCK_BYTES at a time."""
+def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream `fh`, which is left at its data."""
     version = np.lib.format.read_magic(fh)
     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
     if read_header is None:
         raise ValueError(f"npy format version {version}")
-    shape, fortran, dtype = read_header(fh)
+    return read_header(fh)
+
+
+def _read_npy_rows(fh, url: str, key: str, rows: int, select: np.ndarray | None) -> np.ndarray:
+    """A 2-d .npy array from a stream (its shape checked against `rows` before any data is read),
+    all of it or only the rows `select` names, reading NPY_BLOCK_BYTES at a time."""
+    shape, fortran, dtype = _npy_header(fh)
     if len(shape) != 2 or shape[0] != rows:
         raise UserError(f"{url}: key {key!r} has shape {shape}, but its parquet has {rows} rows")
     if dtype.hasobject:
@@ -774,9 +779,7 @@ def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out
 
 def _npy_rows(work: DataFolder, rel: str) -> int:
     with work.open(rel) as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, _ = read(fh)
+        shape, _, _ = _npy_header(fh)
     return int(shape[0])
 
 
