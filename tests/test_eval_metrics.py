@@ -69,3 +69,14 @@ def test_retrieval_recall_by_hand():
     # images: 0's best text is 0 (yes); 1's best is 1 (no: text 1 is image 0's); 2's best is 3 (yes)
     assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
     assert m["mean_recall@1"] == pytest.approx(0.5 * (0.5 + 2 / 3))
+
+
+def test_declared_metric_names_are_what_each_path_returns():
+    """The names an extra task's main_metric is checked against (before anything is
+    queued) must be exactly the keys the evaluation code returns."""
+    rng = np.random.default_rng(0)
+    logits, target = rng.normal(size=(20, 6)), rng.integers(0, 6, 20)
+    assert tuple(M.classification_metrics(logits, target, 6)) == M.CLASSIFICATION_METRICS
+    scores = rng.normal(size=(12, 12))
+    assert set(M.retrieval_recall(scores, np.arange(12))) == set(M.RETRIEVAL_METRICS)
+    assert tuple(M.winogavil_metrics([0.5, 0.2], [5, 10])) == M.WINOGAVIL_METRICS

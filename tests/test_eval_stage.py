@@ -136,6 +136,19 @@ def test_unknown_task_in_config_is_one_line_error(tmp_path, evalsets, random_che
     assert "tasks" in msg and "imagenet-z" in msg and "\n" not in msg
 
 
+def test_extra_task_main_metric_its_kind_never_gives_is_refused_at_load(tmp_path, evalsets, random_checkpoint):
+    """A misspelt main_metric left the task's number null in every table, silently."""
+    from dcslurm.config import load_config
+    from dcslurm.errors import ConfigError
+
+    extra = """extra_tasks = [{key = "lab/captions", name = "Lab captions", kind = "retrieval", main_metric = "recall@1"}]"""
+    with pytest.raises(ConfigError) as exc:
+        load_config(write_config(tmp_path, str(tmp_path / "r"), str(evalsets), random_checkpoint,
+                                 '"extra"', extra=extra))
+    msg = str(exc.value)
+    assert "lab/captions" in msg and "'recall@1'" in msg and "mean_recall@1" in msg and "\n" not in msg
+
+
 def test_eval_set_without_nshards_or_classnames_is_one_line_error(tmp_path, random_checkpoint):
     from jobs.evaluate.evalset import EvalSet
 

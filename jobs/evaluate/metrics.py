@@ -10,6 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 
+# The metric names each evaluation path returns, so that an extra task's
+# `main_metric` can be checked before anything is queued (tests/test_eval_metrics.py
+# holds these equal to what the functions below return). WILDS and the fairness
+# tasks name their group metrics per task; they are checked when evaluated.
+CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+RETRIEVAL_METRICS = tuple(f"{side}_retrieval_recall@{k}" for k in (1, 5, 10) for side in ("image", "text")) + (
+    "mean_recall@1",)
+WINOGAVIL_METRICS = ("avg_jaccard_score", "jaccard_score_5", "jaccard_score_6", "jaccard_score_10",
+                     "jaccard_score_12", "jaccard_score_5-6", "jaccard_score_10-12")
+METRICS_BY_KIND = {"classification": CLASSIFICATION_METRICS, "retrieval": RETRIEVAL_METRICS,
+                   "winogavil": WINOGAVIL_METRICS}
+
+
 def topk_accuracy(logits: np.ndarray, target: np.ndarray, k: int) -> float:
     """Fraction of samples whose label is among the k highest logits."""
     k = min(k, logits.shape[1])

@@ -38,9 +38,15 @@ class EvalParams:
                              "(dcslurm evalsets prepare --out URL makes one)")
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
+        from jobs.evaluate.metrics import METRICS_BY_KIND
+
         try:
             for d in self.extra_tasks:
-                register_task(task_from_dict(d))
+                task = register_task(task_from_dict(d))
+                names = METRICS_BY_KIND.get(task.kind)
+                if names is not None and task.main_metric not in names:
+                    raise UserError(f"extra task {task.key!r}: main_metric {task.main_metric!r} is not a "
+                                    f"metric of a {task.kind} task (one of {', '.join(names)})")
             select_tasks(self.tasks)
         except UserError as exc:
             raise ValueError(f"tasks: {exc}") from None

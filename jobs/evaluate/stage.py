@@ -62,7 +62,10 @@ class Evaluator:
             metrics, stats = self._winogavil(evalset)
         else:
             metrics, stats = self._classification(task, evalset)
-        metrics["main_metric"] = metrics.get(task.main_metric)
+        if task.main_metric not in metrics:  # a null main metric would drop the task from every table silently
+            raise UserError(f"{task.key}: main_metric {task.main_metric!r} is not among this task's metrics "
+                            f"({', '.join(sorted(metrics))})")
+        metrics["main_metric"] = metrics[task.main_metric]
         return metrics, stats
 
     # -- classification (plain, WILDS, fairness) ------------------------------
