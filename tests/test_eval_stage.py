@@ -141,7 +141,8 @@ def test_extra_task_main_metric_its_kind_never_gives_is_refused_at_load(tmp_path
     from dcslurm.config import load_config
     from dcslurm.errors import ConfigError
 
-    extra = """extra_tasks = [{key = "lab/captions", name = "Lab captions", kind = "retrieval", main_metric = "recall@1"}]"""
+    extra = ('extra_tasks = [{key = "lab/captions", name = "Lab captions", kind = "retrieval", '
+             'main_metric = "recall@1"}]')
     with pytest.raises(ConfigError) as exc:
         load_config(write_config(tmp_path, str(tmp_path / "r"), str(evalsets), random_checkpoint,
                                  '"extra"', extra=extra))
