@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # The metric names each evaluation path returns, so that an extra task's
 # `main_metric` can be checked before anything is queued (tests/test_eval_metrics.py
 # holds these equal to what the functions below return). WILDS and the fairness
