@@ -3,15 +3,16 @@
     .venv/bin/python benchmarks/bench_download.py [--samples 2000] [--processes 2] [--threads 16] [--rounds 2]
 
 Both sides download the demo pool (generated once into a temp folder) through the
-same kind of server (`DemoPoolServer`, 127.0.0.1) to local disk, with DataComp's
+same server (`DemoPoolServer`, 127.0.0.1, started by this script) to local disk, with DataComp's
 settings (512 px keep_ratio_largest only if bigger, jpg, retries 2, uid kept,
 face_bboxes blurring) and the same processes x threads:
 
 - stage:  `python -m dcslurm.cli submit` of a one-task download run (the real
-          runner: plan, footers, shard ids, resume check, marker, report stats);
+          runner: plan, footers, shard ids, resume check, marker, report stats),
+          `[stages.download] http_proxy` naming the server;
 - direct: `python -c "img2dataset.download(...)"` over the pool folder, as
-          DataComp's download_upstream.py calls it, with http_proxy pointing at a
-          DemoPoolServer started by this script.
+          DataComp's download_upstream.py calls it, with the environment's
+          http_proxy naming the server.
 
 Both are timed as whole processes (interpreter start and imports included), and
 alternated for `--rounds` rounds so machine load hits both alike. Prints samples/s
@@ -21,6 +22,7 @@ of each, and the overhead of the stage (goal: under 5%).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ import time
 
 from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
 from dcslurm.storage import DataFolder
+from dcslurm.tomlfile import write_toml
 
 DIRECT = """
 import os, sys
@@ -47,33 +50,22 @@ img2dataset.download(
 """
 
 
-def run_direct(pool: str, out: str, processes: int, threads: int, per_shard: int) -> float:
-    with DemoPoolServer(DataFolder(pool)) as server:
-        env = dict(os.environ, http_proxy=server.proxy_url, no_proxy="")
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", DIRECT, pool, out, str(processes), str(threads), str(per_shard)],
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return time.perf_counter() - started
+def run_direct(pool: str, out: str, processes: int, threads: int, per_shard: int, proxy: str) -> float:
+    env = dict(os.environ, http_proxy=proxy, no_proxy="")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", DIRECT, pool, out, str(processes), str(threads), str(per_shard)],
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
-def run_stage(pool: str, run: str, processes: int, threads: int, per_shard: int, files: int) -> float:
-    config = os.path.join(os.path.dirname(run), os.path.basename(run) + ".toml")
-    with open(config, "w") as f:
-        f.write(f"""
-[run]
-folder = {json.dumps(run)}
-stages = ["download"]
-[pool]
-metadata = {json.dumps(pool)}
-[executor]
-kind = "local"
-max_parallel = 1
-[stages.download]
-units_per_task = {files}
-processes = {processes}
-threads = {threads}
-samples_per_shard = {per_shard}
-""")
+def run_stage(pool: str, run: str, processes: int, threads: int, per_shard: int, files: int, proxy: str) -> float:
+    config = write_toml(os.path.join(os.path.dirname(run), os.path.basename(run) + ".toml"), {
+        "run": {"folder": run, "stages": ["download"]},
+        "pool": {"metadata": pool},
+        "executor": {"kind": "local", "max_parallel": 1},
+        "stages": {"download": {"units_per_task": files, "processes": processes, "threads": threads,
+                                "samples_per_shard": per_shard, "http_proxy": proxy}},
+    })
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dcslurm.cli", "submit", "-c", config], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -99,10 +91,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    stack = contextlib.ExitStack()  # the pool's server, up for every round of both sides
     tmp = tempfile.mkdtemp(prefix="bench-download-")
+    pool = os.path.join(tmp, "pool")
     try:
-        pool = os.path.join(tmp, "pool")
         generate_demo_pool(pool, samples=args.samples, seed=0, files=args.files, heldout=0)
+        server = stack.enter_context(DemoPoolServer(DataFolder(pool)))
         times: dict[str, list[float]] = {"stage": [], "direct": []}
         counts: dict[str, int] = {}
         for r in range(args.rounds):
@@ -110,10 +104,11 @@ def main() -> None:
             for side in order:
                 out = os.path.join(tmp, f"{side}-{r}")
                 if side == "stage":
-                    t = run_stage(pool, out, args.processes, args.threads, args.samples_per_shard, args.files)
+                    t = run_stage(pool, out, args.processes, args.threads, args.samples_per_shard, args.files,
+                                  server.proxy_url)
                     counts[side] = successes(os.path.join(out, "download"))
                 else:
-                    t = run_direct(pool, out, args.processes, args.threads, args.samples_per_shard)
+                    t = run_direct(pool, out, args.processes, args.threads, args.samples_per_shard, server.proxy_url)
                     counts[side] = successes(out)
                 times[side].append(t)
                 print(f"round {r}: {side:6s} {t:7.2f} s  {args.samples / t:7.1f} samples/s", flush=True)
@@ -130,6 +125,7 @@ def main() -> None:
               f"-> overhead {100 * (best['stage'] / best['direct'] - 1):+.1f}% (goal < 5%)")
         print(f"stage / direct time (median): {med['stage'] / med['direct']:.3f}")
     finally:
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

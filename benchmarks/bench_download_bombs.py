@@ -25,7 +25,6 @@ Goals (issue 17): peak RSS under 2 GB; clean / bombs throughput within 10%.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -38,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dcslurm.storage import DataFolder  # noqa: E402
+from dcslurm.tomlfile import write_toml  # noqa: E402
 from jobs.download.stats import DownloadTotals, read_stats_file  # noqa: E402
 from tests.imageserver import ImageServer  # noqa: E402
 from tests.test_download import write_pool  # noqa: E402
@@ -78,12 +78,11 @@ def _descendants(root: int) -> list[int]:
 
 def run_task(pool: str, run: str) -> tuple[float, float, float, DownloadTotals]:
     """(peak PSS GB, peak RSS GB, small-image throughput in samples/s, totals) of one download task."""
-    config = run + ".toml"
-    with open(config, "w") as f:
-        f.write(f'[run]\nfolder = {json.dumps(run)}\nstages = ["download"]\n'
-                f'[pool]\nmetadata = {json.dumps(pool)}\n'
-                f'[executor]\nkind = "local"\nmax_parallel = 1\n'
-                f'[stages.download]\nsamples_per_shard = 100\n')  # threads, processes: the defaults
+    config = write_toml(run + ".toml", {
+        "run": {"folder": run, "stages": ["download"]}, "pool": {"metadata": pool},
+        "executor": {"kind": "local", "max_parallel": 1},
+        "stages": {"download": {"samples_per_shard": 100}},  # threads, processes: the defaults
+    })
     proc = subprocess.Popen([sys.executable, "-m", "dcslurm.cli", "submit", "-c", config],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = [0, 0]  # PSS, RSS

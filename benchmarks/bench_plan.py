@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from dcslurm.tomlfile import write_toml
+
 BUDGET_PLAN_S = 10.0
 BUDGET_STATUS_S = 5.0
 
@@ -37,32 +39,13 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-plan-")
     run = os.path.join(tmp, "run")
-    config = os.path.join(tmp, "run.toml")
-    with open(config, "w") as f:
-        f.write(f"""
-[run]
-folder = "{run}"
-scale = "xlarge"
-stages = ["embed", "filter", "reshard", "train", "eval"]
-
-[pool]
-shards = "s3://datacomp/xlarge/shards/{{{0:08d}..{args.shards - 1:08d}}}.tar"
-
-[executor]
-kind = "slurm"
-log_dir = "{tmp}/logs"
-
-[slurm]
-partition = "gpu"
-array_throttle = 512
-max_array_size = 1001
-
-[stages.embed]
-units_per_task = {args.per_task}
-
-[stages.eval]
-evalsets = "s3://datacomp/evalsets"
-""")
+    config = write_toml(os.path.join(tmp, "run.toml"), {
+        "run": {"folder": run, "scale": "xlarge", "stages": ["embed", "filter", "reshard", "train", "eval"]},
+        "pool": {"shards": f"s3://datacomp/xlarge/shards/{{{0:08d}..{args.shards - 1:08d}}}.tar"},
+        "executor": {"kind": "slurm", "log_dir": f"{tmp}/logs"},
+        "slurm": {"partition": "gpu", "array_throttle": 512, "max_array_size": 1001},
+        "stages": {"embed": {"units_per_task": args.per_task}, "eval": {"evalsets": "s3://datacomp/evalsets"}},
+    })
     # --no-checks: the pool and eval sets named here do not exist; the budget is for planning.
     plan_s, out = _timed(["plan", "-c", config, "--json", "--no-checks"])
     plan = json.loads(out)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -26,29 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dcslurm.config import load_config  # noqa: E402
 from dcslurm.runs import submit_run  # noqa: E402
+from dcslurm.tomlfile import write_toml  # noqa: E402
 
 
 def write_config(folder: str, name: str, tasks: int, image: str | None, apptainer: str) -> str:
-    container = (f"enabled = true\napptainer = {json.dumps(apptainer)}\ncpu_image = {json.dumps(image)}\n"
-                 f"scratch = {json.dumps(os.path.join(folder, 'scratch'))}\n" if image else "enabled = false\n")
+    container = ({"enabled": True, "apptainer": apptainer, "cpu_image": image,
+                  "scratch": os.path.join(folder, "scratch")} if image else {"enabled": False})
     os.makedirs(os.path.join(folder, "scratch"), exist_ok=True)
-    path = os.path.join(folder, f"{name}.toml")
-    with open(path, "w") as f:
-        f.write(f"""
-[run]
-folder = {json.dumps(os.path.join(folder, name))}
-stages = ["synth", "digest", "summary"]
-
-[executor]
-kind = "local"
-max_parallel = 1
-
-[container]
-{container}
-[stages.synth]
-units = {tasks}
-""")
-    return path
+    return write_toml(os.path.join(folder, f"{name}.toml"), {
+        "run": {"folder": os.path.join(folder, name), "stages": ["synth", "digest", "summary"]},
+        "executor": {"kind": "local", "max_parallel": 1},
+        "container": container,
+        "stages": {"synth": {"units": tasks}},
+    })
 
 
 def outputs(run: str) -> dict[str, str]:

@@ -154,23 +154,15 @@ def stage(root: str, shards_dir: str, n_shards: int, models: list[tuple[str, str
     from dcslurm.runs import plan_run
 
     run = os.path.join(root, f"run-{time.time_ns()}")
-    toml = run + ".toml"
-    model_list = ", ".join(f'{{name = "{n}", model = "{m}", pretrained = "{p}"}}' for n, m, p in models)
-    with open(toml, "w") as f:
-        f.write(f"""[run]
-folder = "{run}"
-scale = "tiny"
-stages = ["embed"]
-[pool]
-shards = "{shards_dir}"
-[stages.embed]
-models = [{model_list}]
-batch_size = {batch}
-workers = {workers}
-device = "{DEVICE}"
-gpu_decode = {str(gpu_decode).lower()}
-units_per_task = {n_shards}
-""")
+    from dcslurm.tomlfile import write_toml
+
+    toml = write_toml(run + ".toml", {
+        "run": {"folder": run, "scale": "tiny", "stages": ["embed"]},
+        "pool": {"shards": shards_dir},
+        "stages": {"embed": {"models": [{"name": n, "model": m, "pretrained": p} for n, m, p in models],
+                             "batch_size": batch, "workers": workers, "device": DEVICE, "gpu_decode": gpu_decode,
+                             "units_per_task": n_shards}},
+    })
     cfg = load_config(toml)
     cfg.folder().write_text(PLAN_FILE, plan_run(cfg).to_json())
     if run_task(cfg.run_url, "embed", 0, storage_options={}) != 0:

@@ -72,12 +72,17 @@ class StorageSection:
 
 @dataclass
 class ExecutorSection:
-    kind: str = "local"  # local | slurm
+    kind: str = "local"  # local | slurm | submitit
     max_parallel: int = 0  # local: tasks at once; 0 = cores / cpus_per_task
     log_dir: str = ""  # on a filesystem the compute nodes share
+    # kind = "submitit": submitit's executor to queue through: "slurm", or "local" (its
+    # LocalExecutor: the tasks run on this machine, step after step)
+    submitit_cluster: str = "slurm"
 
     def validate(self) -> None:
         _at_least(self, "max_parallel", 0)
+        if self.submitit_cluster not in ("slurm", "local"):
+            raise ValueError(f"submitit_cluster: expected 'slurm' or 'local', got {_shown(self.submitit_cluster)}")
 
 
 @dataclass
@@ -219,7 +224,10 @@ class RunConfig:
 
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
+        # A field marked metadata={"fingerprint": False} says how a task reaches or caches its
+        # inputs (a proxy, a cache folder), not what it writes: changing it must not refuse the run.
+        skip = {f.name for f in dataclasses.fields(obj) if f.metadata.get("fingerprint") is False}
+        return {k: v for k, v in dataclasses.asdict(obj).items() if k not in skip}
     return obj
 
 
@@ -417,8 +425,9 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
     execu = load_dataclass(ExecutorSection, raw.get("executor", {}), f"{name}: [executor]")
     if executor is not None:
         execu.kind = executor
-    if execu.kind not in ("local", "slurm"):
-        raise ConfigError(f"{name}: [executor] kind: expected 'local' or 'slurm', got {_shown(execu.kind)}")
+    if execu.kind not in ("local", "slurm", "submitit"):
+        raise ConfigError(f"{name}: [executor] kind: expected 'local', 'slurm' or 'submitit', "
+                          f"got {_shown(execu.kind)}")
     if execu.log_dir:
         execu.log_dir = _resolve(execu.log_dir, base_dir)
     slurm = load_dataclass(SlurmSection, raw.get("slurm", {}), f"{name}: [slurm]")

@@ -24,9 +24,10 @@ import os
 import time
 from dataclasses import dataclass
 
+from dcslurm.demo_pool import DEFAULT_SERVE_PORT, DemoPoolServer, generate_demo_pool
 from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
-from dcslurm.sweep import toml_value
+from dcslurm.tomlfile import write_toml
 
 # The demo pool's held-out sets (docs/DEMO_POOL.md), registered as extra eval tasks.
 DEMO_TASKS = (
@@ -123,7 +124,21 @@ class DemoLayout:
 
 # The tiny model runs on CPUs: no GPU asked of SLURM, 2 cores a task, and the site's default
 # memory (mem = "" drops the embed stage's 64G default: the demo's tasks need under 2 GB).
-_CPU_RESOURCES = 'resources = {gpus_per_node = 0, cpus_per_task = 2, mem = ""}'
+_CPU_RESOURCES = {"gpus_per_node": 0, "cpus_per_task": 2, "mem": ""}
+
+# What `dcslurm demo --config-only` writes as the download's http_proxy: `dcslurm pool serve`'s
+# default address. `dcslurm demo` itself writes the address of the server it runs.
+CONFIG_ONLY_PROXY = f"http://127.0.0.1:{DEFAULT_SERVE_PORT}"
+
+_HEADS = {
+    NOFILTER: "The unfiltered baseline: download the demo pool (the upstream), keep every sample,\n"
+              "reshard, train and evaluate with each seed. Written by `dcslurm demo`.\n"
+              "The download fetches the pool's URLs through http_proxy: the pool's server, which\n"
+              "`dcslurm demo` runs while its sweeps run (by hand: `dcslurm pool serve`).",
+    CLIP30: "CLIP-score top 30%. No pretrained CLIP weights exist offline, so the upstream embeds\n"
+            "the nofilter sweep's downloaded shards with the model its first seed trained on this\n"
+            "same unfiltered pool. Runs after the nofilter sweep. Written by `dcslurm demo`.",
+}
 
 
 def _eval_tasks(settings: DemoSettings) -> list[dict]:
@@ -132,64 +147,55 @@ def _eval_tasks(settings: DemoSettings) -> list[dict]:
     return [t if "random_score" in t else {**t, "random_score": 1 / settings.heldout} for t in DEMO_TASKS]
 
 
-def _sweep_head(settings: DemoSettings, layout: DemoLayout, name: str) -> str:
-    seeds = ", ".join(str(s) for s in range(settings.seeds))
-    return (f"[run]\nfolder = {toml_value(layout.sweep(name))}\nname = \"demo\"\nscale = \"tiny\"\n\n"
-            f"[sweep]\nseeds = [{seeds}]\n\n"
-            f"[executor]\nkind = {toml_value(settings.executor)}\n"
-            "max_parallel = 2  # local: two tasks at once (download, filter, reshard arrays) on 2 cores\n")
-
-
-def _branch_stages(settings: DemoSettings, layout: DemoLayout, name: str) -> str:
-    """reshard, train, eval (the filter spec is the branch's) and the branch itself."""
-    train = ["[stages.train]"]
-    if settings.train_samples:
-        train.append(f"samples = {settings.train_samples}")
-    train.append("workers = 1  # data-loading processes: the demo targets 2 cores")
-    train.append(_CPU_RESOURCES)
-    tasks = _eval_tasks(settings)
-    keys = ", ".join(toml_value(t["key"]) for t in tasks)
-    extra = ",\n  ".join(toml_value(t) for t in tasks)
-    return ("[stages.reshard]\nsamples_per_shard = 1000\n\n"
-            + "\n".join(train) + "\n\n"
-            "[stages.eval]\n"
-            f"tasks = [{keys}]\n"
-            f"evalsets = {toml_value(layout.heldout)}\n"
-            "units_per_task = 4  # one process loads the model once for the four small sets\n"
-            "num_workers = 1\n"
-            f"{_CPU_RESOURCES}\n"
-            f"extra_tasks = [\n  {extra},\n]\n\n"
-            f"[[branches]]\nname = {toml_value(name)}\nfilter = {toml_value(FILTER_SPECS[name])}\n")
-
-
-def sweep_texts(settings: DemoSettings) -> dict[str, str]:
-    """The demo's sweep files, in the order they must run: name -> TOML text."""
-    layout = DemoLayout(os.path.abspath(settings.out))
-    first = 0  # the first seed's run filters, reshards, and (nofilter's) trains the scorer
-    scorer = os.path.join(layout.run(NOFILTER, first), "train", "model.pt")
+def _sweep_doc(settings: DemoSettings, layout: DemoLayout, name: str, pool: dict, stages: dict) -> dict:
+    """A sweep file: run, seeds, executor, `pool`, then `stages` and the branch's reshard, train
+    (the filter spec is the branch's) and eval."""
+    train = {"samples": settings.train_samples} if settings.train_samples else {}
     return {
-        NOFILTER: (
-            "# The unfiltered baseline: download the demo pool (the upstream), keep every sample,\n"
-            "# reshard, train and evaluate with each seed. Written by `dcslurm demo`.\n"
-            + _sweep_head(settings, layout, NOFILTER)
-            + f"\n[pool]\nmetadata = {toml_value(layout.pool)}\n\n"
-            "[stages.download]\nprocesses = 1\nthreads = 16\n\n"
-            + _branch_stages(settings, layout, NOFILTER)),
-        CLIP30: (
-            "# CLIP-score top 30%. No pretrained CLIP weights exist offline, so the upstream embeds\n"
-            "# the nofilter sweep's downloaded shards with the model its first seed trained on this\n"
-            "# same unfiltered pool. Runs after the nofilter sweep. Written by `dcslurm demo`.\n"
-            + _sweep_head(settings, layout, CLIP30)
-            + f"\n[pool]\nshards = {toml_value(os.path.join(layout.upstream(NOFILTER), 'download'))}\n\n"
-            "[stages.embed]\n"
-            f"models = [{toml_value({'name': 'tiny', 'model': 'dcslurm-tiny-vit', 'pretrained': scorer})}]\n"
-            "device = \"cpu\"\nworkers = 1\nunits_per_task = 64  # one task: the model loads once\n"
-            f"{_CPU_RESOURCES}\n\n"
-            + _branch_stages(settings, layout, CLIP30)),
+        "run": {"folder": layout.sweep(name), "name": "demo", "scale": "tiny"},
+        "sweep": {"seeds": list(range(settings.seeds))},
+        # local: two tasks at once (download, filter, reshard arrays) on 2 cores
+        "executor": {"kind": settings.executor, "max_parallel": 2},
+        "pool": pool,
+        "stages": {
+            **stages,
+            "reshard": {"samples_per_shard": 1000},
+            # workers: data-loading processes; the demo targets 2 cores
+            "train": {**train, "workers": 1, "resources": _CPU_RESOURCES},
+            "eval": {
+                "tasks": [t["key"] for t in DEMO_TASKS],
+                "evalsets": layout.heldout,
+                "units_per_task": 4,  # one process loads the model once for the four small sets
+                "num_workers": 1,
+                "resources": _CPU_RESOURCES,
+                "extra_tasks": _eval_tasks(settings),
+            },
+        },
+        "branches": [{"name": name, "filter": FILTER_SPECS[name]}],
     }
 
 
-def write_sweep_files(settings: DemoSettings) -> list[str]:
+def sweep_docs(settings: DemoSettings, http_proxy: str = CONFIG_ONLY_PROXY) -> dict[str, dict]:
+    """The demo's sweep files, in the order they must run: name -> the file's tables.
+    `http_proxy`: where the download reaches the demo pool's server."""
+    layout = DemoLayout(os.path.abspath(settings.out))
+    first = 0  # the first seed's run filters, reshards, and (nofilter's) trains the scorer
+    scorer = os.path.join(layout.run(NOFILTER, first), "train", "model.pt")
+    download = {"processes": 1, "threads": 16, "http_proxy": http_proxy}
+    embed = {
+        "models": [{"name": "tiny", "model": "dcslurm-tiny-vit", "pretrained": scorer}],
+        "device": "cpu", "workers": 1,
+        "units_per_task": 64,  # one task: the model loads once
+        "resources": _CPU_RESOURCES,
+    }
+    return {
+        NOFILTER: _sweep_doc(settings, layout, NOFILTER, {"metadata": layout.pool}, {"download": download}),
+        CLIP30: _sweep_doc(settings, layout, CLIP30,
+                           {"shards": os.path.join(layout.upstream(NOFILTER), "download")}, {"embed": embed}),
+    }
+
+
+def write_sweep_files(settings: DemoSettings, http_proxy: str = CONFIG_ONLY_PROXY) -> list[str]:
     """Write DIR/configs/<name>.toml for each sweep, checked as sweep files (no I/O
     beyond the write: the pool and the scorer need not exist yet); their paths in order."""
     from dcslurm.sweep import load_sweep
@@ -197,13 +203,18 @@ def write_sweep_files(settings: DemoSettings) -> list[str]:
     layout = DemoLayout(os.path.abspath(settings.out))
     os.makedirs(layout.configs, exist_ok=True)
     paths = []
-    for name, text in sweep_texts(settings).items():
-        path = layout.sweep_file(name)
-        with open(path, "w") as f:
-            f.write(text)
+    for name, doc in sweep_docs(settings, http_proxy).items():
+        path = write_toml(layout.sweep_file(name), doc, _HEADS[name])
         load_sweep(path)
         paths.append(path)
     return paths
+
+
+def serve_pool(settings: DemoSettings) -> DemoPoolServer:
+    """The demo pool's server for the demo's runs (not started): on 127.0.0.1 for the local
+    executor; on every address for SLURM, whose tasks reach it by this host's name."""
+    pool = DataFolder(DemoLayout(os.path.abspath(settings.out)).pool)
+    return DemoPoolServer.for_pool(pool, bind="127.0.0.1" if settings.executor == "local" else "0.0.0.0")
 
 
 def pool_is_complete(settings: DemoSettings) -> bool:
@@ -218,8 +229,6 @@ def pool_is_complete(settings: DemoSettings) -> bool:
 
 def ensure_pool(settings: DemoSettings, log=print) -> None:
     """Generate the demo pool unless a complete one with the same settings is there."""
-    from dcslurm.demo_pool import generate_demo_pool
-
     layout = DemoLayout(os.path.abspath(settings.out))
     if pool_is_complete(settings):
         log(f"demo pool: {layout.pool} is complete; reusing it")

@@ -35,25 +35,35 @@ def register(app: typer.Typer) -> None:
         settings = d.DemoSettings(out=out, samples=samples, seeds=seeds, executor=executor,
                                   train_samples=d.DEFAULT_TRAIN_SAMPLES if train_samples is None else train_samples)
         settings.validate()
-        paths = d.write_sweep_files(settings)
         layout = d.DemoLayout(os.path.abspath(settings.out))
-        console.print(f"demo: {len(paths)} sweeps of {settings.seeds} seeds each; sweep files in {layout.configs}")
         if config_only:
-            console.print("run them in this order (the second embeds with a model the first trains):")
+            paths = d.write_sweep_files(settings)
+            console.print(f"demo: {len(paths)} sweeps of {settings.seeds} seeds each; sweep files in "
+                          f"{layout.configs}")
+            console.print("write the pool, serve it (the download's http_proxy) while the sweeps run, and run "
+                          "them in this order (the second embeds with a model the first trains):")
+            console.print(f"  dcslurm pool demo --out {layout.pool} --samples {settings.samples} "
+                          f"--files {settings.files} --heldout {settings.heldout}")
+            console.print(f"  dcslurm pool serve {layout.pool} &")
             for p in paths:
                 console.print(f"  dcslurm sweep -c {p}")
             return
         started = time.time()
         d.ensure_pool(settings, log=console.print)
-        for p in paths:
-            console.print(f"[bold]dcslurm sweep -c {p}[/bold]")
-            failed = d.run_sweep(p, log=console.print)
-            if failed:
-                for line in failed:
-                    err.print(f"[red]{line}[/red]")
-                name = os.path.basename(p).removesuffix(".toml")
-                err.print(f"demo stopped: see `dcslurm sweep status {layout.sweep(name)}`")
-                raise typer.Exit(1)
+        # The pool's server lives as long as the demo's runs: their download fetches through it.
+        with d.serve_pool(settings) as server:
+            paths = d.write_sweep_files(settings, http_proxy=server.proxy_url)
+            console.print(f"demo: {len(paths)} sweeps of {settings.seeds} seeds each; sweep files in "
+                          f"{layout.configs}; the pool served on {server.proxy_url}")
+            for p in paths:
+                console.print(f"[bold]dcslurm sweep -c {p}[/bold]")
+                failed = d.run_sweep(p, log=console.print)
+                if failed:
+                    for line in failed:
+                        err.print(f"[red]{line}[/red]")
+                    name = os.path.basename(p).removesuffix(".toml")
+                    err.print(f"demo stopped: see `dcslurm sweep status {layout.sweep(name)}`")
+                    raise typer.Exit(1)
         print_results(settings.out)
         console.print(f"demo finished in {time.time() - started:.0f} s; results: dcslurm results {layout.sweeps}")
 

@@ -6,15 +6,17 @@
                               original_height, sha256, face_bboxes
     images/NNNNNN.{jpg,png}   what the URLs serve (rendered shapes the captions describe)
     pages/NNNNNN.html         non-image responses (HTML served where an image was expected)
-    serve.json                "serve me": the download stage starts `DemoPoolServer` for it
+    serve.json                the host the URLs name, for `DemoPoolServer`; written last
     heldout/                  labelled images NOT in the pool, in clip_benchmark's
                               webdataset layout (shapes, colours, counts, retrieval)
     manifest.json             what was generated: seed, counts per noise kind
 
 URLs look like `http://demo-pool.dcslurm.invalid/images/000123.jpg` (`.invalid` never
-resolves, RFC 2606). The download stage fetches them through `DemoPoolServer`, a
-tiny HTTP proxy on 127.0.0.1 that answers for that host from the pool folder, so the
-URLs (and so the shards) do not depend on a port or a path. See docs/DEMO_POOL.md.
+resolves, RFC 2606). The download stage fetches them through `DemoPoolServer`, a tiny
+HTTP proxy that answers for that host from the pool folder, named by the run's
+`[stages.download] http_proxy`; `dcslurm demo` runs one while its sweeps run and
+`dcslurm pool serve` runs one by hand. So the URLs (and so the shards) do not depend
+on a port or a path. See docs/DEMO_POOL.md.
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ import http.server
 import io
 import json
 import random
+import socket
 import tarfile
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
 
+from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
 
 DEMO_HOST = "demo-pool.dcslurm.invalid"
 SERVE_FILE = "serve.json"
 SERVE_KIND = "dcslurm-demo-pool"
+# `dcslurm pool serve`'s port, and the http_proxy of the sweep files `dcslurm demo --config-only` writes.
+DEFAULT_SERVE_PORT = 8480
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLOURS = {
@@ -372,33 +378,25 @@ def read_serve_info(pool: DataFolder) -> dict | None:
     return info
 
 
-class DemoPoolServer:
-    """An HTTP proxy on 127.0.0.1 that answers for the demo pool's host from its folder.
+class BackgroundHTTPServer:
+    """An http.server ThreadingHTTPServer answering from a daemon thread of this process:
+    `start()` / `stop()` (joins the thread), or a context manager. Subclasses give the handler."""
 
-    Clients reach it as a proxy (`ProxyHandler({"http": server.proxy_url})`), so the
-    URLs in the metadata stay `http://demo-pool.dcslurm.invalid/...`. Other hosts get
-    502 Bad Gateway, missing files 404. Use as a context manager; `stop()` joins its thread.
-    """
-
-    def __init__(self, pool: DataFolder, host: str = DEMO_HOST):
-        self.pool = pool
-        self.host = host
-        handler = self._make_handler()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler, bind: str = "127.0.0.1", port: int = 0, name: str = "http-server"):
+        try:
+            self._server = http.server.ThreadingHTTPServer((bind, port), handler)
+        except OSError as exc:
+            raise UserError(f"{bind}:{port}: cannot listen there ({exc.strerror})") from None
         self._server.daemon_threads = True
+        self._name = name
         self._thread: threading.Thread | None = None
-        self.requests = 0
 
     @property
     def port(self) -> int:
         return self._server.server_address[1]
 
-    @property
-    def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> DemoPoolServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-pool-server", daemon=True)
+    def start(self):
+        self._thread = threading.Thread(target=self._server.serve_forever, name=self._name, daemon=True)
         self._thread.start()
         return self
 
@@ -408,11 +406,42 @@ class DemoPoolServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> DemoPoolServer:
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class DemoPoolServer(BackgroundHTTPServer):
+    """An HTTP proxy that answers for the demo pool's host from its folder.
+
+    Clients reach it as a proxy (`ProxyHandler({"http": server.proxy_url})`; the download
+    stage's `http_proxy`), so the URLs in the metadata stay `http://demo-pool.dcslurm.invalid/...`.
+    Other hosts get 502 Bad Gateway, missing files 404. It listens on `bind` (127.0.0.1: this
+    machine's tasks only; "0.0.0.0" for compute nodes, which then reach it by this host's name),
+    port 0 = a free one.
+    """
+
+    def __init__(self, pool: DataFolder, host: str = DEMO_HOST, port: int = 0, bind: str = "127.0.0.1"):
+        self.pool = pool
+        self.host = host
+        self.requests = 0
+        super().__init__(self._make_handler(), bind, port, name="demo-pool-server")
+
+    @classmethod
+    def for_pool(cls, pool: DataFolder, port: int = 0, bind: str = "127.0.0.1") -> DemoPoolServer:
+        """The server of a generated demo pool (its serve.json names the host to answer for)."""
+        info = read_serve_info(pool)
+        if info is None:
+            raise UserError(f"{pool.url}: not a complete demo pool (no {SERVE_FILE}; `dcslurm pool demo` writes one)")
+        return cls(pool, info["host"], port=port, bind=bind)
+
+    @property
+    def proxy_url(self) -> str:
+        """What a download task's http_proxy names: this host's name when listening on every address."""
+        address = self._server.server_address[0]
+        return f"http://{socket.gethostname() if address in ('0.0.0.0', '') else address}:{self.port}"
 
     def _make_handler(self):
         server = self

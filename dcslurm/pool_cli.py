@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dcslurm.demo_pool import DEFAULT_SERVE_PORT
 from dcslurm.humanize import human_bytes
 from dcslurm.storage import s3fs_options
 
@@ -36,6 +37,30 @@ def demo(
                   f"{summary.heldout} held-out images, {human_bytes(summary.bytes_served)} served; in {summary.url}")
     console.print("noise: " + ", ".join(f"{k} {v}" for k, v in summary.noise.items()))
     console.print(f"use it with:  \\[pool] metadata = \"{summary.url}\"   (docs/DEMO_POOL.md)")
+
+
+@app.command()
+def serve(
+    pool: str = typer.Argument(..., help="The demo pool's folder (local path or s3://...)."),
+    port: int = typer.Option(DEFAULT_SERVE_PORT, help="Port to listen on (0 = a free one; the sweep files of "
+                                                      "`dcslurm demo --config-only` name the default)."),
+    bind: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: reachable from compute nodes)."),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// folders."),
+) -> None:
+    """Serve a demo pool's URLs until interrupted: the proxy a run's [stages.download] http_proxy names."""
+    import threading
+
+    from dcslurm.demo_pool import DemoPoolServer
+    from dcslurm.storage import DataFolder
+
+    server = DemoPoolServer.for_pool(DataFolder(pool, s3fs_options(endpoint_url=endpoint_url)), port=port, bind=bind)
+    with server:
+        # Plain print, flushed: scripts read the address from a pipe (rich would wrap the line).
+        print(f'serving {pool}: [stages.download] http_proxy = "{server.proxy_url}"  (Ctrl-C stops)', flush=True)
+        try:
+            threading.Event().wait()  # the server's thread answers; this one waits for Ctrl-C or SIGTERM
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()

@@ -34,7 +34,6 @@ The sweep file is a run.toml (the same sections, read by dcslurm.config) plus:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import tomllib
@@ -45,10 +44,13 @@ from dcslurm.errors import ConfigError, UserError
 from dcslurm.plan import PLAN_FILE, RUN_TOML, discover_inputs, read_plan
 from dcslurm.stages import PlanInputs
 from dcslurm.storage import DataFolder, join_url
+from dcslurm.tomlfile import dumps
 
 SWEEP_FILE = "sweep.toml"
+WRITTEN_BY = "Written by dcslurm sweep."  # the head of the files write_sweep writes
 UPSTREAM = "upstream"
 UPSTREAM_STAGES = ("download", "embed")
+DERIVED = "filter-derived"  # the branches' shared derived-column folder, in the upstream (else the sweep) folder
 BRANCH_STAGES = ["filter", "reshard", "train", "eval"]
 SEED_STAGES = ["train", "eval"]  # a later seed reuses its branch's reshard
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -221,6 +223,11 @@ def parse_sweep(raw: dict, path: str, executor: str | None = None) -> Sweep:
         "shards": join_url(upstream_url, "download") if "download" in upstream_stages else shared.pool.shards,
     }
     branch_pool = {k: v for k, v in branch_pool.items() if v}
+    # One derived-column folder for every branch's filter (language ID, caption lengths, ... of the
+    # pool: computed by the first filter that needs a row, read by the others), unless the file sets one.
+    filter_table = stage_tables.get("filter") if isinstance(stage_tables, dict) else None
+    derived_cache = (filter_table or {}).get("derived_cache") or join_url(upstream_url if upstream_stages else folder,
+                                                                          DERIVED)
     for n, b in enumerate(branches):
         first_url = ""
         for i, seed in enumerate(b.seeds):
@@ -228,7 +235,8 @@ def parse_sweep(raw: dict, path: str, executor: str | None = None) -> Sweep:
             url = join_url(folder, "runs", piece)
             if i == 0:
                 first_url = url
-                doc = piece_raw(piece, url, BRANCH_STAGES, seed, branch_pool, {"filter": {"spec": b.filter}})
+                doc = piece_raw(piece, url, BRANCH_STAGES, seed, branch_pool,
+                                {"filter": {"spec": b.filter, "derived_cache": derived_cache}})
             else:
                 # [stages.filter] is not run here: it names the data's filter in `dcslurm results`.
                 doc = piece_raw(piece, url, SEED_STAGES, seed, {},
@@ -346,9 +354,9 @@ class PieceResult:
 
 def write_sweep(sweep: Sweep) -> None:
     """SWEEP/sweep.toml and each piece's run.toml (read by `dcslurm submit -c` by hand)."""
-    DataFolder(sweep.folder, sweep.storage_options).write_text(SWEEP_FILE, toml_dumps(sweep.raw))
+    DataFolder(sweep.folder, sweep.storage_options).write_text(SWEEP_FILE, dumps(sweep.raw, WRITTEN_BY))
     for p in sweep.pieces:
-        p.config.folder().write_text(RUN_TOML, toml_dumps(p.raw))
+        p.config.folder().write_text(RUN_TOML, dumps(p.raw, WRITTEN_BY))
 
 
 def submit_sweep(sweep: Sweep, progress=None, log=print) -> list[PieceResult]:
@@ -358,7 +366,9 @@ def submit_sweep(sweep: Sweep, progress=None, log=print) -> list[PieceResult]:
     check_sweep(sweep)
     plan_sweep(sweep)  # every piece plans before anything is queued
     write_sweep(sweep)
-    slurm = sweep.pieces[0].config.executor.kind == "slurm"
+    from dcslurm.executors import queues_jobs
+
+    slurm = queues_jobs(sweep.pieces[0].config)  # a scheduler runs the pieces: chain them with afterok
     results: list[PieceResult] = []
     up_jobs: list[str] = []
     up_failed = False
@@ -451,45 +461,3 @@ def cancel_sweep(sweep_url: str, storage_options: dict | None = None) -> dict[st
             if cancelled:
                 out[p.name] = cancelled
     return out
-
-
-# -- TOML out ----------------------------------------------------------------------
-
-_BARE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _key(k: str) -> str:
-    return k if _BARE.fullmatch(k) else json.dumps(k)
-
-
-def toml_value(v) -> str:
-    """One TOML value (inline: a table as {k = v}); the one writer of TOML values."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON's escapes are valid in a TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"no TOML form for {type(v).__name__}")
-
-
-def toml_dumps(doc: dict) -> str:
-    """A TOML document of plain tables (one level of sub-tables, as [stages.NAME]) and
-    arrays of tables ([[branches]]); what tomllib reads back equals `doc`."""
-    lines: list[str] = []
-    for name, table in doc.items():
-        if isinstance(table, list):
-            for item in table:
-                lines += ["", f"[[{_key(name)}]]", *(f"{_key(k)} = {toml_value(v)}" for k, v in item.items())]
-            continue
-        lines += ["", f"[{_key(name)}]"]
-        lines += [f"{_key(k)} = {toml_value(v)}" for k, v in table.items()
-                  if not (name == "stages" and isinstance(v, dict))]
-        if name == "stages":
-            for stage, values in table.items():
-                lines += ["", f"[stages.{_key(stage)}]", *(f"{_key(k)} = {toml_value(v)}" for k, v in values.items())]
-    return "# Written by dcslurm sweep.\n" + "\n".join(lines).lstrip("\n") + "\n"

@@ -1,5 +1,5 @@
-"""Shared by the orchestrator's tests: write a run.toml for the test-only stages
-and read back what a run committed."""
+"""Shared by the orchestrator's tests: write a run.toml for the test-only stages (through
+dcslurm.tomlfile, the one TOML writer) and read back what a run committed."""
 
 from __future__ import annotations
 
@@ -7,35 +7,38 @@ import hashlib
 import json
 import os
 import time
+import tomllib
 
 from dcslurm.config import load_config
 from dcslurm.runs import run_status
+from dcslurm.tomlfile import write_toml
 
 
 def write_run_toml(path, folder: str, units: int = 20, per_task: int = 1, sleep: float = 0.0,
-                   executor: str = "local", extra: str = "", fail_tasks=(), digest_sleep: float = 0.0) -> str:
-    text = f"""
-[run]
-folder = {json.dumps(folder)}
-stages = ["synth", "digest", "summary"]
+                   executor: str = "local", extra: dict | str = "", fail_tasks=(), digest_sleep: float = 0.0) -> str:
+    """A run of the test-only stages synth -> digest -> summary. `extra`: more tables, merged
+    in (a dict, or TOML text: read first, so the file is still written by the one writer)."""
+    doc = {
+        "run": {"folder": folder, "stages": ["synth", "digest", "summary"]},
+        "executor": {"kind": executor},
+        "stages": {
+            "synth": {"units": units, "units_per_task": per_task, "sleep": sleep, "fail_tasks": list(fail_tasks)},
+            "digest": {"sleep": digest_sleep},
+        },
+    }
+    return write_toml(path, merge_tables(doc, extra))
 
-[executor]
-kind = "{executor}"
 
-[stages.synth]
-units = {units}
-units_per_task = {per_task}
-sleep = {sleep}
-fail_tasks = {list(fail_tasks)}
-
-[stages.digest]
-sleep = {digest_sleep}
-{extra}
-"""
-    path = str(path)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+def merge_tables(base: dict, more: dict | str) -> dict:
+    """`base` with `more`'s tables merged in, key by key at every depth (`more` wins);
+    `more` may be TOML text (callers' extra tables), read with tomllib first."""
+    if isinstance(more, str):
+        more = tomllib.loads(more)
+    out = dict(base)
+    for key, value in more.items():
+        out[key] = merge_tables(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def tree_digest(root: str, skip=("_submissions", "_executions", "logs", "_markers", "_failures",
@@ -71,3 +74,10 @@ def wait_run_done(config_path: str, timeout: float = 300) -> None:
             raise AssertionError(f"run failed: {[(s.name, s.counts) for s in steps]}")
         time.sleep(1)
     raise AssertionError(f"run not done after {timeout} s: {[(s.name, s.counts) for s in steps]}")
+
+
+def write_ticker_toml(path, folder: str, ticks: int = 5, executor: str = "local", extra: dict | str = "") -> str:
+    """A run of the test-only checkpointable stage `ticker` (jobs/testing); `extra` as in write_run_toml."""
+    doc = {"run": {"folder": folder, "stages": ["ticker"]}, "executor": {"kind": executor},
+           "stages": {"ticker": {"ticks": ticks}}}
+    return write_toml(path, merge_tables(doc, extra))

@@ -20,10 +20,11 @@ import functools
 import http.server
 import io
 import socket
-import threading
 import time
 import zlib
 from collections import Counter
+
+from dcslurm.demo_pool import BackgroundHTTPServer
 
 KINDS = ("good", "missing", "html", "truncated", "bomb", "slow", "large")
 
@@ -75,7 +76,7 @@ def large_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
-class ImageServer:
+class ImageServer(BackgroundHTTPServer):
     def __init__(self, slow_seconds: float = 1.0):
         self.slow_seconds = slow_seconds
         self.served: Counter = Counter()  # requests per kind
@@ -83,33 +84,12 @@ class ImageServer:
         self._photos = real_photos()
         self._bomb = bomb_png()  # built now: building it on the first request would time that request out
         self._refusers: list[socket.socket] = []
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ---------------------------------------------------------
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
-
-    def start(self) -> ImageServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="imageserver", daemon=True)
-        self._thread.start()
-        return self
+        super().__init__(self._handler(), name="imageserver")
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        super().stop()
         for s in self._refusers:
             s.close()
-
-    def __enter__(self) -> ImageServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- URLs --------------------------------------------------------------
     def url(self, kind: str, i: int, delay: float | None = None) -> str:

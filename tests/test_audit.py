@@ -14,6 +14,7 @@ from dcslurm.config import load_config
 from dcslurm.errors import UserError
 from dcslurm.runs import submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.tomlfile import write_toml
 from jobs.audit import filteraudit, synthetic
 from jobs.audit.groups import KeywordMatcher, load_groups
 from jobs.filter.engine import list_inputs
@@ -109,24 +110,15 @@ def test_bad_groups_file_is_one_line_error(tmp_path):
 
 
 def _toml(path, run, pool, subset, executor="local", per_task=2):
-    extra = '[slurm]\ntime = "00:10:00"\n' if executor == "slurm" else ""
-    path.write_text(f"""
-[run]
-folder = {json.dumps(str(run))}
-stages = ["audit"]
-
-[pool]
-metadata = {json.dumps(str(pool))}
-
-[executor]
-kind = "{executor}"
-
-[stages.audit]
-subset = {json.dumps(str(subset))}
-columns = ["demo_kind"]
-units_per_task = {per_task}
-{extra}""")
-    return str(path)
+    """An audit-only run; `subset` None leaves [stages.audit] subset out."""
+    audit = {"subset": str(subset)} if subset is not None else {}
+    return write_toml(path, {
+        "run": {"folder": str(run), "stages": ["audit"]},
+        "pool": {"metadata": str(pool)},
+        "executor": {"kind": executor},
+        "stages": {"audit": {**audit, "columns": ["demo_kind"], "units_per_task": per_task}},
+        **({"slurm": {"time": "00:10:00"}} if executor == "slurm" else {}),
+    })
 
 
 REPORTS = ("report.json", "report.md", "report.csv")
@@ -177,23 +169,12 @@ def test_in_a_run_after_the_filter_stage_both_audits_use_its_subset(tmp_path):
     from jobs.filter.synthetic import write_pool
 
     write_pool(str(tmp_path / "pool"), n_files=3, rows_per_file=60, seed=4, dims=(8, 12))
-    (tmp_path / "run.toml").write_text(f"""
-[run]
-folder = {json.dumps(str(tmp_path / "run"))}
-stages = ["filter", "audit", "audit_bias"]
-
-[pool]
-metadata = {json.dumps(str(tmp_path / "pool"))}
-
-[executor]
-kind = "local"
-
-[stages.filter]
-spec = "clip_score(l14, fraction=0.5)"
-
-[stages.audit_bias]
-samples = 40
-""")
+    write_toml(tmp_path / "run.toml", {
+        "run": {"folder": str(tmp_path / "run"), "stages": ["filter", "audit", "audit_bias"]},
+        "pool": {"metadata": str(tmp_path / "pool")},
+        "executor": {"kind": "local"},
+        "stages": {"filter": {"spec": "clip_score(l14, fraction=0.5)"}, "audit_bias": {"samples": 40}},
+    })
     assert not submit_run(load_config(str(tmp_path / "run.toml"))).failed
     stats = json.loads((tmp_path / "run/filter/stats.json").read_text())
     report = json.loads((tmp_path / "run/audit/report.json").read_text())
@@ -210,9 +191,7 @@ def test_audit_without_a_subset_is_a_config_error(planted, tmp_path):
     from dcslurm.runs import plan_run
 
     root = planted[0]
-    path = _toml(tmp_path / "run.toml", tmp_path / "run", root / "pool", root / "subset.npy")
-    text = (tmp_path / "run.toml").read_text().replace(f"subset = {json.dumps(str(root / 'subset.npy'))}\n", "")
-    (tmp_path / "run.toml").write_text(text)
+    path = _toml(tmp_path / "run.toml", tmp_path / "run", root / "pool", subset=None)
     with pytest.raises(UserError) as e:
         plan_run(load_config(path))
     assert "[stages.audit] subset" in str(e.value) and "\n" not in str(e.value)

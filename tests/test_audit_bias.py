@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from dcslurm.config import load_config
 from dcslurm.runs import submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.tomlfile import write_toml
 from jobs.audit import bias, synthetic
 
 SAMPLES = 150
@@ -97,25 +98,14 @@ def test_report_renders(planted_report):
 
 
 def _toml(path, run, pools, executor="local", tasks=2):
-    extra = '[slurm]\ntime = "00:10:00"\n' if executor == "slurm" else ""
-    srcs = ", ".join("{" + f'name = "{n}", metadata = {json.dumps(str(pools / n / "metadata"))}, '
-                     f'shards = {json.dumps(str(pools / n / "shards"))}' + "}" for n in ("a", "b"))
-    path.write_text(f"""
-[run]
-folder = {json.dumps(str(run))}
-stages = ["audit_bias"]
-seed = 0
-
-[executor]
-kind = "{executor}"
-
-[stages.audit_bias]
-sources = [{srcs}]
-samples = {SAMPLES}
-features = {json.dumps(FEATURES)}
-tasks = {tasks}
-{extra}""")
-    return str(path)
+    sources = [{"name": n, "metadata": str(pools / n / "metadata"), "shards": str(pools / n / "shards")}
+               for n in ("a", "b")]
+    return write_toml(path, {
+        "run": {"folder": str(run), "stages": ["audit_bias"], "seed": 0},
+        "executor": {"kind": executor},
+        "stages": {"audit_bias": {"sources": sources, "samples": SAMPLES, "features": FEATURES, "tasks": tasks}},
+        **({"slurm": {"time": "00:10:00"}} if executor == "slurm" else {}),
+    })
 
 
 REPORTS = ("bias.json", "bias.md", "bias.csv")

@@ -28,6 +28,7 @@ import pytest
 from dcslurm.config import load_config
 from dcslurm.markers import read_marker
 from dcslurm.runs import submit_run
+from dcslurm.tomlfile import write_toml
 from tests.core_helpers import tree_digest, write_run_toml
 
 # -- the CLI: one line on stderr, exit code 2, nothing planned --------------------------
@@ -51,19 +52,12 @@ def _good_pool(folder) -> str:
     return str(folder)
 
 
-def _config(tmp_path, pool: str, stages=("download",), run: str | None = None, extra: str = "",
-            scale: str = "tiny") -> str:
-    path = tmp_path / "run.toml"
-    path.write_text(f"""
-[run]
-folder = {json.dumps(run or str(tmp_path / "run"))}
-scale = {json.dumps(scale)}
-stages = {json.dumps(list(stages))}
-[pool]
-metadata = {json.dumps(pool)}
-{extra}
-""")
-    return str(path)
+def _config(tmp_path, pool: str, stages=("download",), run: str | None = None, scale: str = "tiny",
+            tables: dict | None = None, **more) -> str:
+    """A run of `stages` over `pool`: [stages.NAME] from `tables`, `more` further top-level tables."""
+    return write_toml(tmp_path / "run.toml", {
+        "run": {"folder": run or str(tmp_path / "run"), "scale": scale, "stages": list(stages)},
+        "pool": {"metadata": pool}, **({"stages": tables} if tables else {}), **more})
 
 
 def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, list[str]]:
@@ -130,7 +124,7 @@ def test_unknown_scale_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_unknown_filter_is_one_line(tmp_path, monkeypatch, capsys):
     pool = _good_pool(tmp_path / "pool")
-    cfg = _config(tmp_path, pool, stages=("filter",), extra='[stages.filter]\nspec = "sharpest_cats(k=3)"\n')
+    cfg = _config(tmp_path, pool, stages=("filter",), tables={"filter": {"spec": "sharpest_cats(k=3)"}})
     code, lines = _cli(monkeypatch, capsys, "submit", "-c", cfg)
     _assert_one_line_error(code, lines, "sharpest_cats")
     _nothing_planned(tmp_path)
@@ -144,7 +138,7 @@ def test_unknown_filter_is_one_line(tmp_path, monkeypatch, capsys):
 def test_unreachable_storage_is_one_line(tmp_path, monkeypatch, capsys):
     pool = _good_pool(tmp_path / "pool")
     cfg = _config(tmp_path, pool, run="s3://no-such-bucket/run",
-                  extra='[storage]\nendpoint_url = "http://127.0.0.1:9"\n')  # port 9 (discard): nothing listens
+                  storage={"endpoint_url": "http://127.0.0.1:9"})  # port 9 (discard): nothing listens
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     code, lines = _cli(monkeypatch, capsys, "submit", "-c", cfg)
     _assert_one_line_error(code, lines, "s3://no-such-bucket/run")
@@ -153,7 +147,7 @@ def test_unreachable_storage_is_one_line(tmp_path, monkeypatch, capsys):
 def test_credentials_in_a_config_file_are_refused_without_echoing_them(tmp_path, monkeypatch, capsys):
     pool = _good_pool(tmp_path / "pool")
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
-    cfg = _config(tmp_path, pool, extra=f'[storage]\naws_secret_access_key = "{secret}"\n')
+    cfg = _config(tmp_path, pool, storage={"aws_secret_access_key": secret})
     code, lines = _cli(monkeypatch, capsys, "submit", "-c", cfg)
     line = _assert_one_line_error(code, lines, "aws_secret_access_key", "credentials")
     assert secret not in line

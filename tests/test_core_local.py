@@ -72,8 +72,8 @@ def test_cli_errors_are_one_line_and_submit_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     cfg = write_run_toml(tmp_path / "run.toml", "s3://bucket/run", units=3,
-                         extra='[storage]\nendpoint_url = "http://127.0.0.1:9"\n'
-                               'max_attempts = 1\nconnect_timeout = 1\n')
+                         extra={"storage": {"endpoint_url": "http://127.0.0.1:9", "max_attempts": 1,
+                                            "connect_timeout": 1}})
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "submit", "-c", cfg], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -26,11 +26,9 @@ def _s3_outputs(folder: DataFolder) -> dict[str, str]:
 
 
 def _toml(tmp_path, name, folder, s3_server, executor="local", units=6):
-    extra = f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n[executor]\nlog_dir = "{tmp_path}/logs-{name}"\n'
-    path = write_run_toml(tmp_path / f"{name}.toml", folder, units=units, executor=executor)
-    text = open(path).read().replace('[executor]\nkind = "%s"\n' % executor, "")
-    open(path, "w").write(text + extra.replace("[executor]\n", f'[executor]\nkind = "{executor}"\n'))
-    return path
+    return write_run_toml(tmp_path / f"{name}.toml", folder, units=units, executor=executor,
+                          extra={"storage": {"endpoint_url": s3_server.endpoint_url},
+                                 "executor": {"log_dir": f"{tmp_path}/logs-{name}"}})
 
 
 def test_run_folder_on_s3_matches_local(tmp_path, s3_server, s3_bucket):

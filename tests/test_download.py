@@ -22,14 +22,17 @@ import pytest
 from typer.testing import CliRunner
 
 from dcslurm.config import load_config
-from dcslurm.demo_pool import generate_demo_pool
+from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
 from dcslurm.markers import read_marker
 from dcslurm.runs import submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.tomlfile import write_toml
 from tests.core_helpers import wait_run_done
 from tests.imageserver import ImageServer
 
-FAST = "processes = 1\nthreads = 8\n"
+FAST = {"processes": 1, "threads": 8}
+ONE_CPU = {"resources": {"cpus_per_task": 1}}  # a SLURM task of one emulated CPU
+TEN_MINUTES = {"slurm": {"time": "00:10:00"}}
 
 
 def write_pool(folder: str, files: list[list[tuple[str, str]]]) -> dict[str, str]:
@@ -48,30 +51,17 @@ def write_pool(folder: str, files: list[list[tuple[str, str]]]) -> dict[str, str
     return uids
 
 
-def write_config(path, run: str, pool: str, params: str = FAST, executor: str = "local", extra: str = "",
-                 log_dir: str = "") -> str:
-    log = f"log_dir = {json.dumps(log_dir)}" if log_dir else ""
-    text = f"""
-[run]
-folder = {json.dumps(run)}
-scale = "tiny"
-stages = ["download"]
-
-[pool]
-metadata = {json.dumps(pool)}
-
-[executor]
-kind = "{executor}"
-max_parallel = 2
-{log}
-
-[stages.download]
-{params}
-{extra}
-"""
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
+def write_config(path, run: str, pool: str, params: dict = FAST, executor: str = "local",
+                 extra: dict | None = None, log_dir: str = "") -> str:
+    """A download-only run.toml: `params` is [stages.download], `extra` more top-level tables."""
+    doc = {
+        "run": {"folder": run, "scale": "tiny", "stages": ["download"]},
+        "pool": {"metadata": pool},
+        "executor": {"kind": executor, "max_parallel": 2, **({"log_dir": log_dir} if log_dir else {})},
+        "stages": {"download": dict(params)},
+        **(extra or {}),
+    }
+    return write_toml(path, doc)
 
 
 def tar_contents(folder: DataFolder, name: str) -> dict[str, str]:
@@ -125,7 +115,7 @@ def served_run(tmp_path_factory):
             files.append(rows)
         uids = write_pool(str(tmp / "pool"), files)
         cfg = write_config(tmp / "run.toml", str(tmp / "run"), str(tmp / "pool"),
-                           params=FAST + "samples_per_shard = 7\ntimeout = 1\n")
+                           params={**FAST, "samples_per_shard": 7, "timeout": 1})
         started = time.time()
         result = submit_run(load_config(cfg))
         seconds = time.time() - started
@@ -226,7 +216,7 @@ def test_killed_task_resubmit_redoes_only_unfinished_shards(tmp_path):
         rows += [(server.url("slow", 100 + i, delay=1.0), f"slow {i}") for i in range(20)]
         write_pool(str(tmp_path / "pool"), [rows])
         cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
-                           params="processes = 1\nthreads = 2\nsamples_per_shard = 10\n")
+                           params={"processes": 1, "threads": 2, "samples_per_shard": 10})
         out = tmp_path / "run" / "download"
         proc = subprocess.Popen([sys.executable, "-m", "dcslurm.cli", "submit", "-c", cfg],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -266,20 +256,23 @@ def test_rerun_of_a_committed_run_downloads_nothing(served_run):
 # -- the demo pool: local, S3, SLURM (slow: a few minutes on 2 busy cores) ----------------
 
 DEMO = dict(samples=240, seed=3, files=4, heldout=0)
-DEMO_PARAMS = "processes = 1\nthreads = 8\nsamples_per_shard = 25\n"
+DEMO_PARAMS = {"processes": 1, "threads": 8, "samples_per_shard": 25}
 
 
 @pytest.fixture(scope="module")
 def demo_reference(tmp_path_factory):
-    """The demo pool downloaded on the local executor to local disk: what every other run must equal."""
+    """The demo pool downloaded on the local executor to local disk, through its proxy server
+    (up for the module's runs): what every other run must equal."""
     tmp = tmp_path_factory.mktemp("demo")
     pool = str(tmp / "pool")
     generate_demo_pool(pool, **DEMO)
-    # 2 files a task here, 1 on SLURM, 4 on S3: shard ids do not depend on the split.
-    cfg = write_config(tmp / "run.toml", str(tmp / "run"), pool, params=DEMO_PARAMS + "units_per_task = 2\n")
-    assert not submit_run(load_config(cfg)).failed
-    run = DataFolder(str(tmp / "run"))
-    return {"pool": pool, "run": run, "contents": shard_contents(run), "tmp": tmp}
+    with DemoPoolServer(DataFolder(pool)) as server:
+        params = {**DEMO_PARAMS, "http_proxy": server.proxy_url}
+        # 2 files a task here, 1 on SLURM, 4 on S3: shard ids do not depend on the split.
+        cfg = write_config(tmp / "run.toml", str(tmp / "run"), pool, params={**params, "units_per_task": 2})
+        assert not submit_run(load_config(cfg)).failed
+        run = DataFolder(str(tmp / "run"))
+        yield {"pool": pool, "run": run, "contents": shard_contents(run), "tmp": tmp, "params": params}
 
 
 @pytest.mark.slow
@@ -302,10 +295,11 @@ def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
 def test_demo_pool_on_s3_downloads_to_s3_identically(demo_reference, s3_server, s3_bucket, tmp_path):
     opts = s3_server.storage_options()
     generate_demo_pool(f"{s3_bucket}/pool", storage_options=opts, **DEMO)  # the pool itself on S3 too
-    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool",
-                       params=DEMO_PARAMS + "units_per_task = 4\n",
-                       extra=f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n', log_dir=f"{tmp_path}/logs")
-    assert not submit_run(load_config(cfg)).failed
+    with DemoPoolServer(DataFolder(f"{s3_bucket}/pool", opts)) as server:  # served from S3
+        cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool",
+                           params={**DEMO_PARAMS, "units_per_task": 4, "http_proxy": server.proxy_url},
+                           extra={"storage": {"endpoint_url": s3_server.endpoint_url}}, log_dir=f"{tmp_path}/logs")
+        assert not submit_run(load_config(cfg)).failed
     run = DataFolder(f"{s3_bucket}/run", load_config(cfg).storage_options)
     assert shard_contents(run) == demo_reference["contents"]
     assert not any(n.startswith("_tmp") for n in run.child("download").list())
@@ -314,9 +308,9 @@ def test_demo_pool_on_s3_downloads_to_s3_identically(demo_reference, s3_server, 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_demo_pool_on_slurm_four_tasks_identical(demo_reference, slurm_cluster, tmp_path):
-    cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), demo_reference["pool"], params=DEMO_PARAMS,
-                       executor="slurm", extra='[stages.download.resources]\ncpus_per_task = 1\n'
-                                               '[slurm]\ntime = "00:10:00"\n')
+    cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), demo_reference["pool"],
+                       params={**demo_reference["params"], **ONE_CPU},
+                       executor="slurm", extra=TEN_MINUTES)
     result = submit_run(load_config(cfg))
     assert len(result.pending["download"]) == 4
     wait_run_done(cfg, timeout=300)
@@ -330,10 +324,11 @@ def test_demo_pool_on_slurm_four_tasks_identical(demo_reference, slurm_cluster, 
 @pytest.mark.s3
 @pytest.mark.slow
 def test_demo_pool_on_slurm_to_s3_identical(demo_reference, slurm_cluster, s3_server, s3_bucket, tmp_path):
-    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", demo_reference["pool"], params=DEMO_PARAMS,
+    cfg = write_config(tmp_path / "run.toml", f"{s3_bucket}/run", demo_reference["pool"],
+                       params={**demo_reference["params"], **ONE_CPU},
                        executor="slurm",
-                       extra=f'[stages.download.resources]\ncpus_per_task = 1\n[slurm]\ntime = "00:10:00"\n'
-                             f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n', log_dir=f"{tmp_path}/logs")
+                       extra={**TEN_MINUTES, "storage": {"endpoint_url": s3_server.endpoint_url}},
+                       log_dir=f"{tmp_path}/logs")
     submit_run(load_config(cfg))
     wait_run_done(cfg, timeout=300)
     run = DataFolder(f"{s3_bucket}/run", load_config(cfg).storage_options)
@@ -347,13 +342,12 @@ def test_downloaded_shards_can_start_another_run_without_download(demo_reference
 
     shards = demo_reference["run"].url_of("download")
     cfg = tmp_path / "byo.toml"
-    cfg.write_text(f'[run]\nfolder = {json.dumps(str(tmp_path / "byo"))}\nstages = ["embed"]\n'
-                   f'[pool]\nshards = {json.dumps(shards)}\n')
+    write_toml(cfg, {"run": {"folder": str(tmp_path / "byo"), "stages": ["embed"]}, "pool": {"shards": shards}})
     step = plan_run(load_config(str(cfg))).step("embed")
     assert [u.rsplit("/", 1)[1] for u in step.units.names] == sorted(demo_reference["contents"])
     # With download in the run, embed reads what the download tasks committed instead.
-    cfg.write_text(f'[run]\nfolder = {json.dumps(str(tmp_path / "byo2"))}\nstages = ["download", "embed"]\n'
-                   f'[pool]\nmetadata = {json.dumps(demo_reference["pool"])}\n')
+    write_toml(cfg, {"run": {"folder": str(tmp_path / "byo2"), "stages": ["download", "embed"]},
+                     "pool": {"metadata": demo_reference["pool"]}})
     assert plan_run(load_config(str(cfg))).step("embed").units.upstream == "download"
 
 
@@ -390,8 +384,8 @@ def test_cancelled_slurm_task_resubmit_redoes_only_unfinished_shards(slurm_clust
         rows += [(server.url("slow", 100 + i, delay=1.0), f"slow {i}") for i in range(20)]
         write_pool(str(tmp_path / "pool"), [rows])
         cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
-                           params="processes = 1\nthreads = 2\nsamples_per_shard = 10\n", executor="slurm",
-                           extra='[stages.download.resources]\ncpus_per_task = 1\n[slurm]\ntime = "00:10:00"\n')
+                           params={"processes": 1, "threads": 2, "samples_per_shard": 10, **ONE_CPU},
+                           executor="slurm", extra=TEN_MINUTES)
         out = tmp_path / "run" / "download"
         submit_run(load_config(cfg))
         deadline = time.time() + 240
@@ -410,3 +404,40 @@ def test_cancelled_slurm_task_resubmit_redoes_only_unfinished_shards(slurm_clust
         stats = read_marker(DataFolder(str(tmp_path / "run")), "download", 0)["stats"]
         assert stats["shards_resumed"] == 2 and stats["shards_downloaded"] == 2 and stats["successes"] == 40
         assert all(server.hits[f"/good/{i}.jpg"] == 1 for i in range(20))
+
+
+# -- [stages.download] http_proxy -------------------------------------------------------
+
+def test_http_proxy_fetches_through_the_given_proxy_and_a_new_port_resumes(tmp_path):
+    """img2dataset fetches http:// URLs through `http_proxy` (here the demo pool's server, which
+    answers for the pool's unresolvable host). The proxy is not part of the run's identity: a
+    resubmit through another proxy (another port) is the same run and downloads nothing again."""
+    pool = str(tmp_path / "pool")
+    generate_demo_pool(pool, samples=24, seed=5, files=1, heldout=0)
+    noise = json.load(open(os.path.join(pool, "manifest.json")))["noise"]
+    params = {**FAST, "samples_per_shard": 100}
+    with DemoPoolServer(DataFolder(pool)) as server:
+        cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), pool,
+                           params={**params, "http_proxy": server.proxy_url})
+        assert not submit_run(load_config(cfg)).failed
+    stats = read_marker(DataFolder(str(tmp_path / "run")), "download", 0)["stats"]
+    assert stats["successes"] == 24 - noise["broken_url"] - noise["non_image"]
+    assert server.requests >= 24
+    with DemoPoolServer(DataFolder(pool)) as again:
+        assert again.proxy_url != server.proxy_url
+        cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), pool,
+                           params={**params, "http_proxy": again.proxy_url})
+        assert not submit_run(load_config(cfg)).failed
+    assert again.requests == 0
+
+
+@pytest.mark.parametrize("proxy", ["https://proxy:3128", "http://proxy", "socks5://proxy:1080", "http://proxy:99999",
+                                   "http://proxy:3128/path", "proxy:3128"])
+def test_a_bad_http_proxy_is_a_one_line_error(tmp_path, proxy):
+    from dcslurm.errors import ConfigError
+
+    cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
+                       params={**FAST, "http_proxy": proxy})
+    with pytest.raises(ConfigError, match=r"http_proxy: expected http://host:port$") as exc:
+        load_config(cfg)
+    assert proxy not in str(exc.value)

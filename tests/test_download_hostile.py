@@ -28,7 +28,7 @@ from dcslurm.storage import DataFolder
 from tests.imageserver import ImageServer
 from tests.test_download import shard_contents, write_config, write_pool
 
-PARAMS = "processes = 1\nthreads = 2\nsamples_per_shard = 10\n"
+PARAMS = {"processes": 1, "threads": 2, "samples_per_shard": 10}
 
 
 # -- processes, from /proc ------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_huge_images_are_refused_from_their_header_and_counted(tmp_path):
         rows += [(server.large_url(i, w, h), f"large {i}") for i, (w, h) in enumerate(LARGE)]
         write_pool(str(tmp_path / "pool"), [rows])
         cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
-                           params="processes = 1\nthreads = 8\nsamples_per_shard = 100\n")
+                           params={"processes": 1, "threads": 8, "samples_per_shard": 100})
         assert not submit_run(load_config(cfg)).failed
     stats = read_marker(DataFolder(str(tmp_path / "run")), "download", 0)["stats"]
     assert stats["failures"] == {"image too large": 3}  # all but the 89 MP one, under the default limit

@@ -57,6 +57,48 @@ def test_sweep_files_chain_the_two_sweeps(tmp_path):
             assert (res.gpus_per_node, res.mem, res.cpus_per_task) == (0, "", 2), (stage, res)
 
 
+def test_sweep_files_parse_to_the_tables_the_demo_always_wrote(tmp_path):
+    """The demo's sweep files, written by the one TOML writer, read back as the tables the
+    hand-written text gave (plus the download's http_proxy): a layout change, no other change."""
+    import tomllib
+
+    out = str(tmp_path)
+    settings = d.DemoSettings(out=out, seeds=2)
+    cpu = {"gpus_per_node": 0, "cpus_per_task": 2, "mem": ""}
+    tasks = [{"key": "demo/shapes", "name": "Demo shapes", "evalset": "shapes", "num_classes": 6,
+              "random_score": 1 / 6},
+             {"key": "demo/colours", "name": "Demo colours", "evalset": "colours", "num_classes": 8,
+              "random_score": 0.125},
+             {"key": "demo/counts", "name": "Demo counts", "evalset": "counts", "num_classes": 4, "random_score": 0.25},
+             {"key": "demo/retrieval", "name": "Demo retrieval", "evalset": "retrieval", "kind": "retrieval",
+              "main_metric": "mean_recall@1", "random_score": 1 / 300}]
+    branch = {"reshard": {"samples_per_shard": 1000},
+              "train": {"samples": 10240, "workers": 1, "resources": cpu},
+              "eval": {"tasks": [t["key"] for t in tasks], "evalsets": f"{out}/pool/heldout", "units_per_task": 4,
+                       "num_workers": 1, "resources": cpu, "extra_tasks": tasks}}
+
+    def head(name):
+        return {"run": {"folder": f"{out}/sweeps/{name}", "name": "demo", "scale": "tiny"},
+                "sweep": {"seeds": [0, 1]}, "executor": {"kind": "local", "max_parallel": 2}}
+
+    expected = {
+        "nofilter": {**head("nofilter"), "pool": {"metadata": f"{out}/pool"},
+                     "stages": {"download": {"processes": 1, "threads": 16, "http_proxy": "http://127.0.0.1:1234"},
+                                **branch},
+                     "branches": [{"name": "nofilter", "filter": "no_filter"}]},
+        "clip30": {**head("clip30"), "pool": {"shards": f"{out}/sweeps/nofilter/upstream/download"},
+                   "stages": {"embed": {"models": [{"name": "tiny", "model": "dcslurm-tiny-vit",
+                                                    "pretrained": f"{out}/sweeps/nofilter/runs/nofilter-seed0/train/"
+                                                                  "model.pt"}],
+                                        "device": "cpu", "workers": 1, "units_per_task": 64, "resources": cpu},
+                              **branch},
+                   "branches": [{"name": "clip30",
+                                 "filter": "clip_score(score=clip_tiny_similarity_score, fraction=0.3)"}]},
+    }
+    paths = d.write_sweep_files(settings, http_proxy="http://127.0.0.1:1234")
+    assert {os.path.basename(p).removesuffix(".toml"): tomllib.load(open(p, "rb")) for p in paths} == expected
+
+
 def test_config_only_writes_sweep_files_and_runs_nothing(tmp_path):
     from dcslurm import sweep as sw
     from dcslurm.cli import app
@@ -66,7 +108,12 @@ def test_config_only_writes_sweep_files_and_runs_nothing(tmp_path):
     assert res.exit_code == 0, res.output
     assert sorted(os.listdir(out / "configs")) == ["clip30.toml", "nofilter.toml"]
     assert sorted(os.listdir(out)) == ["configs"]
-    assert "dcslurm sweep -c" in res.output
+    assert "dcslurm sweep -c" in res.output and f"dcslurm pool serve {out / 'pool'}" in " ".join(res.output.split())
+    # Their download reaches the pool through `dcslurm pool serve`'s default address.
+    from dcslurm.demo_pool import DEFAULT_SERVE_PORT
+
+    up = sw.load_sweep(str(out / "configs" / "nofilter.toml")).upstream.config
+    assert up.stages["download"].params.http_proxy == f"http://127.0.0.1:{DEFAULT_SERVE_PORT}"
     # The first sweep checks (the pool is not there yet: a one-line error naming it).
     with pytest.raises(Exception, match="pool metadata folder does not exist"):
         sw.check_sweep(sw.load_sweep(str(out / "configs" / "nofilter.toml")))

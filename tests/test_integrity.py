@@ -30,6 +30,7 @@ from dcslurm.plan import PLAN_FILE
 from dcslurm.runner import run_task
 from dcslurm.runs import plan_run, submit_run
 from dcslurm.storage import DataFolder, s3fs_options
+from dcslurm.tomlfile import write_toml
 from tests.core_helpers import executions, write_run_toml
 
 # -- markers know their units -------------------------------------------------------------
@@ -72,9 +73,9 @@ def test_changed_pool_file_list_with_markers_is_refused(tmp_path):
     for i, name in enumerate(("a", "c", "d")):
         _parquet(pool / f"{name}.parquet", 10 * i)
     run = tmp_path / "run"
-    path = str(tmp_path / "run.toml")
-    open(path, "w").write(f'[run]\nfolder = "{run}"\nstages = ["download"]\n[pool]\nmetadata = "{pool}"\n'
-                          f'[executor]\nlog_dir = "{tmp_path}/logs"\n')
+    path = write_toml(tmp_path / "run.toml", {"run": {"folder": str(run), "stages": ["download"]},
+                                              "pool": {"metadata": str(pool)},
+                                              "executor": {"log_dir": f"{tmp_path}/logs"}})
     cfg = load_config(path)
     # The run folder as a finished download leaves it: run.json, plan.json, a marker per task
     # (written by the code a submit and the runner use, without downloading anything).

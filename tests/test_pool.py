@@ -24,6 +24,7 @@ from dcslurm.errors import UserError
 from dcslurm.pool import inspect_pool
 from dcslurm.pool_cli import app as pool_app
 from dcslurm.runs import submit_run
+from dcslurm.tomlfile import write_toml
 
 
 def _uid(i: int) -> str:
@@ -87,15 +88,8 @@ def test_pool_inspect_rejects_bad_pool_naming_the_file(tmp_path, how):
 
 
 def _config(tmp_path) -> str:
-    path = tmp_path / "run.toml"
-    path.write_text(f"""
-[run]
-folder = {json.dumps(str(tmp_path / "run"))}
-stages = ["download"]
-[pool]
-metadata = {json.dumps(str(tmp_path / "pool"))}
-""")
-    return str(path)
+    return write_toml(tmp_path / "run.toml", {"run": {"folder": str(tmp_path / "run"), "stages": ["download"]},
+                                              "pool": {"metadata": str(tmp_path / "pool")}})
 
 
 @pytest.mark.parametrize("how", BAD)
@@ -164,6 +158,32 @@ def test_demo_pool_is_a_valid_datacomp_pool(demo):
         assert col in report.columns
     res = CliRunner().invoke(pool_app, ["demo", "--out", str(demo / "cli"), "--samples", "20", "--heldout", "0"])
     assert res.exit_code == 0 and inspect_pool(str(demo / "cli")).rows == 20
+
+
+def test_pool_serve_answers_for_the_demo_host_until_stopped(demo):
+    """`dcslurm pool serve`: the proxy a run's http_proxy names when the pool is served by hand
+    (`dcslurm demo --config-only`): the pool's URLs answered from its folder, others refused."""
+    import urllib.error
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "dcslurm", "pool", "serve", str(demo / "a"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        proxy = line.split('http_proxy = "', 1)[1].split('"', 1)[0]
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+        row = next(r for r in pq.read_table(str(demo / "a" / "00000000.parquet")).to_pylist()
+                   if r["demo_kind"] == "clean")
+        assert opener.open(row["url"], timeout=10).read() == (demo / "a" / row["url"].split("/", 3)[3]).read_bytes()
+        with pytest.raises(urllib.error.HTTPError, match="502"):
+            opener.open("http://example.com/images/000000.jpg", timeout=10)
+    finally:
+        proc.terminate()  # the one process this test started, by its handle
+        proc.wait(timeout=10)
+    # Not a demo pool: one line, exit 2.
+    res = subprocess.run([sys.executable, "-m", "dcslurm", "pool", "serve", str(demo)], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"dcslurm: error: {demo}: not a complete demo pool (no serve.json; `dcslurm pool demo` writes one)")
 
 
 def test_demo_pool_files_match_their_metadata_and_noise(demo):

@@ -9,7 +9,6 @@ meets it (a filter-only run has no download preflight).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ from dcslurm import pool as poolmod
 from dcslurm.config import load_config
 from dcslurm.runs import run_status, submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.tomlfile import write_toml
 
 
 def _uid(i: int) -> str:
@@ -64,10 +64,8 @@ def _one_line(code, lines, *fragments) -> str:
 
 
 def _download_toml(tmp_path, pool: str) -> str:
-    path = tmp_path / "run.toml"
-    path.write_text(f'[run]\nfolder = {json.dumps(str(tmp_path / "run"))}\nscale = "tiny"\nstages = ["download"]\n'
-                    f'[pool]\nmetadata = {json.dumps(pool)}\n')
-    return str(path)
+    return write_toml(tmp_path / "run.toml", {"run": {"folder": str(tmp_path / "run"), "scale": "tiny",
+                                                      "stages": ["download"]}, "pool": {"metadata": pool}})
 
 
 # -- column types -------------------------------------------------------------------
@@ -139,11 +137,12 @@ def test_filter_run_refuses_duplicate_uids(tmp_path, monkeypatch, capsys, where)
 @pytest.mark.parametrize("where", ["across", "within"])
 def test_filter_only_run_fails_its_task_with_the_line_and_status_shows_it(tmp_path, where):
     pool = _dup_pool(tmp_path / "pool", where)
-    path = tmp_path / "run.toml"
-    path.write_text(f'[run]\nfolder = {json.dumps(str(tmp_path / "run"))}\nstages = ["filter"]\n'
-                    f'[pool]\nmetadata = {json.dumps(pool)}\n[executor]\nkind = "local"\n'
-                    f'[stages.filter]\nspec = "clip_score(l14, fraction=0.5)"\nunits_per_task = 1\n')
-    result = submit_run(load_config(str(path)))
+    path = write_toml(tmp_path / "run.toml", {
+        "run": {"folder": str(tmp_path / "run"), "stages": ["filter"]}, "pool": {"metadata": pool},
+        "executor": {"kind": "local"},
+        "stages": {"filter": {"spec": "clip_score(l14, fraction=0.5)", "units_per_task": 1}},
+    })
+    result = submit_run(load_config(path))
     assert result.failed
     assert not (tmp_path / "run" / "filter" / "subset.npy").exists()
     _, steps = run_status(str(tmp_path / "run"))

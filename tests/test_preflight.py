@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dcslurm.tomlfile import write_toml
 from tests.test_eval_fixtures import make_classification_set
 
 
@@ -62,19 +63,11 @@ def _shards(folder, n: int = 2) -> str:
     return str(folder)
 
 
-def _toml(tmp_path, stages, body: str = "", pool: str = "") -> str:
-    path = tmp_path / "run.toml"
-    path.write_text(f"""
-[run]
-folder = {json.dumps(str(tmp_path / "run"))}
-scale = "tiny"
-stages = {json.dumps(list(stages))}
-[executor]
-kind = "local"
-{pool}
-{body}
-""")
-    return str(path)
+def _toml(tmp_path, stages, tables: dict | None = None, pool: dict | None = None, **more) -> str:
+    """A local run of `stages`: [stages.NAME] from `tables`, [pool] from `pool`, `more` top-level tables."""
+    return write_toml(tmp_path / "run.toml", {
+        "run": {"folder": str(tmp_path / "run"), "scale": "tiny", "stages": list(stages)},
+        "executor": {"kind": "local"}, **({"pool": pool} if pool else {}), "stages": tables or {}, **more})
 
 
 def _cli(monkeypatch, capsys, *argv: str, stream: str = "err") -> tuple[int, list[str]]:
@@ -111,12 +104,9 @@ def _plans(monkeypatch, capsys, config: str) -> None:
 
 # -- weights --------------------------------------------------------------------------
 
-def _embed_toml(tmp_path, model: str, pretrained: str, extra: str = "") -> str:
-    return _toml(tmp_path, ["embed"], pool=f"[pool]\nshards = {json.dumps(_shards(tmp_path / 'shards'))}", body=f"""
-[stages.embed]
-models = [{{name = "m", model = {json.dumps(model)}, pretrained = {json.dumps(pretrained)}}}]
-{extra}
-""")
+def _embed_toml(tmp_path, model: str, pretrained: str, extra: dict | None = None, **more) -> str:
+    embed = {"models": [{"name": "m", "model": model, "pretrained": pretrained}], **(extra or {})}
+    return _toml(tmp_path, ["embed"], pool={"shards": _shards(tmp_path / "shards")}, tables={"embed": embed}, **more)
 
 
 def test_embed_weights_file_missing(tmp_path, monkeypatch, capsys):
@@ -151,9 +141,9 @@ def test_embed_named_tag_must_be_cached_when_offline(tmp_path, monkeypatch, caps
 def test_embed_named_tag_passes_when_the_nodes_are_online(tmp_path, monkeypatch, capsys):
     pytest.importorskip("open_clip")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    _plans(monkeypatch, capsys, _embed_toml(tmp_path, "ViT-B-32", "openai", "offline = false"))
+    _plans(monkeypatch, capsys, _embed_toml(tmp_path, "ViT-B-32", "openai", {"offline": False}))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set here, it reaches the nodes: they will not download
-    _refused(tmp_path, monkeypatch, capsys, _embed_toml(tmp_path, "ViT-B-32", "openai", "offline = false"),
+    _refused(tmp_path, monkeypatch, capsys, _embed_toml(tmp_path, "ViT-B-32", "openai", {"offline": False}),
              "weights not in the local cache")
 
 
@@ -165,10 +155,7 @@ def test_embed_weights_on_s3_are_checked_then_loaded(tmp_path, monkeypatch, caps
 
     opts = s3_server.storage_options()
     url = f"{s3_bucket}/weights/model.pt"
-    storage = f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n'
-    config = _embed_toml(tmp_path, "dcslurm-tiny-vit", url)
-    with open(config, "a") as f:
-        f.write(storage)
+    config = _embed_toml(tmp_path, "dcslurm-tiny-vit", url, storage={"endpoint_url": s3_server.endpoint_url})
     _refused(tmp_path, monkeypatch, capsys, config, f"{url}: model checkpoint file does not exist")
     model = create_model("dcslurm-tiny-vit", seed=3)[0]
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -182,13 +169,9 @@ def test_embed_weights_on_s3_are_checked_then_loaded(tmp_path, monkeypatch, caps
 # -- eval sets and checkpoints --------------------------------------------------------
 
 def _eval_toml(tmp_path, evalsets: str, checkpoint: str) -> str:
-    return _toml(tmp_path, ["eval"], body=f"""
-[stages.eval]
-tasks = ["demo/fashion"]
-evalsets = {json.dumps(evalsets)}
-checkpoint = {json.dumps(checkpoint)}
-extra_tasks = [{{key = "demo/fashion", name = "Demo fashion", evalset = "wds_fashion_test"}}]
-""")
+    return _toml(tmp_path, ["eval"], tables={"eval": {
+        "tasks": ["demo/fashion"], "evalsets": evalsets, "checkpoint": checkpoint,
+        "extra_tasks": [{"key": "demo/fashion", "name": "Demo fashion", "evalset": "wds_fashion_test"}]}})
 
 
 def test_eval_sets_and_checkpoint_are_checked(tmp_path, monkeypatch, capsys):
@@ -218,11 +201,7 @@ def test_train_resume_checkpoint_is_checked(tmp_path, monkeypatch, capsys):
     shards = _shards(tmp_path / "shards")
 
     def toml(resume: str) -> str:
-        return _toml(tmp_path, ["train"], body=f"""
-[stages.train]
-data = {json.dumps(shards)}
-resume = {json.dumps(resume)}
-""")
+        return _toml(tmp_path, ["train"], tables={"train": {"data": shards, "resume": resume}})
 
     step = tmp_path / "ckpts" / "step-00000002"
     _refused(tmp_path, monkeypatch, capsys, toml(str(step)),
@@ -238,9 +217,8 @@ resume = {json.dumps(resume)}
 # -- subsets --------------------------------------------------------------------------
 
 def _reshard_toml(tmp_path, subset: str) -> str:
-    pool = (f"[pool]\nmetadata = {json.dumps(_pool(tmp_path / 'pool'))}\n"
-            f"shards = {json.dumps(_shards(tmp_path / 'shards'))}")
-    return _toml(tmp_path, ["reshard"], pool=pool, body=f"[stages.reshard]\nsubset = {json.dumps(subset)}\n")
+    pool = {"metadata": _pool(tmp_path / "pool"), "shards": _shards(tmp_path / "shards")}
+    return _toml(tmp_path, ["reshard"], pool=pool, tables={"reshard": {"subset": subset}})
 
 
 def test_subset_dtype_shape_and_order_are_read_from_the_header(tmp_path, monkeypatch, capsys):
@@ -268,9 +246,8 @@ def test_subset_of_another_pool_is_refused(tmp_path, monkeypatch, capsys):
 
 # -- pool columns ---------------------------------------------------------------------
 
-def _filter_toml(tmp_path, spec: str, pool: str, stages=("filter",), extra: str = "") -> str:
-    return _toml(tmp_path, stages, pool=f"[pool]\nmetadata = {json.dumps(pool)}",
-                 body=f"[stages.filter]\nspec = {json.dumps(spec)}\n{extra}")
+def _filter_toml(tmp_path, spec: str, pool: str, stages=("filter",)) -> str:
+    return _toml(tmp_path, stages, pool={"metadata": pool}, tables={"filter": {"spec": spec}})
 
 
 def test_filter_columns_and_embeddings_the_pool_lacks(tmp_path, monkeypatch, capsys):
@@ -291,10 +268,9 @@ def test_filter_columns_and_embeddings_the_pool_lacks(tmp_path, monkeypatch, cap
 
 def test_filter_embeddings_the_embed_stage_does_not_write(tmp_path, monkeypatch, capsys):
     pool = _pool(tmp_path / "pool")
-    extra = '[stages.embed]\nmodels = [{name = "tiny", model = "dcslurm-tiny-vit", pretrained = ""}]\n'
-    toml = _toml(tmp_path, ["embed", "filter"],
-                 pool=f"[pool]\nmetadata = {json.dumps(pool)}\nshards = {json.dumps(_shards(tmp_path / 'shards'))}",
-                 body=f'[stages.filter]\nspec = "vas(fraction=0.5)"\n{extra}')
+    toml = _toml(tmp_path, ["embed", "filter"], pool={"metadata": pool, "shards": _shards(tmp_path / "shards")},
+                 tables={"filter": {"spec": "vas(fraction=0.5)"},
+                         "embed": {"models": [{"name": "tiny", "model": "dcslurm-tiny-vit", "pretrained": ""}]}})
     _refused(tmp_path, monkeypatch, capsys, toml,
              "[stages.filter] spec: the filter reads embeddings 'l14_img', which the embed stage does not write "
              "(it writes tiny_img, tiny_txt)")

@@ -734,31 +734,21 @@ def test_slurm_run_gives_the_subset_multiset_and_local_shards(pool, one_task_run
 @pytest.mark.slow
 def test_pipeline_download_filter_reshard_on_the_demo_pool(tmp_path):
     """The inputs as a real run gives them: download's tars (upstream units) and the filter's subset.npy."""
-    from dcslurm.demo_pool import generate_demo_pool
+    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
+    from dcslurm.storage import DataFolder
+    from dcslurm.tomlfile import write_toml
 
     generate_demo_pool(str(tmp_path / "pool"), samples=120, seed=3, files=2, heldout=0)
-    cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""
-[run]
-folder = "{tmp_path}/run"
-scale = "tiny"
-stages = ["download", "filter", "reshard"]
-[pool]
-metadata = "{tmp_path}/pool"
-[executor]
-kind = "local"
-max_parallel = 2
-[stages.download]
-processes = 1
-threads = 8
-samples_per_shard = 25
-[stages.filter]
-spec = "basic"
-[stages.reshard]
-samples_per_shard = 20
-tasks = 2
-""")
-    assert not submit_run(load_config(str(cfg))).failed
+    with DemoPoolServer(DataFolder(str(tmp_path / "pool"))) as server:  # the download's http_proxy
+        cfg = write_toml(tmp_path / "run.toml", {
+            "run": {"folder": f"{tmp_path}/run", "scale": "tiny", "stages": ["download", "filter", "reshard"]},
+            "pool": {"metadata": f"{tmp_path}/pool"},
+            "executor": {"kind": "local", "max_parallel": 2},
+            "stages": {"download": {"processes": 1, "threads": 8, "samples_per_shard": 25,
+                                    "http_proxy": server.proxy_url},
+                       "filter": {"spec": "basic"}, "reshard": {"samples_per_shard": 20, "tasks": 2}},
+        })
+        assert not submit_run(load_config(cfg)).failed
     run = tmp_path / "run"
     subset = np.load(run / "filter" / "subset.npy")
     subset_uids = [pair_to_uid(*row) for row in subset]

@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from dcslurm.tomlfile import write_toml
 from tests.test_results import distinct_scores, results_lines
 
 # The demo's own tasks (dcslurm/demo.py DEMO_TASKS): a user's extra_tasks as plan.json keeps them.
@@ -292,14 +293,14 @@ def test_seed_and_filter_from_the_run_toml_in_the_folder(tmp_path):
     for seed in (0, 1):
         run = tmp_path / f"b-seed{seed}"
         (run / "eval").mkdir(parents=True)
-        (run / "run.toml").write_text(f'[run]\nfolder = "{run}"\nscale = "tiny"\nseed = {seed}\n'
-                                      '[stages.filter]\nspec = "basic"\n')
+        write_toml(run / "run.toml", {"run": {"folder": str(run), "scale": "tiny", "seed": seed},
+                                      "stages": {"filter": {"spec": "basic"}}})
         (run / "eval" / "results.jsonl").write_text(json.dumps(
             {"key": "demo/shapes", "dataset": "Demo shapes", "metrics": {"main_metric": 0.1 * (seed + 1)}}) + "\n")
     queued = tmp_path / "b-seed2"  # not submitted yet: its run.toml alone
     queued.mkdir()
-    (queued / "run.toml").write_text('[run]\nscale = "tiny"\nseed = 2\nstages = ["train", "eval"]\n'
-                                     '[stages.filter]\nspec = "basic"\n')
+    write_toml(queued / "run.toml", {"run": {"scale": "tiny", "seed": 2, "stages": ["train", "eval"]},
+                                     "stages": {"filter": {"spec": "basic"}}})
     (row,) = leaderboard(str(tmp_path)).rows
     assert (row.filter, row.label, row.scale, row.seeds) == ("basic", "b", "tiny", [0, 1])
     assert row.mean("Demo shapes") == pytest.approx(0.15)

@@ -334,19 +334,30 @@ def _shares(kills: int) -> dict[str, int]:
     return out
 
 
+@pytest.fixture
+def served_pool(tmp_path):
+    """A 64-sample demo pool and its server (the runs' http_proxy), up for the whole soak: the
+    server is this test's, not the run's, so no kill reaches it."""
+    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
+    from dcslurm.storage import DataFolder
+
+    pool = str(tmp_path / "pool")
+    generate_demo_pool(pool, samples=64, seed=0, files=2, heldout=24)
+    with DemoPoolServer(DataFolder(pool)) as server:
+        yield pool, server.proxy_url
+
+
 @pytest.mark.soak
 @pytest.mark.timeout(int(os.environ.get("DCSLURM_SOAK_TIMEOUT", "3600")))  # the whole soak; each trial is bounded too
-def test_sigkill_soak_every_pass_equals_the_undisturbed_run(tmp_path):
+def test_sigkill_soak_every_pass_equals_the_undisturbed_run(tmp_path, served_pool):
     from dcslurm.demo import DEMO_TASKS
-    from dcslurm.demo_pool import generate_demo_pool
     from tests.test_embed import save_tiny_checkpoint
 
     started = time.time()
-    pool = str(tmp_path / "pool")
-    generate_demo_pool(pool, samples=64, seed=0, files=2, heldout=24)
+    pool, proxy = served_pool
     ckpt = save_tiny_checkpoint(str(tmp_path / "scorer.pt"), 0)
-    toml_args = dict(pool=pool, ckpt=ckpt, executor="local", eval_tasks=(DEMO_TASKS[0], DEMO_TASKS[3]),
-                     train_ranks=2)
+    toml_args = dict(pool=pool, ckpt=ckpt, executor="local", http_proxy=proxy,
+                     eval_tasks=(DEMO_TASKS[0], DEMO_TASKS[3]), train_ranks=2)
     ref = str(tmp_path / "reference")
     path = _pipeline_toml(tmp_path / "reference.toml", ref, **toml_args)
     stage_of = {s.name: s.stage for s in read_plan_of(path).steps}

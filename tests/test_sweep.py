@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dcslurm import sweep as sw
+from dcslurm.tomlfile import dumps
 
 FILTERS = {
     "nofilter": "no_filter",
@@ -22,11 +23,13 @@ FILTERS = {
 CPU = 'resources = {gpus_per_node = 0, cpus_per_task = 1, mem = "1000M", time = "00:20:00"}'
 
 
+POOL_PROXY: dict[str, str] = {}  # pool -> its DemoPoolServer's address (the `pool` fixture's)
+
+
 def sweep_toml(path, folder: str, pool: str, executor: str = "local", branches: str | None = None,
                extra_run: str = "", seeds=(0, 1)) -> str:
     """A sweep over the demo pool with the tiny model (random init: no weights offline)."""
     from dcslurm.demo import DEMO_TASKS
-    from dcslurm.sweep import toml_value
 
     tasks = (DEMO_TASKS[0], DEMO_TASKS[3])
     if branches is None:
@@ -53,6 +56,7 @@ max_array_size = 1000
 [stages.download]
 processes = 1
 threads = 1  # img2dataset writes samples in completion order: one thread makes it the pool's order
+http_proxy = {json.dumps(POOL_PROXY.get(pool, "http://127.0.0.1:9"))}  # the pool fixture's server
 {CPU}
 
 [stages.embed]
@@ -77,8 +81,7 @@ tasks = [{", ".join(json.dumps(t["key"]) for t in tasks)}]
 evalsets = {json.dumps(os.path.join(pool, "heldout"))}
 num_workers = 0
 {CPU}
-extra_tasks = [{", ".join(toml_value(t) for t in tasks)}]
-{branches}"""
+{"".join(f"[[stages.eval.extra_tasks]]{chr(10)}{dumps(t)}" for t in tasks)}{branches}"""
     with open(path, "w") as f:
         f.write(text)
     return str(path)
@@ -86,11 +89,14 @@ extra_tasks = [{", ".join(toml_value(t) for t in tasks)}]
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from dcslurm.demo_pool import generate_demo_pool
+    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
+    from dcslurm.storage import DataFolder
 
     out = str(tmp_path_factory.mktemp("sweep-pool") / "pool")
     generate_demo_pool(out, samples=48, seed=0, files=2, heldout=12)
-    return out
+    with DemoPoolServer(DataFolder(out)) as server:  # what the sweeps' download fetches through
+        POOL_PROXY[out] = server.proxy_url
+        yield out
 
 
 def _cli(*argv, cwd=None):
@@ -181,7 +187,7 @@ def test_written_run_toml_is_the_piece_config(tmp_path, pool):
         assert by_hand.selected_stages() == p.config.selected_stages()
     again = sw.read_sweep(s.folder)
     assert [p.config.fingerprint() for p in again.pieces] == [p.config.fingerprint() for p in s.pieces]
-    assert tomllib.loads(sw.toml_dumps(s.raw)) == s.raw
+    assert tomllib.loads(dumps(s.raw)) == s.raw
 
 
 # -- SLURM: everything queued at once, afterok on the shared upstream -----------------
@@ -281,7 +287,7 @@ def test_sweep_of_three_filters_two_seeds_equals_each_branch_run_alone(tmp_path,
         doc = json.loads(json.dumps(first.raw))
         doc["run"].update(folder=str(tmp_path / "alone" / piece.name), seed=seed)
         alone = tmp_path / f"{piece.name}.toml"
-        alone.write_text(sw.toml_dumps(doc))
+        alone.write_text(dumps(doc))
         train = seed == 1  # training is bit-exact on the CPU: the same model, the same scores
         r = submit_run(load_config(str(alone), stages=["filter", "reshard"] + (["train", "eval"] if train else [])))
         assert not r.failed
@@ -334,3 +340,19 @@ def test_real_slurm_queues_the_sweep_at_once_and_cancels_it(slurm_cluster, tmp_p
 
         with contextlib.suppress(Exception):
             sw.cancel_sweep(folder)
+
+
+def test_every_branch_filter_shares_one_derived_cache_in_the_upstream(tmp_path, pool):
+    """The branches' filters read and write one derived-column folder (language ID, caption lengths,
+    ...: computed once for the pool), in the upstream run; a [stages.filter] derived_cache wins."""
+    s = sw.load_sweep(sweep_toml(tmp_path / "sweep.toml", str(tmp_path / "sweep"), pool))
+    firsts = [p for p in s.pieces if p.branch and p.first]
+    assert len(firsts) == len(FILTERS)
+    for p in firsts:
+        assert p.config.stages["filter"].params.derived_cache == f"{s.upstream.folder}/{sw.DERIVED}"
+    path = sweep_toml(tmp_path / "own.toml", str(tmp_path / "sweep2"), pool,
+                      branches=f'\n[stages.filter]\nderived_cache = "{tmp_path}/shared"\n'
+                               '\n[[branches]]\nname = "a"\nfilter = "no_filter"\n')
+    own = sw.load_sweep(path)
+    assert [p.config.stages["filter"].params.derived_cache for p in own.pieces if p.branch and p.first] == \
+        [f"{tmp_path}/shared"]

@@ -158,7 +158,7 @@ def _fake_slurm_bin(tmp_path, squeue_rc: int = 1) -> str:
 def _slurm_run_with_queued_jobs(tmp_path) -> str:
     """A run folder whose submission record says synth's 3 tasks were queued as job 100."""
     cfg_path = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=3, executor="slurm",
-                              extra="[slurm]\nmax_array_size = 1000\n")
+                              extra={"slurm": {"max_array_size": 1000}})
     cfg = load_config(cfg_path)
     plan = plan_run(cfg)
     run = cfg.folder()
@@ -245,7 +245,7 @@ def test_read_only_log_dir_is_one_line_naming_it(tmp_path, read_only_dir, execut
     if executor == "slurm":
         monkeypatch.setenv("PATH", _fake_slurm_bin(tmp_path) + os.pathsep + os.environ["PATH"])
     cfg = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=1, executor=executor,
-                         extra="[slurm]\nmax_array_size = 1000\n")
+                         extra={"slurm": {"max_array_size": 1000}})
     _set_executor(cfg, f'log_dir = "{read_only_dir}/logs"')
     proc = _cli("submit", "-c", cfg, env={"PATH": os.environ["PATH"]})
     assert proc.returncode == 2, proc.stderr
@@ -326,7 +326,7 @@ def test_lock_held_on_another_host_is_refused_saying_how_to_clear(tmp_path):
 def test_two_submits_at_once_on_s3_one_is_refused(tmp_path, s3_bucket, s3_server, monkeypatch):
     run_url = f"{s3_bucket}/run"
     cfg = write_run_toml(tmp_path / "run.toml", run_url, units=2,
-                         extra=f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+                         extra={"storage": {"endpoint_url": s3_server.endpoint_url}})
     _set_executor(cfg, f'log_dir = "{tmp_path}/logs"')
     results = _two_submits_at_once(cfg, monkeypatch)
     refused = [r for r in results if isinstance(r, UserError)]

@@ -22,8 +22,8 @@ def test_jobs_queued_before_a_failing_sbatch_are_recorded_seen_and_cancelled(slu
                                                                              monkeypatch):
     # synth queues; digest's sbatch fails (no such partition): synth's job must be on record.
     cfg_path = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=2, executor="slurm", sleep=60,
-                              extra='[stages.digest.resources]\npartition = "no-such-partition"\n'
-                                    '[slurm]\ntime = "00:05:00"\n')
+                              extra={"stages": {"digest": {"resources": {"partition": "no-such-partition"}}},
+                                     "slurm": {"time": "00:05:00"}})
     cfg = load_config(cfg_path)
     with pytest.raises(UserError, match=r"no-such-partition|[Ii]nvalid partition") as exc:
         submit_run(cfg)
@@ -55,7 +55,7 @@ def test_jobs_queued_before_a_failing_sbatch_are_recorded_seen_and_cancelled(slu
 def test_percent_in_the_log_folder_is_literal(slurm_cluster, tmp_path):
     log_dir = tmp_path / "logs 100%j %A"
     cfg_path = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run 50%"), units=2, executor="slurm",
-                              extra='[slurm]\ntime = "00:05:00"\n')
+                              extra={"slurm": {"time": "00:05:00"}})
     with open(cfg_path) as f:
         text = f.read()
     with open(cfg_path, "w") as f:

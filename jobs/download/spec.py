@@ -6,7 +6,8 @@ Light on purpose (imported on login nodes): the work is in jobs/download/stage.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from dcslurm.errors import UserError
 from dcslurm.pool import BYTES_PER_SAMPLE
@@ -41,6 +42,10 @@ class DownloadParams:
     # `submit` reads every uid of pools up to this many rows (format, duplicates);
     # bigger pools get footers checked at submit and uids checked by each task.
     preflight_uid_rows: int = 20_000_000
+    # "http://host:port": img2dataset fetches http:// URLs through this proxy (a site's egress
+    # proxy; the demo pool's server). Not in the run's fingerprint: it says how URLs are reached,
+    # not what is written, so a rerun through another proxy (another port) resumes the run.
+    http_proxy: str = field(default="", metadata={"fingerprint": False})
 
     def validate(self) -> None:
         if self.samples_per_shard < 1:
@@ -58,6 +63,21 @@ class DownloadParams:
                              f"(Pillow refuses to read the header of larger images)")
         if self.processes < 0 or self.threads < 1:
             raise ValueError("processes: must be >= 0 (0 = cpus_per_task) and threads >= 1")
+        if self.http_proxy:
+            _check_proxy_url(self.http_proxy)
+
+
+def _check_proxy_url(url: str) -> None:
+    """http_proxy: http://host:port (urllib's ProxyHandler takes it as is)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number or out of range
+        port = None
+        parts = None
+    if parts is None or parts.scheme != "http" or not parts.hostname or port is None \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("http_proxy: expected http://host:port")  # the value unechoed: it may hold a secret
 
 
 def _units(ctx: PlanContext) -> UnitSet:

@@ -67,7 +67,6 @@ from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dcslurm import proctree  # noqa: E402
-from dcslurm.demo_pool import DemoPoolServer, read_serve_info  # noqa: E402
 from dcslurm.errors import UserError  # noqa: E402
 from dcslurm.pool import check_uids, read_footer  # noqa: E402
 from dcslurm.storage import DataFolder, is_remote  # noqa: E402
@@ -165,8 +164,9 @@ def _exit_on_sigterm():
 
 
 class PoolDownloader(Downloader):
-    """img2dataset's Downloader, fetching http:// through `proxy` when set (the demo
-    pool's server). It sets urllib's opener only: s3fs traffic is untouched."""
+    """img2dataset's Downloader, fetching http:// through `proxy` when set
+    ([stages.download] http_proxy). It sets urllib's opener in the worker process only:
+    s3fs traffic is untouched."""
 
     proxy: str = ""
 
@@ -298,12 +298,8 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
     out = ctx.output
     output_folder = out.url  # img2dataset takes a URL (local path or s3://)
 
-    # The pool's own folder: a demo pool asks to be served (serve.json beside its parquet).
     pool_url, first_name = files[0][0].rstrip("/").rsplit("/", 1)
-    pool = DataFolder(pool_url, storage)
-    serve = read_serve_info(pool)
-
-    with pool.open(first_name) as fh:
+    with DataFolder(pool_url, storage).open(first_name) as fh:
         columns = pq.ParquetFile(fh).schema_arrow.names
     bbox_col = "face_bboxes" if p.get("blur_faces", True) and "face_bboxes" in columns else None
     # As img2dataset.download does: the bbox column is saved with the additional columns.
@@ -340,19 +336,15 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
         retries=int(p.get("retries", 2)), user_agent_token=None,
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"], blurring_bbox_col=bbox_col,
     )
+    downloader.proxy = p.get("http_proxy", "")
     processes = int(p.get("processes", 0)) or max(1, ctx.step.resources.cpus_per_task)
-    server = DemoPoolServer(pool, serve["host"]) if serve else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_fsspec_env(storage))
         stack.enter_context(_exit_on_sigterm())
         stack.enter_context(_opencv_limit(max_pixels))
-        if server is not None:
-            stack.enter_context(server)
-            downloader.proxy = server.proxy_url
-            ctx.log.info("serving demo pool %s on %s", pool.url, server.proxy_url)
+        if downloader.proxy:
+            ctx.log.info("download: http:// URLs through the proxy %s", downloader.proxy)
         _distribute(processes, downloader, itertools.chain(*readers))
-    if server is not None:
-        ctx.log.info("demo pool server answered %d requests", server.requests)
 
 
 def _task_stats(out: DataFolder, shard_ids: list[int], done_before: set[int], seconds: float) -> dict:
