@@ -24,6 +24,7 @@ class World:
     master_port: int = 29500
     job_id: str = ""
     node: str = ""
+    slurm: bool = False  # job_id is a SLURM job's (the local executor's are not): requeue applies
 
     @property
     def distributed(self) -> bool:
@@ -63,6 +64,7 @@ def world_from_env(env: dict | None = None) -> World:
             master_port=int(env.get("DCSLURM_MASTER_PORT", port)),
             job_id=job_id,
             node=env.get("SLURMD_NODENAME", ""),
+            slurm=bool(job_id),
         )
     if "DCSLURM_RANK" in env:
         return World(
@@ -75,15 +77,6 @@ def world_from_env(env: dict | None = None) -> World:
             master_port=int(env.get("DCSLURM_MASTER_PORT", 29500)),
             job_id=env.get("DCSLURM_JOB_ID", "local"),
         )
-    return World(job_id=env.get("SLURM_JOB_ID", ""), node=env.get("SLURMD_NODENAME", ""))
+    job_id = env.get("SLURM_JOB_ID", "")  # a batch script's task (array, single): no srun step
+    return World(job_id=job_id, node=env.get("SLURMD_NODENAME", ""), slurm=bool(job_id))
 
-
-def requeue_self(job_id: str) -> bool:
-    """Ask SLURM to requeue this job (after a checkpoint on the warning signal)."""
-    if not job_id:
-        return False
-    try:
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False

@@ -41,6 +41,7 @@ class StepPlan:
     # units_digest()); a marker records it with its [start, stop), so a commit
     # made under another split or pool is never taken for this task's.
     units_digest: str = ""
+    checkpointable: bool = False  # StepSpec.checkpointable: the runner's stop/requeue protocol
 
     @property
     def n_tasks(self) -> int:
@@ -60,7 +61,7 @@ class StepPlan:
             "units": self.units.to_dict(), "units_per_task": self.units_per_task,
             "depends_on": self.depends_on, "resources": dataclasses.asdict(self.resources),
             "gpu": self.gpu, "estimate": dataclasses.asdict(self.estimate),
-            "units_digest": self.units_digest,
+            "units_digest": self.units_digest, "checkpointable": self.checkpointable,
         }
 
     @classmethod
@@ -72,6 +73,7 @@ class StepPlan:
             gpu=d["gpu"], estimate=Estimate(**d["estimate"]),
             # plan.json files written before digests existed: recomputed by Plan.from_dict
             units_digest=d.get("units_digest", ""),
+            checkpointable=d.get("checkpointable", False),
         )
 
 
@@ -207,7 +209,7 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
                 depends_on=[previous] if previous else [],
                 resources=(resources if step_spec.layout != "single"
                            else dataclasses.replace(resources, nodes=1, tasks_per_node=1)),
-                gpu=spec.gpu,
+                gpu=spec.gpu, checkpointable=step_spec.checkpointable,
             )
             steps[name] = step
             stage_steps.append(step)

@@ -29,7 +29,7 @@ import sys
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # What a task must see: scancel / the local executor's cancel (TERM, INT, HUP) and
-# SLURM's --signal before the time limit (USR1, USR2; jobs/train requeues on USR1).
+# SLURM's --signal before the time limit (USR2, USR1: the runner stops a checkpointable step and requeues).
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 # The watchdog: blocks on a pipe until its writer (the supervisor) is gone, then

@@ -5,7 +5,8 @@
 It reads the run's plan, skips the task if its marker is committed, runs the
 step's function with a TaskContext, then commits the marker. Storage options
 (endpoint, profile: never credentials) arrive in DCSLURM_STORAGE as JSON.
-Exit codes: 0 done or skipped, 2 bad input (one-line error), 1 crash.
+Exit codes: 0 done or skipped, 2 bad input (one-line error), 1 crash, or a
+checkpointable step stopped on the scheduler's request (resumable; see dcslurm.task).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import tempfile
 import time
 import traceback
 
-from dcslurm import proctree
-from dcslurm.environment import world_from_env
+from dcslurm import proctree, slurm
+from dcslurm.environment import World, world_from_env
 from dcslurm.errors import UserError
 from dcslurm.markers import commit_marker, marker_covers, marker_matches, read_marker, record_failure
 from dcslurm.plan import read_plan
 from dcslurm.storage import DataFolder
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.task import Preempted, StopRequest, TaskContext, TaskResult
 
 STORAGE_ENV = "DCSLURM_STORAGE"
 
@@ -65,12 +66,18 @@ def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
         log.error("%s", exc)
         return 2
     params = dict(plan.stage_params.get(step.stage) or {})
+    stop = StopRequest()
+    if step.checkpointable:
+        # Only a step that can checkpoint catches the scheduler's signals; any other keeps
+        # their default action (the task dies, the scheduler's state says why).
+        stop = StopRequest.from_env()
+        stop.install()
     scratch = tempfile.mkdtemp(prefix=f"dcslurm-{step_name}-{index}-")
     started = time.time()
     try:
         ctx = TaskContext(
             run=run, plan=plan, step=step, index=index, shards=step.shards(index),
-            params=params, world=world, scratch=scratch, log=log,
+            params=params, world=world, scratch=scratch, log=log, stop=stop,
         )
         # the interpreter shows whether a task ran in its container image or on the host
         log.info("task %s[%d]: units %d..%d of %d (rank %d/%d, python %s)", step_name, index, ctx.shards.start,
@@ -91,14 +98,42 @@ def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
         log.error("%s", exc)
         _record(run, step_name, index, str(exc), log_path, world.rank)
         return 2
-    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, status the last line
-        traceback.print_exc()
-        line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        log.error("task failed: %s", line)
+    except Preempted as exc:
+        if not step.checkpointable:  # not a step that may stop unfinished: a crash like any other
+            return _crashed(exc, run, step_name, index, log_path, world.rank, log)
+        line = f"Preempted: {exc}{_requeue(world, stop, log)}"
+        log.warning("task %s[%d] stopped on request (%s): %s", step_name, index,
+                    ", ".join(stop.signals) or "no signal here", line)
         _record(run, step_name, index, line, log_path, world.rank)
         return 1
+    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, status the last line
+        return _crashed(exc, run, step_name, index, log_path, world.rank, log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _crashed(exc: Exception, run: DataFolder, step_name: str, index: int, log_path: str, rank: int,
+             log: logging.Logger) -> int:
+    traceback.print_exception(exc)
+    line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    log.error("task failed: %s", line)
+    _record(run, step_name, index, line, log_path, rank)
+    return 1
+
+
+def _requeue(world: World, stop: StopRequest, log: logging.Logger) -> str:
+    """After a checkpointable step stopped: on the time-limit warning, requeue this SLURM
+    job (rank 0 only: one requeue per job). After SIGTERM the scheduler has decided
+    already (preemption requeues, scancel cancels); under the local executor a rerun
+    resumes. Returns what the task's record adds."""
+    if not (stop.requeue and world.slurm) or world.rank != 0:
+        return ""
+    try:
+        slurm.requeue(world.job_id)
+    except UserError as exc:  # the job then ends failed: resubmitting resumes it
+        log.error("%s", exc)
+        return f"; requeue failed: {exc}"
+    return "; job requeued"
 
 
 def _record(run: DataFolder, step: str, index: int, error: str, log_path: str, rank: int) -> None:

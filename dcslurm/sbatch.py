@@ -89,12 +89,15 @@ def render_step_script(plan: Plan, step: StepPlan, launcher: TaskLauncher, log_d
         lines.append(_directive("output", f"{_filename_pattern(step_logs)}/%j.log"))
     if step.layout == "distributed":
         lines += [_directive("nodes", res.nodes), _directive("ntasks-per-node", res.tasks_per_node)]
-        # The warning signal goes to the tasks (not only the batch shell): the
-        # trainer checkpoints on it and requeues itself. USR2, not USR1: NCCL may
-        # install its own USR1 handler (submitit warns of it).
-        lines.append(_directive("signal", f"USR2@{res.signal_seconds}"))
     else:
         lines += [_directive("nodes", 1), _directive("ntasks", 1)]
+    if step.checkpointable:
+        # The time-limit warning for a step that can checkpoint (dcslurm.task): its runner
+        # stops the step, which saves, and requeues the job. srun's tasks get it without
+        # `B:`; an array or single task is the batch shell itself (exec), so `B:`. USR2,
+        # not USR1: NCCL may install its own USR1 handler (submitit warns of it).
+        where = "" if step.layout == "distributed" else "B:"
+        lines.append(_directive("signal", f"{where}USR2@{res.signal_seconds}"))
     lines.append("#SBATCH --kill-on-invalid-dep=yes")
     # A requeued job writes the same log file again: append, keeping the earlier attempts.
     lines.append("#SBATCH --open-mode=append")

@@ -119,6 +119,15 @@ def scancel(job_ids: list[str]) -> None:
         raise UserError(f"scancel: {proc.stderr.strip()}")
 
 
+def requeue(job_id: str) -> None:
+    """Requeue job `job_id` (a running job asking for its own requeue: the runner, after a
+    checkpointable step stopped on the time-limit warning). One-line UserError on failure."""
+    proc = _run(["scontrol", "requeue", job_id])
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise UserError(f"scontrol requeue {job_id}: {msg[-1] if msg else 'exit code %d' % proc.returncode}")
+
+
 def available() -> bool:
     return shutil.which("sbatch") is not None and bool(os.environ.get("SLURM_CONF")
                                                        or os.path.exists("/etc/slurm/slurm.conf"))

@@ -69,6 +69,10 @@ class StepSpec:
     units: Callable[[PlanContext], UnitSet]
     layout: str = "array"
     default_units_per_task: int = 1
+    # The step polls ctx.should_stop(), and on true saves a checkpoint and raises
+    # dcslurm.task.Preempted: the runner then catches the scheduler's stop signals for
+    # it and requeues the job on the time-limit warning (sbatch renders --signal).
+    checkpointable: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,19 @@
-"""What a task is handed: `TaskContext`. Stages see this, never the scheduler."""
+"""What a task is handed: `TaskContext`. Stages see this, never the scheduler.
+
+Checkpoint and requeue is a protocol between a step and the runner, as submitit's
+Checkpointable is: a step declared `StepSpec(checkpointable=True)` polls
+`ctx.should_stop()` between units of work; once it is true it saves what it needs
+to resume and raises `Preempted`. The runner owns the rest: the signal handlers
+(`StopRequest`), and on SLURM the job's requeue when the time-limit warning asked
+for it. A step never learns which scheduler runs it.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +34,65 @@ class TaskResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class Preempted(Exception):
+    """Raised by a checkpointable step that stopped on `ctx.should_stop()` after saving
+    its checkpoint: the task is unfinished but resumable (a rerun continues from the
+    checkpoint). The message says where it stopped; the runner records it as the task's
+    last error and adds whether it requeued the job."""
+
+
+# Test-only knobs, read here and nowhere else, so that no run.toml can set them: they
+# stand in for the scheduler in tests of checkpointable steps (the trainer's included).
+STOP_AFTER_ENV = "DCSLURM_TEST_STOP_AFTER"  # N: should_stop() is true from its N-th call, as if preempted
+POLL_SLEEP_ENV = "DCSLURM_TEST_POLL_SLEEP"  # seconds each should_stop() call sleeps, to signal a step mid-run
+
+
+class StopRequest:
+    """Whether the scheduler asked this task to stop. The runner installs it (for
+    checkpointable steps only) as the handler of:
+
+    - SIGUSR2 / SIGUSR1: the warning before the time limit (`--signal=USR2@N`; USR1 from
+      hand-written scripts). SLURM will not requeue a job that times out, so the job
+      must requeue itself: `requeue` is set.
+    - SIGTERM: preemption, `scontrol requeue`, `scancel`, the time limit itself. Whether
+      the job comes back is the scheduler's decision already: stop, do not requeue.
+
+    Handlers only set flags: the step decides where to stop (a consistent checkpoint),
+    and the runner acts on `requeue` after the step has saved it.
+    """
+
+    REQUEUE = (signal.SIGUSR2, signal.SIGUSR1)
+    STOP = (signal.SIGTERM,)
+
+    def __init__(self, stop_after: int = 0, poll_sleep: float = 0.0):
+        self.requested = False
+        self.requeue = False
+        self.signals: list[str] = []
+        self._stop_after = stop_after
+        self._poll_sleep = poll_sleep
+        self._polls = 0
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> StopRequest:
+        env = os.environ if env is None else env
+        return cls(int(env.get(STOP_AFTER_ENV) or 0), float(env.get(POLL_SLEEP_ENV) or 0.0))
+
+    def install(self) -> None:
+        for signum in (*self.REQUEUE, *self.STOP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+        self.requeue = self.requeue or signum in self.REQUEUE
+        self.signals.append(signal.Signals(signum).name)
+
+    def poll(self) -> bool:
+        self._polls += 1
+        if self._poll_sleep:
+            time.sleep(self._poll_sleep)
+        return self.requested or 0 < self._stop_after <= self._polls
+
+
 @dataclass
 class TaskContext:
     run: DataFolder  # the run folder
@@ -34,6 +104,15 @@ class TaskContext:
     world: World
     scratch: str  # local temporary folder, removed after the task
     log: logging.Logger
+    # Set by the runner's signal handlers for checkpointable steps; never true otherwise.
+    stop: StopRequest = field(default_factory=StopRequest)
+
+    def should_stop(self) -> bool:
+        """True once the scheduler asked this task to stop (the time-limit warning, or
+        preemption): a checkpointable step then saves its checkpoint and raises
+        `Preempted`. Cheap: poll it between units of work. Each rank of a multi-process
+        job answers for itself; agreeing on one step to stop at is the step's business."""
+        return self.stop.poll()
 
     @property
     def scale(self) -> ScaleConfig:

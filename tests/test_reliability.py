@@ -35,6 +35,7 @@ from dcslurm.config import load_config
 from dcslurm.markers import done_indexes, read_marker
 from dcslurm.runs import run_status, submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.tomlfile import write_toml
 from tests.core_helpers import tree_digest, wait_run_done, write_run_toml
 from tests.reliability_helpers import kill_all, only_outputs, pids_on_node, runner_pids
 
@@ -72,7 +73,7 @@ def test_s3_killed_mid_stage_leaves_no_partial_object_and_rerun_completes(tmp_pa
     reference = _synth_reference(tmp_path, units=UNITS, bytes_per_unit=size)
     run_url = f"{s3_bucket}/run"
     path = write_run_toml(tmp_path / "run.toml", run_url, units=UNITS, sleep=1.0,
-                          extra=f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+                          extra={"storage": {"endpoint_url": s3_server.endpoint_url}})
     _add_executor_keys(path, f'log_dir = "{tmp_path}/logs"\nmax_parallel = 2\n')
     _set_bytes(path, size)
     cfg = load_config(path)
@@ -132,7 +133,7 @@ def test_node_dying_mid_run_leaves_it_resumable(slurm_cluster, tmp_path):
     reference = _synth_reference(tmp_path, units=units)
     run = str(tmp_path / "run")
     path = write_run_toml(tmp_path / "run.toml", run, units=units, executor="slurm", sleep=4.0,
-                          extra='[slurm]\ntime = "00:10:00"\n')
+                          extra={"slurm": {"time": "00:10:00"}})
     cfg = load_config(path)
     submit_run(cfg)
     deadline = time.time() + 120
@@ -234,76 +235,37 @@ def _pipeline_outputs(run: str) -> dict[str, str]:
     return out
 
 
-def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str, eval_tasks: tuple | None = None,
-                   train_ranks: int = 1) -> str:
-    """The demo workflow's run config; `eval_tasks` (default: every demo task) and `train_ranks`
-    (processes of the one training job) let tests/test_sigkill_soak.py make it cheaper or wider."""
+def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str, http_proxy: str,
+                   eval_tasks: tuple | None = None, train_ranks: int = 1) -> str:
+    """The demo workflow's run config, downloading through `http_proxy` (the demo pool's server);
+    `eval_tasks` (default: every demo task) and `train_ranks` (processes of the one training job)
+    let tests/test_sigkill_soak.py make it cheaper or wider."""
     from dcslurm.demo import DEMO_TASKS
-    from dcslurm.sweep import toml_value
 
-    cpu = "resources = {gpus_per_node = 0, cpus_per_task = 1, mem = \"1000M\", time = \"00:20:00\"}"
-    train_cpu = cpu.replace("cpus_per_task = 1,", f"cpus_per_task = 1, tasks_per_node = {train_ranks},")
+    cpu = {"resources": {"gpus_per_node": 0, "cpus_per_task": 1, "mem": "1000M", "time": "00:20:00"}}
     eval_tasks = DEMO_TASKS if eval_tasks is None else eval_tasks
-    extra_tasks = ",\n  ".join(toml_value(t) for t in eval_tasks)
-    text = f"""
-[run]
-folder = {json.dumps(run)}
-scale = "tiny"
-stages = {json.dumps(list(PIPELINE))}
-
-[pool]
-metadata = {json.dumps(pool)}
-
-[executor]
-kind = "{executor}"
-max_parallel = 2
-
-[stages.download]
-processes = 1
-threads = 1  # img2dataset writes samples in completion order: one thread makes it the pool's order
-{cpu}
-
-[stages.embed]
-models = [{{name = "tiny", model = "dcslurm-tiny-vit", pretrained = {json.dumps(ckpt)}}}]
-device = "cpu"
-workers = 0
-batch_size = 32
-units_per_task = 1
-{cpu}
-
-[stages.filter]
-spec = "clip_score(score=clip_tiny_similarity_score, fraction=0.5)"
-{cpu}
-
-[stages.reshard]
-samples_per_shard = 32
-{cpu}
-
-[stages.train]
-samples = 64
-batch_size = 16
-workers = 0
-checkpoint_every = 2
-{train_cpu}
-
-[stages.eval]
-tasks = [{", ".join(json.dumps(t["key"]) for t in eval_tasks)}]
-evalsets = {json.dumps(os.path.join(pool, "heldout"))}
-num_workers = 0
-{cpu}
-extra_tasks = [
-  {extra_tasks},
-]
-"""
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
+    stages = {
+        # threads = 1: img2dataset writes samples in completion order; one thread makes it the pool's order
+        "download": {"processes": 1, "threads": 1, "http_proxy": http_proxy, **cpu},
+        "embed": {"models": [{"name": "tiny", "model": "dcslurm-tiny-vit", "pretrained": ckpt}], "device": "cpu",
+                  "workers": 0, "batch_size": 32, "units_per_task": 1, **cpu},
+        "filter": {"spec": "clip_score(score=clip_tiny_similarity_score, fraction=0.5)", **cpu},
+        "reshard": {"samples_per_shard": 32, **cpu},
+        "train": {"samples": 64, "batch_size": 16, "workers": 0, "checkpoint_every": 2,
+                  "resources": {**cpu["resources"], "tasks_per_node": train_ranks}},
+        "eval": {"tasks": [t["key"] for t in eval_tasks], "evalsets": os.path.join(pool, "heldout"),
+                 "num_workers": 0, **cpu, "extra_tasks": list(eval_tasks)},
+    }
+    return write_toml(path, {"run": {"folder": run, "scale": "tiny", "stages": list(PIPELINE)},
+                             "pool": {"metadata": pool}, "executor": {"kind": executor, "max_parallel": 2},
+                             "stages": stages})
 
 
 @pytest.fixture(scope="module")
 def demo_pipeline(tmp_path_factory):
-    """A 160-sample demo pool, a random tiny scorer, and the undisturbed local run's outputs."""
-    from dcslurm.demo_pool import generate_demo_pool
+    """A 160-sample demo pool served for the module's runs, a random tiny scorer, and the
+    undisturbed local run's outputs."""
+    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
     from tests.test_embed import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -311,11 +273,12 @@ def demo_pipeline(tmp_path_factory):
     generate_demo_pool(pool, samples=160, seed=0, files=4, heldout=24)
     ckpt = save_tiny_checkpoint(str(root / "scorer.pt"), 0)
     ref = str(root / "reference")
-    result = submit_run(load_config(_pipeline_toml(root / "ref.toml", ref, pool, ckpt, "local")))
-    assert not result.failed, result.failed
-    outputs = _pipeline_outputs(ref)
-    assert {k.split("/")[0] for k in outputs} == set(PIPELINE)
-    return {"root": root, "pool": pool, "ckpt": ckpt, "reference": outputs}
+    with DemoPoolServer(DataFolder(pool)) as server:
+        result = submit_run(load_config(_pipeline_toml(root / "ref.toml", ref, pool, ckpt, "local", server.proxy_url)))
+        assert not result.failed, result.failed
+        outputs = _pipeline_outputs(ref)
+        assert {k.split("/")[0] for k in outputs} == set(PIPELINE)
+        yield {"root": root, "pool": pool, "ckpt": ckpt, "reference": outputs, "proxy": server.proxy_url}
 
 
 def _kill_one_running_task(run: str, steps: list[str], rng: random.Random, cluster, timeout: float) -> str:
@@ -343,7 +306,8 @@ def test_kills_in_every_stage_then_resubmission_equal_the_undisturbed_run(slurm_
                                                                           tmp_path):
     rng = random.Random(0)
     run = str(tmp_path / "run")
-    path = _pipeline_toml(tmp_path / "run.toml", run, demo_pipeline["pool"], demo_pipeline["ckpt"], "slurm")
+    path = _pipeline_toml(tmp_path / "run.toml", run, demo_pipeline["pool"], demo_pipeline["ckpt"], "slurm",
+                          demo_pipeline["proxy"])
     cfg = load_config(path)
     kills: dict[str, str] = {}
     for attempt in range(len(PIPELINE) + 2):
@@ -370,9 +334,10 @@ def test_kills_in_every_stage_then_resubmission_equal_the_undisturbed_run(slurm_
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_training_requeued_twice_finishes_with_the_undisturbed_weights(slurm_cluster, tmp_path):
+def test_training_requeued_twice_finishes_with_the_undisturbed_weights(slurm_cluster, tmp_path, monkeypatch):
     """Extends tests/test_train_slurm.py's single requeue: two `scontrol requeue`s of one
     2-node job, each at a later step; the weights equal the uninterrupted local run's."""
+    from dcslurm.task import POLL_SLEEP_ENV
     from tests.test_train import assert_bit_equal, final_weights, run_train
     from tests.test_train_slurm import slurm_toml, wait_committed, wait_step
     from tests.train_helpers import read_metrics, write_shards
@@ -383,7 +348,8 @@ def test_training_requeued_twice_finishes_with_the_undisturbed_weights(slurm_clu
     reference, failed = run_train(tmp_path, "reference", shards, tasks_per_node=2, samples=16 * steps,
                                   checkpoint_every=100)
     assert not failed
-    path, folder = slurm_toml(tmp_path, "requeued", shards, step_sleep=0.5)
+    path, folder = slurm_toml(tmp_path, "requeued", shards)
+    monkeypatch.setenv(POLL_SLEEP_ENV, "0.5")  # each step 0.5 s slower (test-only; the job inherits it)
     sub = submit_run(load_config(path))
     (job_id,) = sub.submission.job_ids()
     for at_step in (4, 10):

@@ -3,9 +3,6 @@ is sized from the scale, and the preemption signal is USR2 with logs appended.""
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -183,17 +180,3 @@ def test_the_train_script_warns_with_usr2_and_appends_its_log(tmp_path):
     assert "#SBATCH --open-mode=append\n" in text
     assert "USR1" not in text
 
-
-def test_the_trainer_requeues_on_usr2_and_on_usr1(monkeypatch):
-    pytest.importorskip("torch")
-    from jobs.train.train import StopSignal
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
-    try:
-        for signum, requeue in ((signal.SIGUSR2, True), (signal.SIGUSR1, True), (signal.SIGTERM, False)):
-            stop = StopSignal()
-            os.kill(os.getpid(), signum)
-            assert stop.requested and stop.requeue == requeue, signum
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)

@@ -137,6 +137,23 @@ def test_unknown_scale_is_a_one_line_error(tmp_path, shards):
         load_config(toml)
 
 
+@pytest.mark.parametrize("key, value", [("stop_after", 3), ("step_sleep", 0.5)])
+def test_test_knobs_are_unknown_keys_in_a_run_toml(tmp_path, shards, key, value):
+    """The trainer's test knobs are not config: a run.toml that sets one is refused (exit 2,
+    one line naming the file and the key) before anything runs. Tests slow or stop a
+    checkpointable step through dcslurm.task's test-only environment variables instead."""
+    import subprocess
+    import sys
+
+    toml = write_train_toml(tmp_path / "knob.toml", str(tmp_path / "r"), shards, **{key: value})
+    proc = subprocess.run([sys.executable, "-m", "dcslurm", "plan", "-c", toml], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"dcslurm: error: knob.toml: [stages.train]: unknown key '{key}' "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert not os.path.exists(tmp_path / "r")
+
+
 # -- scales and the plan ---------------------------------------------------------
 
 def test_small_scale_dry_run_shows_hyperparameters_and_job_shape(tmp_path, shards):

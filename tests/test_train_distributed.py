@@ -21,6 +21,7 @@ from dcslurm.config import load_config
 from dcslurm.markers import read_marker
 from dcslurm.runs import run_status, submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.task import POLL_SLEEP_ENV
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import read_metrics, write_train_toml
 
@@ -66,9 +67,10 @@ def _wait_for_step(folder: str, step: int, proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"step {step} not reached")
 
 
-def _submit_cli(toml: str) -> subprocess.Popen:
+def _submit_cli(toml: str, poll_sleep: float = 0.5) -> subprocess.Popen:
+    """`dcslurm submit` with every step poll_sleep s slower (test-only), so it can be hit mid-run."""
     return subprocess.Popen([PY, "-m", "dcslurm", "submit", "-c", toml], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, **{POLL_SLEEP_ENV: str(poll_sleep)}))
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_is_bit_exact(tmp_path, shards):
@@ -77,7 +79,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bit_exact(tmp_path, shards):
     assert not failed
 
     folder = str(tmp_path / "preempted")
-    toml = write_train_toml(tmp_path / "preempted.toml", folder, shards, step_sleep=0.5, **common)
+    toml = write_train_toml(tmp_path / "preempted.toml", folder, shards, **common)
     proc = _submit_cli(toml)
     _wait_for_step(folder, 4, proc)
     proc.send_signal(signal.SIGTERM)  # the local executor passes it to both ranks, as SLURM does
@@ -99,7 +101,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bit_exact(tmp_path, shards):
 def test_kill_9_of_one_rank_fails_the_job_and_resubmission_resumes(tmp_path, shards):
     folder = str(tmp_path / "killed")
     toml = write_train_toml(tmp_path / "killed.toml", folder, shards, tasks_per_node=2, samples=16 * 10,
-                            checkpoint_every=3, step_sleep=0.5, timeout_s=60)
+                            checkpoint_every=3, timeout_s=60)
     proc = _submit_cli(toml)
     _wait_for_step(folder, 7, proc)
     runners = _children(proc.pid)  # the executor's children: the two ranks' runner processes

@@ -13,13 +13,15 @@ from dcslurm.config import load_config
 from dcslurm.errors import UserError
 from dcslurm.runs import submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.task import STOP_AFTER_ENV
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import write_train_toml
 
 pytestmark = pytest.mark.s3
 
 
-def test_s3_data_and_checkpoints_resume_to_the_local_runs_weights(tmp_path, shards, s3_server, s3_bucket):
+def test_s3_data_and_checkpoints_resume_to_the_local_runs_weights(tmp_path, shards, s3_server, s3_bucket,
+                                                                   monkeypatch):
     opts = s3_server.storage_options()
     data = DataFolder(f"{s3_bucket}/shards", opts)
     for name in sorted(os.listdir(shards)):
@@ -29,7 +31,8 @@ def test_s3_data_and_checkpoints_resume_to_the_local_runs_weights(tmp_path, shar
     assert not failed
 
     run_url = f"{s3_bucket}/run"
-    toml = write_train_toml(tmp_path / "s3.toml", run_url, data.url, stop_after=3, **common)
+    toml = write_train_toml(tmp_path / "s3.toml", run_url, data.url, **common)
+    monkeypatch.setenv(STOP_AFTER_ENV, "3")  # test-only: each attempt stops after 3 steps, as if preempted
     with open(toml, "a") as f:
         f.write(f'\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
     text = open(toml).read().replace("[executor]", f'[executor]\nlog_dir = "{tmp_path}/logs"', 1)

@@ -7,7 +7,7 @@
   the job, it resumes, and the final weights equal the uninterrupted run's;
 - kill -9 of one rank: srun ends the job; resubmission resumes from the last
   complete checkpoint;
-- SIGUSR2 (the time-limit warning): checkpoint, the job requeues itself, resumes.
+- SIGUSR2 (the time-limit warning): checkpoint, the runner requeues the job, it resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dcslurm.config import load_config
 from dcslurm.markers import read_marker
 from dcslurm.runs import submit_run
 from dcslurm.storage import DataFolder
+from dcslurm.task import POLL_SLEEP_ENV
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import read_metrics, write_train_toml
 
@@ -112,8 +113,10 @@ def test_two_nodes_match_one_process_and_the_local_run(slurm_cluster, tmp_path, 
     assert "rank 0/2" in log and "rank 1/2" in log
 
 
-def test_scontrol_requeue_resumes_to_identical_weights(slurm_cluster, tmp_path, shards, local_references):
-    path, folder = slurm_toml(tmp_path, "requeued", shards, step_sleep=0.5)
+def test_scontrol_requeue_resumes_to_identical_weights(slurm_cluster, tmp_path, shards, local_references,
+                                                       monkeypatch):
+    path, folder = slurm_toml(tmp_path, "requeued", shards)
+    monkeypatch.setenv(POLL_SLEEP_ENV, "0.5")  # each step 0.5 s slower (test-only; the job inherits it)
     sub = submit_run(load_config(path))
     (job_id,) = sub.submission.job_ids()
     wait_step(folder, 5)
@@ -125,8 +128,10 @@ def test_scontrol_requeue_resumes_to_identical_weights(slurm_cluster, tmp_path, 
     assert [m["step"] for m in read_metrics(folder)] == list(range(1, STEPS + 1))
 
 
-def test_kill_9_of_one_rank_fails_and_resubmission_resumes(slurm_cluster, tmp_path, shards, local_references):
-    path, folder = slurm_toml(tmp_path, "killed", shards, step_sleep=0.5, checkpoint_every=4, timeout_s=60)
+def test_kill_9_of_one_rank_fails_and_resubmission_resumes(slurm_cluster, tmp_path, shards, local_references,
+                                                          monkeypatch):
+    path, folder = slurm_toml(tmp_path, "killed", shards, checkpoint_every=4, timeout_s=60)
+    monkeypatch.setenv(POLL_SLEEP_ENV, "0.5")
     sub = submit_run(load_config(path))
     (job_id,) = sub.submission.job_ids()
     wait_step(folder, 10)
@@ -144,10 +149,11 @@ def test_kill_9_of_one_rank_fails_and_resubmission_resumes(slurm_cluster, tmp_pa
     assert_bit_equal(final_weights(folder), final_weights(local_references["two"]))
 
 
-def test_time_limit_signal_checkpoints_and_the_job_requeues_itself(slurm_cluster, tmp_path, shards):
+def test_time_limit_signal_checkpoints_and_the_job_requeues_itself(slurm_cluster, tmp_path, shards, monkeypatch):
     """SIGUSR2 (what the script's --signal=USR2@N sends before the time limit; here from scancel)
-    makes the ranks checkpoint and rank 0 requeue its own job, which then resumes and finishes."""
-    path, folder = slurm_toml(tmp_path, "usr2", shards, step_sleep=0.5)
+    makes the ranks checkpoint and rank 0's runner requeue its job, which then resumes and finishes."""
+    path, folder = slurm_toml(tmp_path, "usr2", shards)
+    monkeypatch.setenv(POLL_SLEEP_ENV, "0.5")
     sub = submit_run(load_config(path))
     (job_id,) = sub.submission.job_ids()
     wait_step(folder, 5)

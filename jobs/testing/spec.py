@@ -4,6 +4,8 @@
 synth  : array over `units` anonymous shards; writes one file per shard.
 digest : array over synth's tasks; hashes what each synth task committed.
 summary: one task; combines every digest into one file.
+ticker : one checkpointable task counting `ticks`; stops on ctx.should_stop() with a
+         checkpoint and resumes from it (the runner's stop/requeue protocol).
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ class SynthParams:
 @dataclass
 class DigestParams:
     sleep: float = 0.0
+
+
+@dataclass
+class TickerParams:
+    ticks: int = 5
+
+    def validate(self) -> None:
+        if self.ticks < 1:
+            raise ValueError("ticks: must be >= 1")
 
 
 def _synth_units(ctx: PlanContext) -> UnitSet:
@@ -67,5 +78,10 @@ STAGES = [
     StageSpec(
         name="summary", description="test: one file combining every digest", order=3, test_only=True,
         steps=(StepSpec("run", "jobs.testing.stage:summary", _single, layout="single"),),
+    ),
+    StageSpec(
+        name="ticker", description="test: a checkpointable task that stops on request and resumes", order=4,
+        test_only=True, params=TickerParams,
+        steps=(StepSpec("run", "jobs.testing.stage:ticker", _single, layout="single", checkpointable=True),),
     ),
 ]

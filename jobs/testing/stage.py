@@ -6,7 +6,7 @@ import hashlib
 import time
 import uuid
 
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.task import Preempted, TaskContext, TaskResult
 
 
 def synth_bytes(seed: int, unit: int, size: int) -> bytes:
@@ -62,3 +62,21 @@ def summary(ctx: TaskContext) -> TaskResult:
     ctx.output.write_json("summary.json", {"files": text.count("\n"),
                                            "sha256": hashlib.sha256(text.encode()).hexdigest()})
     return TaskResult(outputs=["summary/summary.txt", "summary/summary.json"], stats={"files": text.count("\n")})
+
+
+def ticker(ctx: TaskContext) -> TaskResult:
+    """Counts to `ticks`, one tick per ctx.should_stop() poll. Asked to stop, it saves its
+    checkpoint (the ticks done so far) and raises Preempted; the next attempt resumes from it.
+    `progress.json` (each tick) lets a test signal it mid-run."""
+    _record_execution(ctx)
+    state = ctx.output.read_json("checkpoint.json") if ctx.output.exists("checkpoint.json") else {"ticks": []}
+    ticks, start = list(state["ticks"]), len(state["ticks"])
+    total = int(ctx.params.get("ticks", 5))
+    for tick in range(start + 1, total + 1):
+        ticks.append(tick)
+        ctx.output.write_json("progress.json", {"tick": tick})
+        if ctx.should_stop() and tick < total:
+            ctx.output.write_json("checkpoint.json", {"ticks": ticks})
+            raise Preempted(f"stopped at tick {tick}: checkpoint saved")
+    ctx.output.write_json("ticks.json", {"ticks": ticks})
+    return TaskResult(outputs=["ticker/ticks.json"], stats={"ticks": total, "resumed_from": start})

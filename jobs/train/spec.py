@@ -43,8 +43,6 @@ class TrainParams:
     export: bool = True  # write RUN/train/model.pt (plain open_clip state_dict) at the end
     resume: str = ""  # a checkpoint folder to start from (default: the run's latest complete one)
     timeout_s: int = 600  # collective timeout: a dead rank fails the job after this long
-    stop_after: int = 0  # tests: each attempt stops (as if preempted) after this many steps; 0 = never
-    step_sleep: float = 0.0  # tests: seconds to sleep per step, so a test can preempt mid-run
 
     def validate(self) -> None:
         if self.batch_size < 0:
@@ -221,6 +219,7 @@ STAGES = [
         name="train", description="FSDP2 CLIP training at the scale's hyperparameters", order=50,
         params=TrainParams, gpu=True, estimate=_estimate,
         default_resources={"requeue": True}, job_shape=job_shape, preflight=_preflight,
-        steps=(StepSpec("run", "jobs.train.train:run", _units, layout="distributed"),),
+        # checkpointable: stops on ctx.should_stop() with a checkpoint; the runner requeues.
+        steps=(StepSpec("run", "jobs.train.train:run", _units, layout="distributed", checkpointable=True),),
     ),
 ]

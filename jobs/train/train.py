@@ -6,7 +6,7 @@
     loss             <- open_clip ClipLoss, local loss + gather with grad
     optimizer        <- AdamW, cosine schedule after linear warmup (open_clip's)
     global batch     <- world x micro batch x accumulation steps (exact, with a feature cache)
-    checkpoints      <- DCP every N steps and on SIGUSR2/SIGUSR1/SIGTERM, then requeue (checkpoint.py)
+    checkpoints      <- DCP every N steps, and when ctx.should_stop() (the runner requeues; checkpoint.py)
     metrics          <- RUN/train/metrics.jsonl (metrics.py)
     export           <- RUN/train/model.pt, a plain open_clip state_dict
 
@@ -16,26 +16,20 @@ Run by the runner as one job of world_size processes (srun or the local executor
 from __future__ import annotations
 
 import math
-import signal
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from dcslurm.environment import World, requeue_self
+from dcslurm.environment import World
 from dcslurm.errors import UserError
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.task import Preempted, TaskContext, TaskResult
 from jobs.train import checkpoint, data, parallelize
 from jobs.train.metrics import MetricsLog, peak_flops, train_flops_per_sample
 from jobs.train.spec import Hyper, TrainParams, mesh_shape, reshard_step, resolve_hyper
 
 MODEL_FILE = "model.pt"
-
-
-class Preempted(RuntimeError):
-    """The job was told to stop (SIGUSR2 or SIGUSR1 before the time limit, or SIGTERM) and checkpointed."""
 
 
 @dataclass(frozen=True)
@@ -103,28 +97,12 @@ def training_shards(ctx: TaskContext, storage_options: dict) -> list[data.Shard]
     return shards
 
 
-class StopSignal:
-    """Records SIGUSR2 (what `--signal=USR2@N` sends before the time limit: checkpoint and
-    requeue), SIGUSR1 likewise (hand-written scripts' `--signal=USR1@N`), and SIGTERM
-    (checkpoint and stop)."""
-
-    REQUEUE = (signal.SIGUSR2, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = False
-        self.requeue = False
-        for signum in (*self.REQUEUE, signal.SIGTERM):
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self.requested = True
-        self.requeue = self.requeue or signum in self.REQUEUE
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+def agreed(stop: bool, device: torch.device) -> bool:
+    """True on every rank if `stop` is true on any rank (a collective: call it on all ranks),
+    so that every rank stops after the same step and saves the same checkpoint."""
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def init_distributed(world: World, device: torch.device, timeout_s: int) -> None:
@@ -205,7 +183,6 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
                        world_size=world_size)
     metrics = MetricsLog(ctx.output, start_step, world_size, flops_per_sample, peak_flops(device), device,
                          enabled=rank == 0)
-    stop = StopSignal()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def save(step: int) -> None:
@@ -243,16 +220,13 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
             if rank == 0:
                 ctx.log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s", done, total_steps, loss_value,
                              lr, line["samples_per_s"])
-        if params.step_sleep:
-            time.sleep(params.step_sleep)
-        preempted = stop.agreed(device) or (done == start_step + params.stop_after and done < total_steps)
+        # Asked to stop (the time-limit warning, preemption): save and hand back to the runner,
+        # which requeues the job. A request after the last step changes nothing: finish.
+        preempted = agreed(ctx.should_stop(), device) and done < total_steps
         if preempted or done % params.checkpoint_every == 0 or done == total_steps:
             save(done)
         if preempted:
-            if rank == 0 and stop.requeue:
-                requeue_self(ctx.world.job_id)
-            raise Preempted(f"stopped at step {done}: checkpoint {checkpoint.step_name(done)} saved"
-                            f"{'; job requeued' if stop.requeue else ''}")
+            raise Preempted(f"stopped at step {done}: checkpoint {checkpoint.step_name(done)} saved")
 
     outputs = ["train/metrics.jsonl"]
     if params.export:
