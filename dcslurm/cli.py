@@ -159,7 +159,7 @@ def submit(
     config: str = typer.Option(..., "--config", "-c", help="The run's TOML file."),
     scale: Optional[str] = typer.Option(None, help="Override \\[run] scale."),
     stages: Optional[str] = typer.Option(None, help="Comma-separated stages, e.g. embed,filter."),
-    executor: Optional[str] = typer.Option(None, help="slurm or local (default: \\[executor] kind)."),
+    executor: Optional[str] = typer.Option(None, help="slurm, local or submitit (default: \\[executor] kind)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Write the sbatch scripts; submit nothing."),
     out: Optional[str] = typer.Option(None, help="Folder for the sbatch scripts (default: beside the logs)."),
     no_checks: bool = typer.Option(False, "--no-checks", help="With --dry-run only: skip the input checks."),
@@ -195,7 +195,9 @@ def submit(
     if dry_run:
         console.print(f"dry run: {n_pending:,} tasks would be submitted; scripts in {result.script_dir}")
         return
-    if cfg.executor.kind == "slurm":
+    from dcslurm.executors import queues_jobs
+
+    if queues_jobs(cfg):
         ids = result.submission.job_ids()
         console.print(f"submitted {n_pending:,} tasks as {len(ids)} jobs ({', '.join(ids[:8])}"
                       f"{' ...' if len(ids) > 8 else ''}); follow with: dcslurm status {cfg.run_url}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from dcslurm.config import RunConfig
 from dcslurm.errors import UserError
-from dcslurm.executors import Executor, TaskState, make_executor
+from dcslurm.executors import Executor, ExecutorSettings, TaskState, make_executor
 from dcslurm.markers import done_indexes, failed_indexes, read_failure
 from dcslurm.plan import PLAN_FILE, Plan, discover_inputs, make_plan, plan_changes, read_plan
 from dcslurm.slurm import SchedulerUnreachable
@@ -154,7 +154,7 @@ def submit_run(config: RunConfig, dry_run: bool = False, script_dir: str | None 
     if checks:
         preflight_run(config, plan)
     run = config.folder()
-    executor = make_executor(config.executor.kind, config)
+    executor = make_executor(config.executor.kind, run=config)
     if dry_run:
         pending = {s.name: list(range(s.n_tasks)) for s in plan.steps}
         if run.exists(PLAN_FILE):
@@ -287,10 +287,10 @@ def preflight_run(config: RunConfig, plan: Plan) -> None:
 def _refuse_if_active(run: DataFolder, config: RunConfig) -> None:
     """Two live submissions of one run would race on the same tasks."""
     for sub in load_submissions(run)[-3:]:
-        if sub.executor == "slurm" and config.executor.kind != "slurm":
-            continue
+        if sub.executor != "local" and config.executor.kind == "local":
+            continue  # a scheduler's jobs; this machine may have no squeue to ask
         try:
-            active = make_executor(sub.executor, config).active_tasks(sub)
+            active = make_executor(sub.executor, ExecutorSettings.of(config)).active_tasks(sub)
         except SchedulerUnreachable as exc:
             # Unknown is not "nothing": queueing now could run every task twice.
             raise UserError(f"{run.url}: cannot tell whether the jobs of an earlier submission "
@@ -323,7 +323,8 @@ class StepStatus:
 
 def run_status(run_url: str, storage_options: dict | None = None, config: RunConfig | None = None,
                with_logs: bool = True) -> tuple[Plan, list[StepStatus]]:
-    """Per step: tasks done / running / pending / failed / not started."""
+    """Per step: tasks done / running / pending / failed / not started. `config` is not
+    needed: the submission records name the jobs (its executor settings are used if given)."""
     run = DataFolder(run_url, storage_options)
     plan = read_plan(run)
     subs = load_submissions(run)
@@ -333,15 +334,13 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
             latest[name] = sub
     active: dict[tuple[str, int], TaskState] = {}
     final: dict[tuple[str, int], str] = {}
-    from dcslurm.config import parse_config
-
-    cfg = config or parse_config({"run": {"folder": run_url, "stages": []}}, "status")
+    settings = ExecutorSettings.of(config) if config is not None else ExecutorSettings()
     executors: dict[int, Executor] = {}  # id(sub) -> the executor that ran it
     unreachable: dict[int, str] = {}  # id(sub) -> why its queue could not be read
     for sub in latest.values():
         if id(sub) in executors:
             continue
-        executor = executors[id(sub)] = make_executor(sub.executor, cfg)
+        executor = executors[id(sub)] = make_executor(sub.executor, settings)
         try:
             active.update(executor.active_tasks(sub))
             final.update(executor.final_states(sub) or {})
@@ -362,10 +361,9 @@ def run_status(run_url: str, storage_options: dict | None = None, config: RunCon
         here = {i: st for (name, i), st in active.items() if name == step.name and i not in done}
         candidates = (set(submitted) | failures) - done - set(here)
         unknown_reason = unreachable.get(id(sub), "") if sub is not None else ""
-        # A finished local run recorded each failed task's exit code: tasks it never
-        # started (stopped by a cancel, or after a failed step) are not failures.
-        exit_codes = (sub.steps[step.name].exit_codes if sub is not None and sub.executor == "local"
-                      and sub.finished else None)
+        # A finished foreground run (local, submitit's local) recorded each failed task's exit
+        # code: tasks it never started (stopped by a cancel, or after a failed step) are not failures.
+        exit_codes = sub.steps[step.name].exit_codes if sub is not None and sub.finished else None
         if unknown_reason:
             failed_idx = sorted(candidates & failures)
         elif exit_codes is not None:
@@ -432,14 +430,11 @@ def _last_error_line(log_path: str) -> str:
 
 def cancel_run(run_url: str, storage_options: dict | None = None) -> list[str]:
     """Cancel every queued or running job of the run; returns what was cancelled."""
-    from dcslurm.config import parse_config
-
     run = DataFolder(run_url, storage_options)
     read_plan(run)
-    cfg = parse_config({"run": {"folder": run_url, "stages": []}}, "cancel")
     cancelled: dict[str, None] = {}  # ordered, each job once
     for sub in load_submissions(run):
-        executor = make_executor(sub.executor, cfg)
+        executor = make_executor(sub.executor, ExecutorSettings())  # the record names the jobs
         if executor.active_tasks(sub):
             cancelled.update(dict.fromkeys(executor.cancel(sub)))
     return list(cancelled)

@@ -48,7 +48,9 @@ def sweep(
         return
     started = time.time()
     results = sw.submit_sweep(s, log=console.print)
-    slurm = s.pieces[0].config.executor.kind == "slurm"
+    from dcslurm.executors import queues_jobs
+
+    slurm = queues_jobs(s.pieces[0].config)
     failed = [r for r in results if r.failed or r.skipped]
     for r in results:
         if r.failed:

@@ -27,6 +27,7 @@ from dcslurm.config import load_config
 from dcslurm.errors import UserError
 from dcslurm.executors import make_executor
 from dcslurm.render_cli import render_run
+from dcslurm.tomlfile import write_toml
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "SeCrEt-value-that-must-never-be-written-7f3a"
@@ -191,30 +192,17 @@ def test_pull_refuses_an_image_whose_bytes_do_not_match(tmp_path):
 
 # -- the exec prefix ----------------------------------------------------------------------
 
-def _config(tmp_path: Path, folder: str, container: str, stages=("synth", "digest", "summary"),
-            executor: str = "slurm", extra: str = "") -> str:
-    path = tmp_path / "run.toml"
-    path.write_text(f"""
-[run]
-folder = {json.dumps(folder)}
-stages = {json.dumps(list(stages))}
-
-[executor]
-kind = "{executor}"
-
-[container]
-{container}
-
-[stages.synth]
-units = 3
-{extra}
-""")
-    return str(path)
+def _config(tmp_path: Path, folder: str, container: dict, stages=("synth", "digest", "summary"),
+            executor: str = "slurm", tables: dict | None = None, **more) -> str:
+    """A run with this [container]; [stages.NAME] from `tables` (default: 3 synth units), `more` other tables."""
+    return write_toml(tmp_path / "run.toml", {
+        "run": {"folder": folder, "stages": list(stages)}, "executor": {"kind": executor},
+        "container": container, "stages": tables or {"synth": {"units": 3}}, **more})
 
 
 def test_disabled_containers_run_the_plain_interpreter(tmp_path):
-    cfg = load_config(_config(tmp_path, str(tmp_path / "run"), "enabled = false"))
-    launcher = make_executor("local", cfg).launcher(step_gpu=True)
+    cfg = load_config(_config(tmp_path, str(tmp_path / "run"), {"enabled": False}))
+    launcher = make_executor("local", run=cfg).launcher(step_gpu=True)
     assert launcher.prefix == [] and launcher.python == sys.executable
 
 
@@ -226,10 +214,10 @@ def test_enabled_containers_exec_in_the_image_with_only_the_needed_binds(tmp_pat
     metadata.mkdir()
     cfg = load_config(_config(
         tmp_path, str(tmp_path / "run"),
-        f"enabled = true\napptainer = {json.dumps(str(apptainer))}\ncpu_image = {json.dumps(str(cpu))}\n"
-        f"gpu_image = {json.dumps(str(gpu))}\nmodel_cache = {json.dumps(str(tmp_path / 'models'))}",
-        extra=f"\n[pool]\nmetadata = {json.dumps(str(metadata))}\n"))
-    executor = make_executor("slurm", cfg)
+        {"enabled": True, "apptainer": str(apptainer), "cpu_image": str(cpu), "gpu_image": str(gpu),
+         "model_cache": str(tmp_path / "models")},
+        pool={"metadata": str(metadata)}))
+    executor = make_executor("slurm", run=cfg)
     cpu_launcher, gpu_launcher = executor.launcher(False), executor.launcher(True)
     for launcher, image in ((cpu_launcher, cpu), (gpu_launcher, gpu)):
         p = launcher.prefix
@@ -252,9 +240,9 @@ def test_paths_that_bind_cannot_express_use_mount():
 
 def test_missing_apptainer_is_one_line_error_saying_how_to_run_without(tmp_path):
     cfg_path = _config(tmp_path, str(tmp_path / "run"),
-                       'enabled = true\napptainer = "dcslurm-no-such-apptainer"', executor="local")
+                       {"enabled": True, "apptainer": "dcslurm-no-such-apptainer"}, executor="local")
     with pytest.raises(UserError) as err:
-        make_executor("local", load_config(cfg_path)).launcher(False)
+        make_executor("local", run=load_config(cfg_path)).launcher(False)
     assert "\n" not in str(err.value) and "[container] enabled = false" in str(err.value)
     # The same through the command line: one line on stderr, exit 2, nothing run.
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "submit", "--config", cfg_path],
@@ -269,9 +257,9 @@ def test_missing_image_says_how_to_get_one(tmp_path, fake, monkeypatch):
     apptainer, _ = fake
     monkeypatch.setenv(containers.IMAGE_DIR_ENV, str(tmp_path / "empty"))
     cfg = load_config(_config(tmp_path, str(tmp_path / "run"),
-                              f"enabled = true\napptainer = {json.dumps(str(apptainer))}"))
+                              {"enabled": True, "apptainer": str(apptainer)}))
     with pytest.raises(UserError, match="containers build"):
-        make_executor("slurm", cfg).launcher(False)
+        make_executor("slurm", run=cfg).launcher(False)
 
 
 # -- rendered scripts --------------------------------------------------------------------
@@ -280,7 +268,7 @@ HOSTILE = "we ird 'q' $(touch PWNED) `touch PWNED2` ;&|<>"
 CACHE_NAME = 'cache, with: comma "dq"'  # --bind cannot hold it: goes through --mount
 
 
-def _hostile_setup(tmp_path: Path, fake, stages=("synth", "digest", "summary"), extra: str = ""):
+def _hostile_setup(tmp_path: Path, fake, stages=("synth", "digest", "summary"), tables: dict | None = None):
     apptainer, record = fake
     root = tmp_path / HOSTILE
     root.mkdir(exist_ok=True)
@@ -290,10 +278,9 @@ def _hostile_setup(tmp_path: Path, fake, stages=("synth", "digest", "summary"), 
     cache = root / CACHE_NAME
     cfg_path = _config(
         root, str(root / "run folder"),
-        f"enabled = true\napptainer = {json.dumps(str(weird_app))}\ncpu_image = {json.dumps(str(image))}\n"
-        f"gpu_image = {json.dumps(str(image))}\n"
-        f"model_cache = {json.dumps(str(cache))}",
-        stages=stages, extra=extra)
+        {"enabled": True, "apptainer": str(weird_app), "cpu_image": str(image), "gpu_image": str(image),
+         "model_cache": str(cache)},
+        stages=stages, tables=tables)
     return root, cfg_path, weird_app, image, record
 
 
@@ -351,11 +338,10 @@ def test_render_multi_node_training_runs_srun_inside_the_allocation_and_each_ran
             member = tarfile.TarInfo(f"{i:03d}.txt")
             member.size = 5
             tar.addfile(member, io.BytesIO(b"a cat"))
-    extra = (f"\n[stages.train]\ndata = {json.dumps(str(shards) + '/{00000000..00000001}.tar')}\n"
-             "[stages.train.resources]\nnodes = 2\ntasks_per_node = 4\ngpus_per_node = 4\n")
-    root, cfg_path, weird_app, image, record = _hostile_setup(tmp_path, fake, stages=("train",), extra=extra)
-    text = Path(cfg_path).read_text().replace("[stages.synth]\nunits = 3\n", "")
-    Path(cfg_path).write_text(text)
+    train = {"data": str(shards) + "/{00000000..00000001}.tar",
+             "resources": {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4}}
+    root, cfg_path, weird_app, image, record = _hostile_setup(tmp_path, fake, stages=("train",),
+                                                              tables={"train": train})
     out = root / "sbatch"
     names = render_run(cfg_path, str(out))
     assert names == ["train.sbatch", "submit.sh"]
@@ -410,14 +396,10 @@ def test_binds_cover_local_stage_inputs(tmp_path, fake):
     shards.mkdir()
     image = _fake_image(tmp_path / "img")
     cfg_path = _config(tmp_path, str(tmp_path / "run"),
-                       f"enabled = true\napptainer = {json.dumps(str(apptainer))}\n"
-                       f"cpu_image = {json.dumps(str(image))}\n"
-                       f"gpu_image = {json.dumps(str(image))}\nscratch = \"\"", stages=("train",))
-    text = Path(cfg_path).read_text().replace(
-        "[stages.synth]\nunits = 3\n",
-        f"[stages.train]\ndata = {json.dumps(str(shards) + '/{00000000..00000003}.tar')}\n")
-    Path(cfg_path).write_text(text)
-    prefix = make_executor("slurm", load_config(cfg_path)).launcher(True).prefix
+                       {"enabled": True, "apptainer": str(apptainer), "cpu_image": str(image),
+                        "gpu_image": str(image), "scratch": ""},
+                       stages=("train",), tables={"train": {"data": str(shards) + "/{00000000..00000003}.tar"}})
+    prefix = make_executor("slurm", run=load_config(cfg_path)).launcher(True).prefix
     binds = [prefix[i + 1] for i, w in enumerate(prefix) if w == "--bind"]
     assert binds == [str(tmp_path / "run"), str(shards)]  # no scratch bind: apptainer's own /tmp
     assert prefix[prefix.index("--pwd") + 1] == "/"

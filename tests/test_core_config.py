@@ -50,7 +50,7 @@ def test_unknown_scale_is_one_line():
     ({"run": {"folder": "/x"}, "slurm": {"cpus_per_task": 2.5}}, r"cpus_per_task: expected integer"),
     ({"run": {"folder": "/x"}, "storage": {"secret": "abc"}}, r"credentials must not be written"),
     ({"run": {"folder": "/x"}, "storage": {"aws_access_key_id": "abc"}}, r"credentials must not be written"),
-    ({"run": {"folder": "/x"}, "executor": {"kind": "k8s"}}, r"expected 'local' or 'slurm'"),
+    ({"run": {"folder": "/x"}, "executor": {"kind": "k8s"}}, r"expected 'local', 'slurm' or 'submitit'"),
     ({"run": {"folder": "/x"}, "slrum": {}}, r"unknown section \[slrum\] \(did you mean \[slurm\]\?\)"),
     ({"run": {"folder": "/x", "stages": ["synth", "nope"]}}, r"unknown stage 'nope'"),
     ({"run": {"folder": "/x", "stages": ["synth"]}, "stages": {"synth": {"unitz": 3}}},

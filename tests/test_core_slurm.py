@@ -45,7 +45,7 @@ def reference(tmp_path_factory):
     """The same run on the local executor: the outputs every SLURM run must equal."""
     tmp = tmp_path_factory.mktemp("ref")
     cfg = write_run_toml(tmp / "ref.toml", str(tmp / "ref"), units=100,
-                         extra="[stages.digest.resources]\ncpus_per_task = 1\n")
+                         extra={"stages": {"digest": {"resources": {"cpus_per_task": 1}}}})
     with open(cfg, "a") as f:
         f.write("")
     assert not submit_run(load_config(cfg)).failed
@@ -55,7 +55,7 @@ def reference(tmp_path_factory):
 def test_hundred_task_array_throttled_completes_like_local(slurm_cluster, tmp_path, reference):
     run = tmp_path / "run dir"
     cfg_path = write_run_toml(tmp_path / "run.toml", str(run), units=100, executor="slurm",
-                              extra="[slurm]\narray_throttle = 10\ntime = \"00:10:00\"\n")
+                              extra={"slurm": {"array_throttle": 10, "time": "00:10:00"}})
     cfg = load_config(cfg_path)
     result = submit_run(cfg)
     synth_chunks = result.submission.steps["synth"].chunks
@@ -73,7 +73,7 @@ def test_hundred_task_array_throttled_completes_like_local(slurm_cluster, tmp_pa
 def test_killed_tasks_resubmit_to_identical_outputs(slurm_cluster, tmp_path, reference):
     run = tmp_path / "run"
     cfg_path = write_run_toml(tmp_path / "run.toml", str(run), units=100, executor="slurm", sleep=1.5,
-                              extra="[slurm]\ntime = \"00:10:00\"\n")
+                              extra={"slurm": {"time": "00:10:00"}})
     cfg = load_config(cfg_path)
     first = submit_run(cfg)
     chunks = first.submission.steps["synth"].chunks
@@ -153,7 +153,7 @@ def test_status_uses_sacct_where_accounting_exists(slurm_cluster_acct, tmp_path)
     deadline = time.time() + 60
     states = None
     while time.time() < deadline:  # slurmdbd records job ends asynchronously
-        states = SlurmExecutor(cfg).final_states(sub)
+        states = SlurmExecutor(run=cfg).final_states(sub)
         if states and ("synth", 0) in states and ("synth", 1) in states:
             break
         time.sleep(1)

@@ -6,9 +6,10 @@ import errno
 import os
 import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from enum import Enum
 
-from dcslurm.config import RunConfig
+from dcslurm.config import ContainerSection, ExecutorSection, RunConfig, SlurmSection
 from dcslurm.errors import UserError
 from dcslurm.plan import Plan
 from dcslurm.sbatch import TaskLauncher
@@ -25,15 +26,47 @@ class TaskState(str, Enum):
     UNKNOWN = "unknown"  # submitted, no marker, and the scheduler cannot be asked (squeue failed)
 
 
+@dataclass
+class ExecutorSettings:
+    """What an executor is made of: the [executor], [slurm] and [container] sections.
+    Status and cancel need nothing else (the submission record names the jobs); the
+    defaults do for them when the run's config is not at hand."""
+
+    executor: ExecutorSection = field(default_factory=ExecutorSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    container: ContainerSection = field(default_factory=ContainerSection)
+
+    @classmethod
+    def of(cls, config: RunConfig) -> ExecutorSettings:
+        return cls(config.executor, config.slurm, config.container)
+
+
 class Executor(ABC):
     kind: str
+    # True where a scheduler runs the tasks after `submit` returns (nothing to wait for
+    # here); False where `wait` runs them in the foreground.
+    queues: bool = False
 
-    def __init__(self, config: RunConfig):
-        self.config = config
-        if config.container.enabled and config.container.check_host:
+    def __init__(self, settings: ExecutorSettings | None = None, run: RunConfig | None = None):
+        """`run`: the config of the run to submit; only `submit` needs it (its folder, its
+        pool and stage paths bound into a container). Status and cancel build an executor
+        from `settings` alone."""
+        if settings is not None and not isinstance(settings, ExecutorSettings):
+            raise TypeError(f"settings: expected ExecutorSettings, got {type(settings).__name__} (a run's config "
+                            "goes in run=)")
+        self.settings = settings or (ExecutorSettings.of(run) if run is not None else ExecutorSettings())
+        self.run = run
+        if run is not None and self.settings.container.enabled and self.settings.container.check_host:
             from dcslurm.containers import check_host
 
-            check_host(config)  # before anything is queued or written: apptainer and images present
+            check_host(run)  # before anything is queued or written: apptainer and images present
+
+    @property
+    def config(self) -> RunConfig:
+        """The run being submitted."""
+        if self.run is None:
+            raise ValueError(f"the {self.kind} executor was built from settings alone: it cannot submit")
+        return self.run
 
     @abstractmethod
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
@@ -87,8 +120,8 @@ class Executor(ABC):
     def log_dir(self) -> str:
         """Task logs: [executor] log_dir, else RUN/logs for a local run folder,
         else ./dcslurm-logs/<run name> (SLURM writes logs to a filesystem, not S3)."""
-        if self.config.executor.log_dir:
-            return self.config.executor.log_dir
+        if self.settings.executor.log_dir:
+            return self.settings.executor.log_dir
         if "://" not in self.config.run_url:
             return join_url(self.config.run_url, "logs")
         return os.path.abspath(os.path.join("dcslurm-logs", self.config.run_name))
@@ -96,9 +129,9 @@ class Executor(ABC):
     def launcher(self, step_gpu: bool = False) -> TaskLauncher:
         """How a task starts: this interpreter, or `apptainer exec IMAGE python3`
         when [container] enabled (the GPU image with --nv for GPU steps)."""
-        if self.config.container.enabled:
+        if self.settings.container.enabled:
             from dcslurm.containers import exec_prefix
 
             prefix, env = exec_prefix(self.config, step_gpu)
-            return TaskLauncher(python=self.config.container.python, prefix=prefix, env=env)
-        return TaskLauncher(python=self.config.slurm.python or sys.executable)
+            return TaskLauncher(python=self.settings.container.python, prefix=prefix, env=env)
+        return TaskLauncher(python=self.settings.slurm.python or sys.executable)

@@ -45,8 +45,8 @@ class LocalExecutor(Executor):
     kind = "local"
 
     def _parallel(self, step: StepPlan) -> int:
-        if self.config.executor.max_parallel:
-            return self.config.executor.max_parallel
+        if self.settings.executor.max_parallel:
+            return self.settings.executor.max_parallel
         return max(1, (os.cpu_count() or 1) // max(1, step.resources.cpus_per_task))
 
     def _argv(self, plan: Plan, step: StepPlan, index: int, log: str) -> list[str]:

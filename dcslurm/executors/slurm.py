@@ -20,8 +20,24 @@ from dcslurm.submission import JobChunk, StepSubmission, Submission
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
+def queue_failed(sub: Submission, exc: Exception) -> Exception:
+    """The error for a job that could not be queued: `exc`, naming the jobs queued before it."""
+    queued = sub.job_ids()
+    if not queued:
+        return exc if isinstance(exc, UserError) else UserError(str(exc))
+    return UserError(f"{exc}; the {len(queued)} jobs queued before it ({', '.join(queued[:8])}"
+                     f"{' ...' if len(queued) > 8 else ''}) are recorded: `dcslurm status` and "
+                     "`dcslurm cancel` see them, and a resubmit is refused while they are queued")
+
+
 class SlurmExecutor(Executor):
     kind = "slurm"
+    queues = True
+
+    def task_index(self, chunk: JobChunk, array_id: int | None) -> int:
+        """The task index that array task `array_id` of `chunk` runs (None: not an array):
+        the rendered scripts run `SLURM_ARRAY_TASK_ID + offset`."""
+        return array_id + chunk.offset if (chunk.array and array_id is not None) else chunk.indexes[0]
 
     def submit(self, plan: Plan, pending: dict[str, list[int]], dry_run: bool = False,
                script_dir: str | None = None, progress=None, on_queued=None,
@@ -30,7 +46,7 @@ class SlurmExecutor(Executor):
         log_root = self.log_dir()
         script_dir = script_dir or os.path.join(log_root, "sbatch")
         self.prepare_log_dir(script_dir, "sbatch scripts")
-        max_array = self.config.slurm.max_array_size or (
+        max_array = self.settings.slurm.max_array_size or (
             slurm.DEFAULT_MAX_ARRAY_SIZE if dry_run else slurm.max_array_size())
         sub = Submission(executor="slurm")
         previous_jobs: list[str] = list(after or [])
@@ -65,13 +81,7 @@ class SlurmExecutor(Executor):
                     try:
                         job_id = slurm.sbatch(path, extra)
                     except UserError as exc:
-                        queued = sub.job_ids()
-                        if not queued:
-                            raise
-                        raise UserError(f"{exc}; the {len(queued)} jobs queued before it ({', '.join(queued[:8])}"
-                                        f"{' ...' if len(queued) > 8 else ''}) are recorded: `dcslurm status` and "
-                                        "`dcslurm cancel` see them, and a resubmit is refused while they are "
-                                        "queued") from None
+                        raise queue_failed(sub, exc) from None
                     this_jobs.append(job_id)
                 ssub.chunks.append(JobChunk(
                     job_id=job_id, indexes=list(chunk.indexes) if chunk else [0],
@@ -96,8 +106,8 @@ class SlurmExecutor(Executor):
             if q.job_id not in by_job:
                 continue
             name, chunk = by_job[q.job_id]
-            index = (q.array_id + chunk.offset) if (chunk.array and q.array_id is not None) else 0
-            out[(name, index)] = TaskState.RUNNING if q.state in _RUNNING else TaskState.PENDING
+            state = TaskState.RUNNING if q.state in _RUNNING else TaskState.PENDING
+            out[(name, self.task_index(chunk, q.array_id))] = state
         return out
 
     def final_states(self, sub: Submission) -> dict[tuple[str, int], str] | None:
@@ -112,7 +122,7 @@ class SlurmExecutor(Executor):
                 name, chunk = by_job[jid]
                 if chunk.array and arr is None:
                     continue  # the array as a whole, not one of its tasks
-                out[(name, arr + chunk.offset if chunk.array else 0)] = state
+                out[(name, self.task_index(chunk, arr))] = state
         return out
 
     def log_path(self, sub: Submission, step: str, chunk: JobChunk, index: int) -> str:
