@@ -32,6 +32,18 @@ The pool has no null captions there (DataComp's code stops on one), and its
 npz files hold the four DataComp keys (l14_img random, the others zeros);
 image_based uses `--centroids` random pool centroids (DataComp's small-scale
 file has 100,000, too many for a CPU run) and 1,000 random target embeddings.
+
+`--sweep` times a sweep: SWEEP_BASELINES (10 DataComp baselines) over one pool in one
+process, sharing one derived-column cache (jobs/filter/derived.py) that starts empty,
+against one `basic` filter alone (no cache), each in its own subprocess; the goal is a
+sweep <= 2x that one filter. Every sweep subset must equal the same filter run alone
+without a cache (a third subprocess, whose total is what the sweep costs without one):
+
+    .venv/bin/python benchmarks/bench_filter.py --sweep --rows 1000000
+
+Its pool: write_metadata_fast's parquet plus an npz per file with `l14_img` only, of
+dimension `--sweep-dim` (64; image_based's centroid matmul grows with it), `--centroids`
+random centroids, 100 random targets, and a 4-id ImageNet-21k-style synset list.
 """
 
 from __future__ import annotations
@@ -49,6 +61,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from datacomp_env import REFERENCE, datacomp_python  # noqa: E402 - benchmarks/ is sys.path[0] when run
 
 SCORE = "clip_l14_similarity_score"
 
@@ -131,6 +145,120 @@ def make_pool(folder: str, rows: int, rows_per_file: int, seed: int) -> float:
     return time.perf_counter() - t0
 
 
+# -- a sweep of baselines over one derived-column cache -----------------------------
+
+SWEEP_BASELINES = [
+    "no_filter", "basic", "clip_score(b32, fraction=0.3)", "clip_score(b32, fraction=0.25)",
+    "clip_score(l14, fraction=0.3)", "clip_score(l14, fraction=0.25)", "laion2b", "text_based(synsets={synsets})",
+    "image_based(targets={targets}, centroids={centroids})",
+    "image_based(targets={targets}, centroids={centroids}) & clip_score(l14, fraction=0.3)",
+]
+
+
+def run_specs(pool: str, specs: list[str], out_dir: str, cache: str) -> list[dict]:
+    """Each spec in turn with jobs/filter/engine.run_local over `cache` ("off": none): wall and CPU seconds."""
+    from dcslurm.storage import DataFolder
+    from jobs.filter import engine
+
+    inputs = engine.list_inputs(pool)
+    out = []
+    for i, spec in enumerate(specs):
+        work = tempfile.mkdtemp(prefix="bench-sweep-work-")
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        try:
+            stats = engine.run_local(spec, inputs, DataFolder(work), os.path.join(out_dir, f"{i:02d}.npy"),
+                                     derived_cache=cache)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        out.append({"spec": spec, "seconds": time.perf_counter() - t0, "kept": stats["kept_rows"],
+                    "cpu_seconds": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                    "derived": stats["derived"]})
+    return out
+
+
+def sweep_child(pool: str, out_dir: str, specs_json: str, cache: str) -> None:
+    print(json.dumps(run_specs(pool, json.loads(specs_json), out_dir, cache)))
+
+
+def measure_specs(pool: str, specs: list[str], out_dir: str, cache: str) -> list[dict]:
+    os.makedirs(out_dir, exist_ok=True)
+    proc = subprocess.run([sys.executable, __file__, "--sweep-child", "--pool", pool, "--out", out_dir,
+                           "--spec", json.dumps(specs), "--cache", cache], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"sweep child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_sweep_pool(base: str, rows: int, rows_per_file: int, dim: int, k: int) -> dict:
+    """The metadata (write_metadata_fast), an npz of `l14_img` per file, and the baselines' files."""
+    import numpy as np
+
+    from jobs.filter.synthetic import write_metadata_fast
+
+    rng = np.random.default_rng(3)
+    pool = os.path.join(base, "pool")
+    for path in write_metadata_fast(pool, rows, rows_per_file, seed=0):
+        import pyarrow.parquet as pq
+
+        n = pq.ParquetFile(path).metadata.num_rows
+        x = rng.standard_normal((n, dim), dtype=np.float32)
+        np.savez(path[: -len(".parquet")] + ".npz", l14_img=(x / np.linalg.norm(x, axis=1, keepdims=True))
+                 .astype(np.float16))
+    files = {"centroids": os.path.join(base, "centroids.npy"), "targets": os.path.join(base, "targets.npy"),
+             "synsets": os.path.join(base, "in21k.txt")}
+    np.save(files["centroids"], rng.standard_normal((k, dim), dtype=np.float32))
+    np.save(files["targets"], rng.standard_normal((100, dim), dtype=np.float32))
+    with open(files["synsets"], "w") as fh:  # dog, cat, car, sunflower: words of the synthetic captions
+        fh.write("n02084071\nn02121620\nn02958343\nn11978233\n")
+    return {"pool": pool, **files}
+
+
+def main_sweep(args) -> None:
+    base = args.dir or tempfile.mkdtemp(prefix="bench-filter-sweep-")
+    try:
+        t0 = time.perf_counter()
+        files = make_sweep_pool(base, args.rows, args.rows_per_file, args.sweep_dim, args.centroids)
+        pool = files.pop("pool")
+        specs = [s.format(**files) for s in SWEEP_BASELINES]
+        print(f"pool: {args.rows:,} rows in {-(-args.rows // args.rows_per_file)} files, l14_img d={args.sweep_dim}, "
+              f"{args.centroids} centroids (generated in {time.perf_counter() - t0:.0f} s)", flush=True)
+        one = measure_specs(pool, ["basic"], os.path.join(base, "basic"), "off")[0]
+        print(f"one basic filter, no cache : {one['seconds']:7.1f} s wall {one['cpu_seconds']:7.1f} s CPU", flush=True)
+        sweep = measure_specs(pool, specs, os.path.join(base, "sweep"), os.path.join(base, "derived"))
+        # the same sweep again over the filled cache: a rerun, or another sweep over this pool
+        warm = measure_specs(pool, specs, os.path.join(base, "warm"), os.path.join(base, "derived"))
+        alone = measure_specs(pool, specs, os.path.join(base, "alone"), "off")
+        print(f"{'baseline':52s} {'sweep CPU s':>11s} {'warm':>6s} {'alone':>6s}  derived reused/computed (sweep)"
+              "  same subset")
+        all_same = True
+        for i, (sw, wa, al) in enumerate(zip(sweep, warm, alone)):
+            same = all(sha(os.path.join(base, d, f"{i:02d}.npy")) == sha(os.path.join(base, "alone", f"{i:02d}.npy"))
+                       for d in ("sweep", "warm"))
+            all_same &= same
+            name = SWEEP_BASELINES[i].replace("{targets}", "T").replace("{centroids}", "C").replace("{synsets}", "S")
+            d = sw["derived"]
+            print(f"{name[:52]:52s} {sw['cpu_seconds']:11.1f} {wa['cpu_seconds']:6.1f} {al['cpu_seconds']:6.1f}  "
+                  f"{d['reused']:>11,}/{d['computed']:<11,}  {same}", flush=True)
+        tot = {k: sum(r[k] for r in sweep) for k in ("seconds", "cpu_seconds")}
+        tot_warm = {k: sum(r[k] for r in warm) for k in ("seconds", "cpu_seconds")}
+        tot_alone = {k: sum(r[k] for r in alone) for k in ("seconds", "cpu_seconds")}
+        print(f"sweep of {len(specs)} over one cache (cold): {tot['seconds']:.1f} s wall "
+              f"{tot['cpu_seconds']:.1f} s CPU = {tot['cpu_seconds'] / one['cpu_seconds']:.2f}x one basic filter's CPU "
+              f"({tot['seconds'] / one['seconds']:.2f}x wall; goal <= 2x)")
+        print(f"the sweep again, cache filled: {tot_warm['seconds']:.1f} s wall {tot_warm['cpu_seconds']:.1f} s "
+              f"CPU = {tot_warm['cpu_seconds'] / one['cpu_seconds']:.2f}x ({tot_warm['seconds'] / one['seconds']:.2f}x "
+              "wall)")
+        print(f"the same {len(specs)} without a cache: {tot_alone['seconds']:.1f} s wall "
+              f"{tot_alone['cpu_seconds']:.1f} s CPU = {tot_alone['cpu_seconds'] / one['cpu_seconds']:.2f}x; "
+              f"every subset as alone: {all_same}")
+        if not all_same:
+            raise SystemExit("subsets differ")
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=0,
@@ -147,13 +275,24 @@ def main() -> None:
     ap.add_argument("--baselines", default="clip_score,basic,image_based,image_based_clip",
                     help="with --reference datacomp: which of " + ",".join(DATACOMP_BASELINES))
     ap.add_argument("--centroids", type=int, default=1000, help="image_based pool centroids (--reference datacomp)")
+    ap.add_argument("--sweep", action="store_true", help="time a sweep of 10 baselines over one derived-column cache")
+    ap.add_argument("--sweep-dim", type=int, default=64, help="--sweep: the l14_img dimension of its pool")
     ap.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", default="off", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--pool", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.pool, args.out, args.fraction, args.workers or 1, args.spec)
+        return
+    if args.sweep_child:
+        sweep_child(args.pool, args.out, args.spec, args.cache)
+        return
+    if args.sweep:
+        args.rows = args.rows or 1_000_000
+        main_sweep(args)
         return
     if args.reference == "datacomp":
         args.rows = args.rows or 1_000_000
@@ -208,14 +347,6 @@ def main() -> None:
 
 # -- against DataComp's baselines.py -------------------------------------------
 
-REFERENCE = os.environ.get("DATACOMP_REFERENCE", os.path.join(os.path.dirname(ROOT), "shared", "datacomp", "reference"))
-DATACOMP_VENV = os.environ.get("DATACOMP_VENV", os.path.join(ROOT, ".venv-datacomp"))
-# The environment DataComp's baselines.py runs in (reference/README.md): its own pins, not ours.
-# gcld3 3.0.13 needs protoc to build; cld3-py ships the same CLD3 under the import name gcld3
-# (laion2b alone uses it, and it is not benchmarked here).
-DATACOMP_PACKAGES = ["numpy==1.23.4", "pandas==1.5.1", "pyarrow==10.0.1", "torch==2.13.0+cpu", "nltk==3.8.1",
-                     "webdataset==0.2.31", "faiss-cpu<1.8", "tqdm", "fsspec", "cld3-py", "pybind11==2.10.1",
-                     "setuptools", "wheel"]
 # ours: spec; DataComp: baselines.py arguments ({f}: --fraction)
 DATACOMP_BASELINES = {
     "clip_score": ("clip_score(l14, fraction={f})", ["--name", "clip_score", "--arch", "l14", "--fraction", "{f}"]),
@@ -226,27 +357,6 @@ DATACOMP_BASELINES = {
                          ["--name", "image_based_intersect_clip_score", "--arch", "l14", "--fraction", "{f}",
                           "--image_based_scale", "small"]),
 }
-
-
-def datacomp_python() -> str:
-    """The virtualenv's python, built the first time (a few minutes: fastText compiles from source)."""
-    python = os.path.join(DATACOMP_VENV, "bin", "python")
-    if os.path.exists(os.path.join(DATACOMP_VENV, ".bench-ready")):
-        return python
-    print(f"building DataComp's environment in {DATACOMP_VENV} (once; set DATACOMP_VENV to put it elsewhere)",
-          flush=True)
-    base = shutil.which("python3.11")
-    if base is None:
-        raise SystemExit("DataComp's environment needs python3.11 on PATH")
-    steps = [[base, "-m", "venv", DATACOMP_VENV],
-             [python, "-m", "pip", "install", "-q", *DATACOMP_PACKAGES],
-             # fastText 0.9.2 builds against the pybind11 above (2.10, as DataComp's requirements pin)
-             [python, "-m", "pip", "install", "-q", "--no-build-isolation", "fasttext==0.9.2"]]
-    for step in steps:
-        if subprocess.run(step).returncode != 0:
-            raise SystemExit(f"building DataComp's environment failed at: {' '.join(step)}")
-    open(os.path.join(DATACOMP_VENV, ".bench-ready"), "w").close()
-    return python
 
 
 def patched_reference(base: str) -> str:

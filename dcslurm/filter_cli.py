@@ -76,6 +76,9 @@ def run(
     seed: int = typer.Option(0, help="Seed of the random draws (MetaCLIP, k-means)."),
     work: Optional[str] = typer.Option(None, help="Folder for intermediate files (default: a temp folder)."),
     workers: int = typer.Option(1, help="Processes for the per-file map and apply work."),
+    derived_cache: str = typer.Option("", "--derived-cache",
+                                      help="Folder of the pool's derived columns (language ID, ...) to reuse across "
+                                           "filters (default: WORK/_derived; 'off': none)."),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint for s3:// folders."),
 ) -> None:
     """Run a filter over a pool on this machine: the same map/reduce/apply code as the stage, one task."""
@@ -91,7 +94,7 @@ def run(
     options = s3fs_options(endpoint_url=endpoint_url)
     work_url = work or tempfile.mkdtemp(prefix="dcslurm-filter-")
     stats = engine.run_local(text, engine.list_inputs(pool, options), DataFolder(work_url, options), out,
-                             seed=seed, storage_options=options, workers=workers)
+                             seed=seed, storage_options=options, workers=workers, derived_cache=derived_cache)
     console.print(f"{stats['kept_rows']:,} of {stats['input_rows']:,} rows kept -> {out}")
     for key, value in stats["parameters"].items():
         if "threshold" in value:

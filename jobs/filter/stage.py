@@ -29,7 +29,9 @@ def _spec(ctx: TaskContext):
 
 
 def _reader(ctx: TaskContext) -> engine.Reader:
-    return engine.Reader(ctx.plan.storage_options)
+    # derived columns: [stages.filter] derived_cache (a sweep sets its upstream's), else RUN/filter/_derived
+    cache = ctx.params.get("derived_cache") or ctx.output.url_of(engine.DERIVED)
+    return engine.Reader(ctx.plan.storage_options, cache)
 
 
 def _rel(ctx: TaskContext, rel: str) -> str:
@@ -44,11 +46,12 @@ def prepare(ctx: TaskContext) -> TaskResult:
 def map_files(ctx: TaskContext) -> TaskResult:
     spec, reader = _spec(ctx), _reader(ctx)
     files = _inputs(ctx, ctx.shards)
-    totals = {"files": len(files), "rows": 0, "null_text": 0}
+    totals = {"files": len(files), "rows": 0, "null_text": 0, "derived": engine.add_counts([])}
     for f in files:
         s = engine.map_file(spec, f, ctx.output, reader)
         totals["rows"] += s["rows"]
         totals["null_text"] += s.get("null_text", 0)
+        totals["derived"] = engine.add_counts([totals["derived"], s.get("derived") or {}])
     return TaskResult(outputs=[_rel(ctx, f"{d}/{f.pid}.{ext}") for f in files
                                for d, ext in (("_parts", "npz"), ("_uids", "npy"))], stats=totals)
 
@@ -62,9 +65,11 @@ def apply(ctx: TaskContext) -> TaskResult:
     spec, reader = _spec(ctx), _reader(ctx)
     params = ctx.output.read_json(engine.PARAMS)
     files = _inputs(ctx, ctx.shards)
-    totals: dict = {"files": len(files), "rows": 0, "kept": 0, "null_text": 0, "term_kept": {}}
+    totals: dict = {"files": len(files), "rows": 0, "kept": 0, "null_text": 0, "term_kept": {},
+                    "derived": engine.add_counts([])}
     for f in files:
         s = engine.apply_file(spec, f, ctx.output, reader, params, ctx.seed)
+        totals["derived"] = engine.add_counts([totals["derived"], s["derived"]])
         totals["rows"] += s["rows"]
         totals["kept"] += s["kept"]
         totals["null_text"] += s["null_text"]
@@ -78,7 +83,7 @@ def write(ctx: TaskContext) -> TaskResult:
     total = engine.write_subset(files, ctx.output, ctx.output)
     stage = ctx.step.stage
     stats = engine.summary(spec, ctx.upstream_stats(f"{stage}.apply"),
-                           [{"rows": s["rows"], "null_text": s["null_text"]}
+                           [{"rows": s["rows"], "null_text": s["null_text"], "derived": s.get("derived")}
                             for s in ctx.upstream_stats(f"{stage}.map")],
                            ctx.output.read_json(engine.PARAMS), ctx.seed)
     stats = engine.json_safe(stats)
