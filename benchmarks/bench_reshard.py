@@ -31,8 +31,8 @@ executor, both with --workers processes, same shards, same 30% subset; wall
 time of the whole command each. resharder.py imports img2dataset's blurrer at the
 top but uses it only with --apply-blur: the benchmark gives it a stand-in module
 (written under --dir) rather than img2dataset's whole download stack; its other
-imports (cv2, simdjson, cloudpathlib) must be in that virtualenv or in
---datacomp-pythonpath.
+imports (cv2, simdjson, cloudpathlib) are installed into DataComp's virtualenv
+(benchmarks/datacomp_env.py) the first time, unless --datacomp-python names another.
 """
 
 from __future__ import annotations
@@ -325,6 +325,12 @@ def bench_datacomp(root: str, shards: str, subset: str, tasks: int, workers: int
     print(f"  speed against resharder.py (best runs): {min(dc_runs) / min(ours):.2f}x (goal >= 3x)")
 
 
+def _datacomp_python() -> str:
+    from datacomp_env import RESHARDER_PACKAGES, datacomp_python  # benchmarks/ is sys.path[0] when run
+
+    return datacomp_python(RESHARDER_PACKAGES, "resharder")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", type=int, default=4)
@@ -337,9 +343,9 @@ def main() -> None:
     parser.add_argument("--sections", default="throughput,s3,datacomp",
                         help="which parts to run (comma-separated: throughput, s3, datacomp)")
     parser.add_argument("--workers", type=int, default=2, help="datacomp: processes of each tool")
-    parser.add_argument("--datacomp-python", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), ".venv-datacomp", "bin", "python"),
-        help="datacomp: the interpreter of DataComp's environment")
+    parser.add_argument("--datacomp-python", default="",
+                        help="datacomp: the interpreter of DataComp's environment (default: "
+                        "benchmarks/datacomp_env.py builds one, with resharder.py's packages, on first use)")
     parser.add_argument("--datacomp-pythonpath", default="", help="datacomp: extra PYTHONPATH for it")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -364,7 +370,7 @@ def main() -> None:
                  args.tasks)
     if "datacomp" in sections:
         bench_datacomp(args.dir, shards, os.path.join(args.dir, "subset0.npy"), args.tasks, args.workers,
-                       args.datacomp_python, args.datacomp_pythonpath)
+                       args.datacomp_python or _datacomp_python(), args.datacomp_pythonpath)
     if "throughput" not in sections:
         return
     cold, cold_cpu = time_cat(paths, cold=True)

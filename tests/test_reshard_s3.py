@@ -190,3 +190,46 @@ def test_s3_input_changed_after_count_fails_the_ranged_write_with_one_line(meter
     assert first in proc.stderr and expected in proc.stderr and "the input changed during the run" in proc.stderr
     assert "Traceback" not in proc.stderr  # a one-line error, not a crash
     assert not [n for n in os.listdir(out) if n.endswith(".tar")]  # nothing committed from the changed input
+
+
+@pytest.mark.s3
+@pytest.mark.slow  # embed and reshard as a user runs them: about 100 s here on a loaded machine
+def test_s3_whole_reshard_after_embed_reads_only_the_kept_spans(metered, tmp_path):
+    """After embed (which reads every tar whole and notes each one's member index), the whole
+    reshard stage, count and write, reads at most 1.1x the kept samples' bytes plus their
+    headers from the pool: the count step reads the indexes, not the tars. Before the index,
+    the count step read every tar once more (the stage read 1.30x the input)."""
+    from tests.test_embed import save_tiny_checkpoint
+    from tests.test_reshard_index import embed_reshard_toml
+
+    samples = make_pool(str(tmp_path / "pool"))
+    rng = np.random.default_rng(11)
+    kept = [s for s in samples if rng.random() < 0.3]
+    np.save(tmp_path / "subset.npy", uids_to_array(sorted(s["uid"] for s in kept)))
+    fs = metered.fs()
+    pool_bucket = metered.make_bucket("pool-stage-bytes").removeprefix("s3://")
+    run_bucket = metered.make_bucket("run-stage-bytes")
+    for n in sorted(os.listdir(tmp_path / "pool")):
+        fs.put_file(str(tmp_path / "pool" / n), f"{pool_bucket}/{n}")
+    kept_bytes = sum(sum(s["member_bytes"]) for s in kept)
+    kept_headers = BLOCK * sum(len(s["member_bytes"]) for s in kept)
+    cfg = embed_reshard_toml(tmp_path / "run.toml", f"{run_bucket}/run", f"s3://{pool_bucket}",
+                             str(tmp_path / "subset.npy"), save_tiny_checkpoint(str(tmp_path / "tiny.pt"), 1),
+                             log_dir=str(tmp_path / "logs"), tasks=2,
+                             tail=f'[storage]\nendpoint_url = "{metered.endpoint_url}"\n')
+    assert not submit_run(load_config(cfg, stages=["embed"])).failed
+    before = metered.sent_bytes(pool_bucket)
+    assert not submit_run(load_config(cfg)).failed
+    read = metered.sent_bytes(pool_bucket) - before
+    print(f"S3 bytes read by the whole reshard stage: {read}; kept {kept_bytes} + headers {kept_headers}: "
+          f"{read / (kept_bytes + kept_headers):.3f}x")
+    assert read <= 1.1 * (kept_bytes + kept_headers)
+
+    stats = json.loads(fs.cat_file(f"{run_bucket.removeprefix('s3://')}/run/reshard/stats.json"))
+    assert stats["tars_indexed"] == 4 and stats["tar_indexes_stale"] == 0
+    local_cfg = write_toml(tmp_path / "local.toml", str(tmp_path / "local"), str(tmp_path / "pool"),
+                           str(tmp_path / "subset.npy"), tasks=2, samples_per_shard=40)
+    assert not submit_run(load_config(local_cfg)).failed  # every tar read: the same shards
+    local = shard_digests(str(tmp_path / "local" / "reshard"))
+    run_fs = run_bucket.removeprefix("s3://") + "/run/reshard"
+    assert {n: hashlib.sha256(fs.cat_file(f"{run_fs}/{n}")).hexdigest() for n in local} == local

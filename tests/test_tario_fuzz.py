@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from jobs.embed.tar_samples import CorruptShard, iter_samples
-from jobs.reshard.tario import _KEY_EXT, BLOCK, RECORD, TarSampleReader, TarShardWriter, _MappedSource, _ustar_header
+from jobs.reshard.tario import BLOCK, RECORD, TarSampleReader, TarShardWriter, _MappedSource, _ustar_header
+from jobs.wds import KEY_EXT as _KEY_EXT
 
 # -- building tars byte by byte ---------------------------------------------------------
 

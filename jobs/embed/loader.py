@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from dcslurm.storage import DataFolder
-from jobs.embed.tar_samples import CorruptShard, iter_samples
+from jobs.embed.tar_samples import CorruptShard, IndexRecorder, iter_samples
+from jobs.wds import tar_identity
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -117,7 +118,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
            JPEG files of `jpeg_idx` rows (jpeg_bytes[jpeg_offsets[i]:jpeg_offsets[i+1]]);
            truncated: bool [n].
     end:   shard, stripe, stripes, samples (in the tar), skipped ({reason: count}), error (or None),
-           missing (the shard does not exist).
+           missing (the shard does not exist), index (stripe 0 of an undamaged tar: its member
+           index, jobs.wds, else None).
     """
 
     def __init__(self, shards: list[ShardInput], storage_options: dict, batch_size: int,
@@ -148,13 +150,18 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def _read_stripe(self, shard: ShardInput, stripe: int) -> Iterator[dict]:
         skipped: Counter = Counter()
         end = {"kind": "end", "shard": shard.index, "stripe": stripe, "stripes": self.stripes,
-               "samples": 0, "skipped": {}, "error": None, "missing": False}
+               "samples": 0, "skipped": {}, "error": None, "missing": False, "index": None}
         parent, name = shard.url.rstrip("/").rsplit("/", 1)
         chunk: list = []
         chunk_id = -1
+        # Every stripe reads the whole tar; the first also notes its member index for reshard.
+        recorder = IndexRecorder() if stripe == 0 else None
         try:
-            with DataFolder(parent, self.storage_options).open(name) as f:
-                for ordinal, sample in enumerate(iter_samples(f, shard.url)):
+            folder = DataFolder(parent, self.storage_options)
+            # the identity before the read: a tar replaced meanwhile then mismatches its index
+            identity = tar_identity(folder.info(name)) if recorder is not None else None
+            with folder.open(name) as f:
+                for ordinal, sample in enumerate(iter_samples(f, shard.url, recorder)):
                     end["samples"] = ordinal + 1
                     c = ordinal // self.batch_size
                     if c % self.stripes != stripe:
@@ -166,6 +173,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     chunk.append((ordinal, sample))
             if chunk:
                 yield self._batch(shard, chunk, skipped)
+            if recorder is not None:
+                end["index"] = recorder.index(identity)
         except FileNotFoundError:
             end["missing"] = True
             end["error"] = f"{shard.url}: input shard does not exist"

@@ -5,6 +5,11 @@ configured open_clip model and writes, per shard, beside nothing else:
 
     RUN/embed/{stem}.npz      <name>_img, <name>_txt: float16, L2-normalised
     RUN/embed/{stem}.parquet  uid, metadata columns, clip_<name>_similarity_score
+    RUN/embed/{stem}.tarindex where each sample's members lie in the tar (jobs.wds): reshard's
+                              count step reads it instead of the tar
+
+The index is a file of its own, not parquet columns: it covers every sample of the tar
+(embed's parquet only those it embedded) and keeps the parquet DataComp's.
 
 The parquet is written last and is the shard's commit (see stage.py).
 """

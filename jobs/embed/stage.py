@@ -3,7 +3,8 @@
 Per task: load every configured model once, stream the task's shards
 through `ShardBatches` (decoding in DataLoader workers), run each batch
 through every model, and commit each shard as soon as all its samples are
-embedded: `{stem}.npz` first, then `{stem}.parquet`, each atomically. The
+embedded: `{stem}.npz` first (and `{stem}.tarindex`, the tar's member
+index for reshard, jobs/wds.py), then `{stem}.parquet`, each atomically. The
 parquet is the shard's commit: a shard whose parquet exists is skipped on a
 rerun, and a shard that fails (damaged tar) leaves neither file.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,18 +23,10 @@ import numpy as np
 from dcslurm.errors import UserError
 from dcslurm.task import TaskContext, TaskResult
 from jobs.embed.spec import EmbedParams
+from jobs.wds import index_name, shard_stem
 
 DATACOMP_COLUMNS = ("uid", "key", "url", "text", "original_width", "original_height", "width", "height",
                     "sha256", "face_bboxes")
-
-
-def shard_stem(url: str) -> str:
-    """'s3://b/x/00000012.tar' -> '00000012'."""
-    name = posixpath.basename(url.rstrip("/"))
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
 
 
 def resolve_device(device: str) -> str:
@@ -180,6 +172,7 @@ class ShardAccumulator:
         self.skipped: Counter = Counter()
         self.truncated = 0  # captions cut to the context length (kept, as DataComp scored them)
         self.error: str | None = None
+        self.index: bytes | None = None  # the tar's member index (jobs.wds), from the stripe that read it
 
     def add(self, name: str, img, txt, score) -> None:
         self.embeddings.setdefault(f"{name}_img", []).append(img)
@@ -237,6 +230,8 @@ def commit_shard(out, acc: ShardAccumulator, model_dims: dict[str, int]) -> int:
     buf = io.BytesIO()
     np.savez(buf, **npz)
     out.write_bytes(f"{acc.stem}.npz", buf.getvalue())
+    if acc.index is not None:  # before the parquet, the commit: a committed shard has its index
+        out.write_bytes(index_name(acc.stem), acc.index)
     table = metadata_table(acc.meta, order, scores)
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -328,6 +323,7 @@ def embed_shards(ctx: TaskContext, params: EmbedParams, shards: list[tuple[int, 
             acc.stripes_left -= 1
             acc.samples_in_tar = max(acc.samples_in_tar, item["samples"])
             acc.skipped.update(item["skipped"])
+            acc.index = acc.index or item["index"]
             if item["missing"]:
                 raise UserError(item["error"])
             acc.error = acc.error or item["error"]

@@ -5,7 +5,9 @@ the work is split:
 
   reshard.count    array over the input shards: per shard, how many samples
                    the subset keeps (sum of each uid's multiplicity), and where
-                   each kept sample's members lie in its tar (_counts/*.npz);
+                   each kept sample's members lie in its tar (_counts/*.npz),
+                   from embed's member index of the tar ({stem}.tarindex, see
+                   jobs/wds.py) where one describes it, else by reading the tar;
   reshard.index    one task: the global order of the kept samples (input
                    shard starts), the number of output shards, uids found/missing;
   reshard.write    array over `tasks` parts: part p writes output shards

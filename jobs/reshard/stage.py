@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -33,10 +34,12 @@ from jobs.reshard.tario import (
     SampleTable,
     TarSampleReader,
     TarShardWriter,
+    indexed_table,
     json_uid,
     open_tar_spans,
     open_tars_ahead,
 )
+from jobs.wds import TarIndex, index_name, shard_stem, tar_identity
 
 COUNTS_DIR = "_counts"
 INDEX_FILE = "_index.json"
@@ -95,8 +98,7 @@ def multiplicities(table: SampleTable, subset: SubsetFile) -> tuple[np.ndarray, 
     n = len(table)
     problems = [""] * n
     uids, rows = [], []
-    for i, (key, data) in enumerate(zip(table.keys, table.jsons)):
-        uid, problem = json_uid(data)
+    for i, (key, (uid, problem)) in enumerate(zip(table.keys, table.uid_results())):
         if uid is None:
             problems[i] = _PROBLEM_KEY[problem]
         elif _unsafe_key(key):
@@ -135,9 +137,15 @@ def count(ctx: TaskContext) -> TaskResult:
     shards: list[dict] = []
     kept = KeptSamples()
     tars = [url for url in ctx.input_names() if url.endswith(".tar")]  # not the parquet/stats beside them
-    with _readers(ctx, tars) as readers:
-        for url, reader in zip(tars, readers):
-            _count_shard(ctx, url, reader, subset, shards, kept)
+    indexes, stale = _member_indexes(ctx, tars)
+    unindexed = [url for url in tars if indexes[url] is None]
+    with _readers(ctx, unindexed) as readers:
+        for url in tars:
+            record = _new_record(url, url in stale)
+            if indexes[url] is not None:
+                _count_indexed_shard(record, *indexes[url], subset, shards, kept)
+            else:
+                _count_shard(ctx, record, next(readers), subset, shards, kept)
     rel = f"{COUNTS_DIR}/{ctx.index:06d}"
     ctx.output.write_bytes(f"{rel}.npz", kept.to_npz())
     ctx.output.write_json(f"{rel}.json", {"subset": subset.url, "subset_rows": len(subset), "shards": shards})
@@ -196,11 +204,76 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _count_shard(ctx: TaskContext, url: str, reader: TarSampleReader | None, subset: SubsetFile,
+def _index_folder(ctx: TaskContext) -> DataFolder | None:
+    """Where embed wrote the member indexes of the input tars (jobs.wds): this run's embed
+    folder, or else the folder of the embed outputs this run's filter reads (a sweep's
+    upstream); None when neither is in the plan."""
+    if any(s.stage == "embed" for s in ctx.plan.steps):
+        return ctx.run.child("embed")
+    for s in ctx.plan.steps:
+        units = s.units
+        if units.upstream is None and units.count and (units.names or units.pattern):
+            first = units.name(0)
+            if first.endswith(".parquet"):
+                return ctx.folder(first.rsplit("/", 1)[0])
+    return None
+
+
+def _member_indexes(ctx: TaskContext, tars: list[str]
+                    ) -> tuple[dict[str, tuple[SampleTable, ReadCounters, int] | None], set[str]]:
+    """Per input tar: (table, counters, size) from the index embed wrote of it, or None where
+    there is none or it describes another version of the tar (then the tar is read);
+    and the tars whose index was stale (the second case)."""
+    folder = _index_folder(ctx)
+    out: dict = {url: None for url in tars}
+    stale: set[str] = set()
+    if folder is None:
+        return out, stale
+    for url in tars:
+        where = folder.url_of(index_name(shard_stem(url)))
+        try:
+            data = folder.read_bytes(index_name(shard_stem(url)))
+        except FileNotFoundError:
+            continue
+        try:
+            index = TarIndex(data)
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            ctx.log.warning("%s: unreadable member index %s (%s): reading the tar", url, where, exc)
+            stale.add(url)
+            continue
+        tar_folder, name = split_url(ctx, url)
+        try:
+            identity = tar_identity(tar_folder.info(name))
+        except FileNotFoundError:
+            continue  # counted as missing by the read
+        if not index.describes(identity):
+            ctx.log.warning("%s: its member index %s describes another version of it (%s then, %s now): "
+                            "reading the tar", url, where, index.identity, identity)
+            stale.add(url)
+            continue
+        out[url] = (*indexed_table(index), identity["size"])
+    return out, stale
+
+
+def _new_record(url: str, stale_index: bool) -> dict:
+    """An input shard's count record; `tars_indexed`: counted from its member index, not read;
+    `tar_indexes_stale`: it had an index, of another version of the tar."""
+    return {"url": url, "missing": False, "input_bytes": 0, "scanned": 0, "kept": 0, "matched": 0,
+            "tars_indexed": 0, "tar_indexes_stale": int(stale_index),
+            **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
+
+
+def _count_indexed_shard(record: dict, table: SampleTable, counters: ReadCounters, size: int, subset: SubsetFile,
+                         shards: list[dict], kept: KeptSamples) -> None:
+    """`_count_shard` from the tar's member index: the same record, the tar unread."""
+    record.update(input_bytes=size, tars_indexed=1)
+    _add_counts(record, table, counters, subset, shards, kept)
+
+
+def _count_shard(ctx: TaskContext, record: dict, reader: TarSampleReader | None, subset: SubsetFile,
                  shards: list[dict], kept: KeptSamples) -> None:
     """Append one input shard's record and its kept samples."""
-    record = {"url": url, "missing": False, "input_bytes": 0, "scanned": 0, "kept": 0, "matched": 0,
-              **{k: 0 for k in SAMPLE_PROBLEMS}, **dataclasses.asdict(ReadCounters())}
+    url = record["url"]
     if reader is None:
         ctx.log.warning("%s: input shard does not exist: counted as missing", url)
         record["missing"] = True
@@ -209,6 +282,11 @@ def _count_shard(ctx: TaskContext, url: str, reader: TarSampleReader | None, sub
     with reader:
         table = reader.table()  # headers and json only: the image bytes stay unread
         record["input_bytes"] = reader.source.size
+    _add_counts(record, table, reader.counters, subset, shards, kept)
+
+
+def _add_counts(record: dict, table: SampleTable, counters: ReadCounters, subset: SubsetFile,
+                shards: list[dict], kept: KeptSamples) -> None:
     counts, first, problems = multiplicities(table, subset)
     record["scanned"] = len(table)
     for problem in problems:
@@ -217,7 +295,7 @@ def _count_shard(ctx: TaskContext, url: str, reader: TarSampleReader | None, sub
     record["kept"] = int(counts.sum())
     record["matched"] = int(np.count_nonzero(counts))
     kept.add(len(shards), table, counts, first)
-    record.update(dataclasses.asdict(reader.counters))
+    record.update(dataclasses.asdict(counters))
     shards.append(record)
 
 

@@ -31,6 +31,7 @@ give the same bytes.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import json
 import mmap
@@ -38,7 +39,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -47,13 +48,12 @@ import numpy as np
 from fsspec.utils import merge_offset_ranges
 
 from dcslurm.errors import StorageError
+from jobs.wds import KEY_EXT, TarIndex, encode_index
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: archives are padded to a multiple of it
 _ZERO_BLOCK = bytes(BLOCK)
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-# webdataset's split of a member name into (key, extension): key = up to the basename's first dot.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 class _Corrupt(Exception):
@@ -156,9 +156,14 @@ class SampleTable:
     exts: list[str]  # per member
     offsets: np.ndarray  # int64 per member: where its data starts in the tar
     sizes: np.ndarray  # int64 per member
+    uids: list[tuple[object, str]] | None = None  # per sample json_uid(its json), when known without the json
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def uid_results(self) -> list[tuple[object, str]]:
+        """Per sample: (uid, problem) of its json (`json_uid`)."""
+        return self.uids if self.uids is not None else [json_uid(j) for j in self.jsons]
 
     @classmethod
     def from_samples(cls, samples: list[Sample]) -> SampleTable:
@@ -362,7 +367,7 @@ def _checksums_match(blocks: np.ndarray, stored: np.ndarray) -> bool:
 def _split_names(names: np.ndarray, prefixed: dict[int, str]
                  ) -> tuple[np.ndarray, list[str], np.ndarray, list[str], np.ndarray, int]:
     """Regular members' names (rows of their 100-byte name fields) split the way webdataset
-    does (`_KEY_EXT`) and grouped into samples (consecutive equal keys): (rows with a key,
+    does (`KEY_EXT`) and grouped into samples (consecutive equal keys): (rows with a key,
     sample keys, sample starts, extensions, each sample's first .json member or -1, how many
     names hold a newline: those have no key). `prefixed` holds the full names of ustar
     members whose prefix field has their directory."""
@@ -374,7 +379,7 @@ def _split_names(names: np.ndarray, prefixed: dict[int, str]
             name = prefixed[i]
         else:
             name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        m = _KEY_EXT.match(name)
+        m = KEY_EXT.match(name)
         if m is None or "\n" in name:
             newlines += "\n" in name
             continue
@@ -425,6 +430,52 @@ def _parse_pax(data: bytes) -> dict[str, str]:
         except ValueError:
             raise _Corrupt(f"PAX size {out['size'][:20]!r}") from None
     return out
+
+
+def keyed_member(name: str, typeflag: int, offset: int, size: int, counters: ReadCounters) -> Member | None:
+    """The sample field a tar member is (webdataset's key rule), or None, counted, for a member
+    that is none: a directory, link or device, a name without an extension or with a newline."""
+    m = KEY_EXT.match(name)
+    regular = typeflag in _REGULAR
+    if not regular or m is None or "\n" in name:
+        if regular:
+            if "\n" in name:
+                counters.newline_names += 1
+            else:
+                counters.members_without_key += 1
+        counters.links += typeflag in _LINKS
+        return None
+    return Member(name=name, key=m.group(1), ext=m.group(2), offset=offset, size=size)
+
+
+def table_of_members(members: Iterable[Member], counters: ReadCounters) -> SampleTable:
+    """The SampleTable of an undamaged tar's sample fields (from `keyed_member`, in tar order,
+    each .json one's data filled in): the grouping `TarSampleReader.table` does."""
+    return SampleTable.from_samples(list(_grouped(iter(members), None, counters)))
+
+
+def member_index(identity: dict, members: Iterable[Member], counters: ReadCounters) -> bytes:
+    """The member index (jobs.wds) of an undamaged tar whose sample fields are `members`:
+    what the count step would find by reading the tar, grouped as `table_of_members` does."""
+    table = table_of_members(members, counters)
+    return encode_index(identity, table.keys, table.starts, table.exts, table.offsets, table.sizes,
+                        [json_uid(j) for j in table.jsons], dataclasses.asdict(counters))
+
+
+def indexed_table(index: TarIndex) -> tuple[SampleTable, ReadCounters]:
+    """The count step's view of a tar from its member index: what `TarSampleReader.table` and
+    its counters would be, the json bytes replaced by the uids read from them."""
+    table = SampleTable(index.keys, index.starts, [None] * len(index.keys), index.exts, index.offsets,
+                        index.sizes, uids=index.uids)
+    return table, ReadCounters(**index.counters)
+
+
+def parse_pax(data: bytes) -> dict[str, str]:
+    """`_parse_pax` for other readers: ValueError where this reader sees damage."""
+    try:
+        return _parse_pax(data)
+    except _Corrupt as exc:
+        raise ValueError(str(exc)) from None
 
 
 class TarSampleReader:
@@ -510,23 +561,14 @@ class TarSampleReader:
             if typeflag in _NO_DATA:
                 padded = size = 0
             offset = src.pos
-            m = _KEY_EXT.match(name)
-            regular = typeflag in _REGULAR
-            if not regular or m is None or "\n" in name:  # directories, links, no extension, newline
-                if regular:
-                    if "\n" in name:
-                        counters.newline_names += 1
-                    else:
-                        counters.members_without_key += 1
-                counters.links += typeflag in _LINKS
-                name, pax_size = None, None
+            member = keyed_member(name, typeflag, offset, size, counters)
+            name, pax_size = None, None
+            if member is None:  # directories, links, no extension, newline
                 if not src.skip(padded):
                     counters.truncated_tars += 1
                     yield None
                     return
                 continue
-            member = Member(name=name, key=m.group(1), ext=m.group(2), offset=offset, size=size)
-            name, pax_size = None, None
             if member.ext == "json":
                 data = src.read(padded)
                 member.data = data[:size]
@@ -646,41 +688,46 @@ class TarSampleReader:
 
     def _careful_samples(self) -> Iterator[Sample]:
         """`__iter__` by the careful walk: every header checked as it is met."""
-        current: Sample | None = None
-        damaged = False  # the current sample was hit by damage
-        after_damage = False  # the next sample starts right after a resync
-        lost_key = None  # the sample dropped at the last damage (its tail after a resync is the same sample)
+        return _grouped(self._members(), self.source, self.counters)
 
-        def drop(sample: Sample) -> None:
-            if sample.key != lost_key:
-                self.counters.damaged_samples += 1
 
-        for member in self._members():
-            if member is None:
-                if current is not None:
-                    drop(current)
-                    lost_key = current.key
-                    current = None
-                after_damage = True
-                damaged = False
-                continue
-            key = member.key
-            if current is not None and key == current.key:
-                current.members.append(member)
-                damaged = damaged or member.truncated
-                continue
+def _grouped(members: Iterator[Member | None], source: _Source | None, counters: ReadCounters) -> Iterator[Sample]:
+    """Members (None: damage) grouped into complete samples; damaged ones counted and left out."""
+    current: Sample | None = None
+    damaged = False  # the current sample was hit by damage
+    after_damage = False  # the next sample starts right after a resync
+    lost_key = None  # the sample dropped at the last damage (its tail after a resync is the same sample)
+
+    def drop(sample: Sample) -> None:
+        if sample.key != lost_key:
+            counters.damaged_samples += 1
+
+    for member in members:
+        if member is None:
             if current is not None:
-                if damaged:
-                    drop(current)
-                else:
-                    yield current
-            current = Sample(key=key, members=[member], _source=self.source)
-            damaged, after_damage = after_damage or member.truncated, False
+                drop(current)
+                lost_key = current.key
+                current = None
+            after_damage = True
+            damaged = False
+            continue
+        key = member.key
+        if current is not None and key == current.key:
+            current.members.append(member)
+            damaged = damaged or member.truncated
+            continue
         if current is not None:
             if damaged:
                 drop(current)
             else:
                 yield current
+        current = Sample(key=key, members=[member], _source=source)
+        damaged, after_damage = after_damage or member.truncated, False
+    if current is not None:
+        if damaged:
+            drop(current)
+        else:
+            yield current
 
 
 def open_tar(folder, name: str, scratch: str, url: str = "") -> TarSampleReader:

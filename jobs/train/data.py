@@ -22,7 +22,6 @@ same data, and a resumed run continues exactly where the checkpoint stopped:
 from __future__ import annotations
 
 import io
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcslurm.errors import UserError
 from dcslurm.storage import DataFolder
 from jobs.train.inputs import Shard, check_shards, list_shards, read_size_table  # noqa: F401 - re-exported
+from jobs.wds import KEY_EXT
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = path up to the first dot
 
 
 # -- raw samples ----------------------------------------------------------------
@@ -48,7 +47,7 @@ def iter_tar_samples(fileobj) -> Iterator[dict]:
         for member in tar:
             if not member.isfile():
                 continue
-            m = _KEY.match(member.name)
+            m = KEY_EXT.match(member.name)  # webdataset's key rule
             if m is None:
                 continue
             key, ext = m.group(1), m.group(2).lower()
