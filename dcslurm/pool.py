@@ -14,6 +14,7 @@ filter stage's map (per-file runs) and reduce (the merge).
 
 from __future__ import annotations
 
+import binascii
 import io
 import tempfile
 from collections.abc import Callable, Sequence
@@ -168,7 +169,6 @@ def _first_line(exc: BaseException) -> str:
 def check_uids(url: str, uids: list) -> str | None:
     """The first problem with one file's uids (format, duplicates inside the file), or None.
     The download task's per-file check: the same parser and duplicate test as everything else."""
-    from jobs.filter.rules import parse_uids
 
     for row, uid in enumerate(uids):
         if uid is not None and not isinstance(uid, str):  # pyarrow would refuse the list, not name the row
@@ -245,7 +245,6 @@ def read_uid_halves(folder: DataFolder, name: str) -> tuple[np.ndarray, np.ndarr
     a UserError naming the file and row."""
     import pyarrow.parquet as pq
 
-    from jobs.filter.rules import parse_uids  # numpy only: the fast parser the stages use
 
     with folder.open(name) as fh:
         column = pq.read_table(fh, columns=["uid"]).column("uid")
@@ -402,3 +401,63 @@ def find_duplicate(runs: Sequence[UidRun], max_rows: int = MERGE_ROWS) -> tuple[
             uid, (i, ri), (j, rj) = pair
             return uid, i, ri, j, rj
     return None
+
+
+# -- uids as DataComp writes them: 32 hex characters, kept as (upper, lower) uint64 --
+# One codec for the orchestrator's pool checks and every stage (filter, reshard, audit).
+
+def hex_halves(hex_text) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated 32-character hex uids (bytes-like) -> (upper, lower) uint64 arrays, in one
+    C call; binascii.Error if any character is not hex."""
+    words = np.frombuffer(binascii.unhexlify(hex_text), dtype=">u8").astype(np.uint64)
+    return np.ascontiguousarray(words[0::2]), np.ascontiguousarray(words[1::2])
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+def parse_uids(uids, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """32-hex-char uids (a pyarrow string column or a list) -> (upper, lower) uint64.
+
+    Reads the column's bytes directly (no Python string per row); a null, a
+    wrong length or a non-hex character is a UserError naming `where`, the
+    column and the row.
+    """
+    import pyarrow as pa
+
+    arr = uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(list(uids), pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.string())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise UserError(f"{where}: column 'uid' has type {arr.type}, expected strings of 32 hex characters")
+    if arr.null_count:
+        row = int(np.nonzero(arr.is_null().to_numpy(zero_copy_only=False))[0][0])
+        raise UserError(f"{where}: column 'uid' row {row}: missing uid")
+    off_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=off_type)[arr.offset: arr.offset + n + 1]
+    bad = np.nonzero(np.diff(offsets) != 32)[0]
+    if bad.size:
+        row = int(bad[0])
+        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} "
+                        "(expected 32 hex characters)")
+    raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+    try:  # the whole column in one C call, straight from arrow's buffer; any non-hex byte raises
+        return hex_halves(raw)
+    except binascii.Error:
+        pass  # the slow path below names the first malformed row
+    nib = _HEX[raw].reshape(n, 32)
+    bad = np.nonzero((nib == 255).any(axis=1))[0]
+    if bad.size:
+        row = int(bad[0])
+        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} "
+                        "(expected 32 hex characters)")
+    raw_bytes = (nib[:, 0::2] << 4) | nib[:, 1::2]  # (n, 16) bytes, most significant first
+    words = np.ascontiguousarray(raw_bytes).view(">u8").astype(np.uint64)  # (n, 2): upper, lower
+    return np.ascontiguousarray(words[:, 0]), np.ascontiguousarray(words[:, 1])

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from dcslurm.errors import UserError
+from dcslurm.pool import parse_uids
 from dcslurm.storage import DataFolder
 from jobs.filter import engine, rules
 from jobs.filter.synthetic import write_pool
@@ -269,7 +270,7 @@ def test_metaclip_counts_probabilities_and_sampling(pool, tmp_path, t):
     subset, stats, work = run(folder, f"metaclip(entries={tmp_path}/entries.txt, t={t})", tmp_path, seed=5)
     counts, prob, matched = _metaclip_reference(table, ENTRIES, t, np.ones(len(table), bool))
     assert (np.load(work.local_path("_params/metaclip0.npy")) == counts).all()
-    hi, lo = rules.parse_uids(list(table.uid), "fixture")
+    hi, lo = parse_uids(list(table.uid), "fixture")
     u = rules.uniform_by_uid(hi, lo, 5, stream=0)
     expected = u < prob
     assert (subset == uids_of(table, expected)).all()
@@ -302,7 +303,7 @@ def _normalized(x):
 
 def _top_exactly(score, mask, n, table):
     """The authors' count (exactly n of the rows in `mask`), highest score first, NaN last, ties by smaller uid."""
-    hi, lo = rules.parse_uids(list(table.uid), "fixture")
+    hi, lo = parse_uids(list(table.uid), "fixture")
     idx = np.nonzero(mask)[0]
     sc = np.where(np.isnan(score[idx]), -np.inf, score[idx])
     keep = np.zeros(len(mask), bool)
@@ -410,10 +411,10 @@ def test_parse_uids_fast_path_refuses_what_the_slow_path_refuses(bad):
     """The whole-column fast path (one unhexlify) must name the same malformed rows the
     per-row path does; upper and lower case hex parse to the same numbers."""
     good = [f"{i:032x}" for i in range(5)]
-    hi, lo = rules.parse_uids(good + [good[3].upper()], "fixture")
+    hi, lo = parse_uids(good + [good[3].upper()], "fixture")
     assert list(lo) == [0, 1, 2, 3, 4, 3] and not hi.any()
     with pytest.raises(UserError, match="row 2: malformed uid"):
-        rules.parse_uids(good[:2] + [bad] + good[2:], "fixture")
+        parse_uids(good[:2] + [bad] + good[2:], "fixture")
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -135,7 +135,8 @@ def default_model(f: InputFile, options: dict | None) -> str:
 def sample_file(src: int, source: Source, f: InputFile, subset, samples: int, seed: int, model: str,
                 features: list[str], work: DataFolder, options: dict | None) -> dict:
     """The `samples` lowest-priority eligible rows of one file -> CANDIDATES/SRC-PID.npz; returns counts."""
-    from jobs.filter.rules import parse_uids, uniform_by_uid
+    from dcslurm.pool import parse_uids
+    from jobs.filter.rules import uniform_by_uid
 
     reader = Reader(options)
     cols, n = reader.table(f, ["uid"])

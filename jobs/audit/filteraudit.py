@@ -65,7 +65,7 @@ def read_columns(f: InputFile, names: set[str], storage_options: dict | None = N
 
 def count_file(f: InputFile, subset: SubsetFile, cfg: GroupConfig, storage_options: dict | None = None) -> dict:
     """One file's counts: {"rows", "kept", "dims": {dimension: {group: [raw, kept]}}}."""
-    from jobs.filter.rules import parse_uids
+    from dcslurm.pool import parse_uids
 
     cols, n = read_columns(f, columns_needed(cfg), storage_options)
     hi, lo = parse_uids(cols.pop("uid"), f.url)

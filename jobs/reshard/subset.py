@@ -9,7 +9,6 @@ turns anything else into a one-line `UserError` naming the file.
 
 from __future__ import annotations
 
-import binascii
 import os
 from dataclasses import dataclass
 
@@ -26,13 +25,6 @@ def uid_to_pair(uid: str) -> tuple[int, int]:
     if not isinstance(uid, str) or len(uid) != 32:
         raise ValueError(f"uid {uid!r}: expected 32 hex characters")
     return int(uid[:16], 16), int(uid[16:], 16)
-
-
-def hex_halves(hex_text) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated 32-character hex uids (bytes-like) -> (upper, lower) uint64 arrays, in one
-    C call; binascii.Error if any character is not hex."""
-    words = np.frombuffer(binascii.unhexlify(hex_text), dtype=">u8").astype(np.uint64)
-    return np.ascontiguousarray(words[0::2]), np.ascontiguousarray(words[1::2])
 
 
 def pair_to_uid(hi: int, lo: int) -> str:
