@@ -9,9 +9,7 @@ proper lives beside it and is imported only on the compute node.
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -103,83 +101,70 @@ class StageSpec:
         return self.name if len(self.steps) == 1 else f"{self.name}.{step.name}"
 
 
+# Stages are found through this entry-point group (pyproject.toml's
+# [project.entry-points."dcslurm.stages"]: NAME = "module with STAGES"), so the
+# orchestrator never imports stage packages by name and a lab can add its own.
+ENTRY_POINT_GROUP = "dcslurm.stages"
+
 _REGISTRY: dict[str, StageSpec] | None = None
+_BROKEN: dict[str, str] = {}  # entry point -> why its module did not load
 
 
 def registry() -> dict[str, StageSpec]:
-    """All stages declared under jobs/*/spec.py, by name, in pipeline order."""
+    """Every registered stage, by name, in pipeline order. A stage module that fails to
+    load is left out and remembered (`broken_specs`): `status` of any run still works,
+    and only a command that needs one of its stages fails, naming it."""
     global _REGISTRY
     if _REGISTRY is None:
-        import jobs
+        from importlib.metadata import entry_points
 
-        found: list[StageSpec] = []
-        for mod in pkgutil.iter_modules(jobs.__path__):
-            if not mod.ispkg:
-                continue
+        found: dict[str, StageSpec] = {}
+        points = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        if not points:
+            raise UserError(f"no stages are registered (entry points {ENTRY_POINT_GROUP!r}): install dcslurm "
+                            "with pip (pip install -e . in a source checkout) rather than running it from a folder")
+        for point in points:
             try:
-                spec_module = importlib.import_module(f"jobs.{mod.name}.spec")
-            except ModuleNotFoundError as exc:
-                if exc.name == f"jobs.{mod.name}.spec":
-                    continue
-                raise
-            found.extend(getattr(spec_module, "STAGES", []))
-        found.sort(key=lambda s: (s.order, s.name))
-        _REGISTRY = {s.name: s for s in found}
+                module = point.load()
+            except Exception as exc:  # noqa: BLE001 - any error in one spec must not take the others down
+                lines = str(exc).strip().splitlines()
+                _BROKEN[point.name] = f"{point.value}: {type(exc).__name__}{': ' + lines[0] if lines else ''}"
+                continue
+            for spec in getattr(module, "STAGES", []):
+                if spec.name in found:
+                    raise UserError(f"stage {spec.name!r} is declared twice ({point.value} and another "
+                                    f"{ENTRY_POINT_GROUP} entry point)")
+                found[spec.name] = spec
+        _REGISTRY = dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
     return _REGISTRY
+
+
+def broken_specs() -> dict[str, str]:
+    """Stage modules that did not load (entry point -> one line), after `registry()`."""
+    registry()
+    return dict(_BROKEN)
+
+
+def _broken_note() -> str:
+    broken = broken_specs()
+    return "; stage specs that failed to load: " + "; ".join(broken.values()) if broken else ""
 
 
 def get_stage(name: str) -> StageSpec:
     stages = registry()
     if name not in stages:
         known = ", ".join(n for n, s in stages.items() if not s.test_only)
-        raise UserError(f"unknown stage {name!r}: choose from {known}")
+        raise UserError(f"unknown stage {name!r}: choose from {known}{_broken_note()}")
     return stages[name]
 
 
 def pipeline_stages() -> list[str]:
-    """The stages `stages = "all"` selects, in order."""
-    return [n for n, s in registry().items() if not s.test_only and s.in_all]
-
-
-# -- where a stage's inputs come from (shared by the stages) ------------------
-
-def shard_units(ctx: PlanContext) -> UnitSet:
-    """Webdataset shards: the download stage's outputs when it is in the run,
-    else the pool's own shards ([pool] shards)."""
-    up = ctx.steps.get("download")
-    if up is not None:
-        return UnitSet(count=up.n_tasks, upstream="download", label="download tasks")
-    if ctx.inputs.shards is not None:
-        return ctx.inputs.shards
-    raise UserError(f"{ctx.config.path}: no image shards: add the download stage or set [pool] shards")
-
-
-def metadata_units(ctx: PlanContext) -> UnitSet:
-    """Metadata parquet files (with .npz embeddings beside them): the embed
-    stage's outputs when it is in the run, else the pool's ([pool] metadata)."""
-    up = ctx.steps.get("embed")
-    if up is not None:
-        return UnitSet(count=up.n_tasks, upstream="embed", label="embed tasks")
-    if ctx.inputs.metadata_files:
-        return UnitSet(count=len(ctx.inputs.metadata_files), names=ctx.inputs.metadata_files, label="parquet files")
-    raise UserError(f"{ctx.config.path}: no metadata: add the embed stage or set [pool] metadata")
-
-
-def filter_in_run(steps) -> bool:
-    """True when the filter stage is planned in this run (its subset.npy is then the subset)."""
-    return any(s.stage == "filter" for s in steps)
-
-
-def check_subset_source(ctx: PlanContext, stage: str) -> None:
-    """A stage reading a subset takes it from the filter stage in the same run or
-    from its `subset` param: exactly one of the two."""
-    in_run = filter_in_run(ctx.steps.values())
-    if in_run and ctx.params.subset:
-        raise UserError(f"{ctx.config.path}: [stages.{stage}] subset: the filter stage is in this run and writes "
-                        "the subset; remove `subset` or the filter stage")
-    if not in_run and not ctx.params.subset:
-        raise UserError(f"{ctx.config.path}: [stages.{stage}] subset: no subset: set `subset` to a .npy URL "
-                        "or add the filter stage to the run")
+    """The stages `stages = "all"` selects, in order. Refused while a stage spec is broken:
+    "all" must not quietly mean fewer stages."""
+    names = [n for n, s in registry().items() if not s.test_only and s.in_all]
+    if broken_specs():
+        raise UserError(f'stages = "all" cannot be resolved{_broken_note()}')
+    return names
 
 
 # -- preflight checks shared by the stages ---------------------------------------

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec, check_subset_source, filter_in_run, metadata_units
+from dcslurm.stages import PlanContext, StageSpec, StepSpec
+from jobs.inputs import check_subset_source, filter_in_run, metadata_units
 
 TRANSFORMS = ("grayscale", "mean_colour", "lowpass", "highpass", "pixel_shuffle", "patch_shuffle", "edges")
 EMBEDDING_FEATURES = ("img", "txt")

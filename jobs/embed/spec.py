@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass, field
 
 from dcslurm.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA, estimate_samples
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, shard_units
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
+from jobs.inputs import shard_units
 
 # DataComp's two scoring models (SPEC section 2: b32 and l14, OpenAI weights).
 DEFAULT_MODELS = (

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from dcslurm.errors import UserError
 from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec, in_run, metadata_units
+from dcslurm.stages import PlanContext, StageSpec, StepSpec, in_run
 from jobs.filter.filterspec import parse_spec
+from jobs.inputs import metadata_units
 
 
 @dataclass

@@ -28,17 +28,9 @@ from dataclasses import dataclass
 from dcslurm.errors import UserError
 from dcslurm.scales import estimate_samples
 from dcslurm.shards import UnitSet
-from dcslurm.stages import (
-    Estimate,
-    PlanContext,
-    StageSpec,
-    StepSpec,
-    check_subset_source,
-    in_run,
-    require_file,
-    shard_units,
-)
+from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, require_file
 from dcslurm.storage import DataFolder
+from jobs.inputs import check_subset_source, shard_units
 
 BYTES_PER_SAMPLE = 35_000  # DataComp: about 35 KB a sample (jpg + txt + json)
 

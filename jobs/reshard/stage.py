@@ -26,9 +26,9 @@ import numpy as np
 from dcslurm.errors import UserError
 from dcslurm.pool import hex_halves
 from dcslurm.shards import split_evenly
-from dcslurm.stages import filter_in_run
 from dcslurm.storage import DataFolder
 from dcslurm.task import TaskContext, TaskResult
+from jobs.inputs import filter_in_run
 from jobs.reshard.subset import SubsetFile, load_subset_url
 from jobs.reshard.tario import (
     ReadCounters,
