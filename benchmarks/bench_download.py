@@ -32,9 +32,9 @@ import sys
 import tempfile
 import time
 
-from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
-from dcslurm.storage import DataFolder
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
+from dcslurm.demo.pool import DemoPoolServer, generate_demo_pool
 
 DIRECT = """
 import os, sys

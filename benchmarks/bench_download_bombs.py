@@ -36,8 +36,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcslurm.storage import DataFolder  # noqa: E402
-from dcslurm.tomlfile import write_toml  # noqa: E402
+from dcslurm.core.storage import DataFolder  # noqa: E402
+from dcslurm.core.tomlfile import write_toml  # noqa: E402
 from jobs.download.stats import DownloadTotals, read_stats_file  # noqa: E402
 from tests.imageserver import ImageServer  # noqa: E402
 from tests.test_download import write_pool  # noqa: E402

@@ -99,11 +99,11 @@ def reference_rate(model, preprocess, tokenizer, samples: list[dict], batch: int
 def run_stage(root: str, shards: str, ckpt: str, model: str, batch: int, workers: int, per_task: int,
               gpu_decode: bool = False, device: str = "cpu") -> tuple[dict, float, float]:
     """The stage's task 0 through dcslurm's runner, in this process: (stats, wall s, CPU s incl. workers)."""
-    from dcslurm.config import load_config
-    from dcslurm.markers import read_marker
-    from dcslurm.plan import PLAN_FILE
-    from dcslurm.runner import run_task
-    from dcslurm.runs import plan_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.markers import read_marker
+    from dcslurm.core.plan import PLAN_FILE
+    from dcslurm.core.runner import run_task
+    from dcslurm.core.runs import plan_run
 
     run = os.path.join(root, f"run-{time.time_ns()}")
     toml = os.path.join(root, f"{os.path.basename(run)}.toml")

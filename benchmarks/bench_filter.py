@@ -68,7 +68,7 @@ SCORE = "clip_l14_similarity_score"
 
 
 def run_ours(pool: str, out: str, fraction: float, workers: int = 1, spec: str = "") -> dict:
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
     from jobs.filter import engine
 
     work = tempfile.mkdtemp(prefix="bench-filter-work-")
@@ -157,7 +157,7 @@ SWEEP_BASELINES = [
 
 def run_specs(pool: str, specs: list[str], out_dir: str, cache: str) -> list[dict]:
     """Each spec in turn with jobs/filter/engine.run_local over `cache` ("off": none): wall and CPU seconds."""
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
     from jobs.filter import engine
 
     inputs = engine.list_inputs(pool)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.tomlfile import write_toml
 
 BUDGET_PLAN_S = 10.0
 BUDGET_STATUS_S = 5.0
@@ -54,10 +54,10 @@ def main() -> None:
     scripts = len(os.listdir(os.path.join(tmp, "sbatch")))
 
     # A run folder as it looks mid-run: the plan, and a marker for every embed task.
-    from dcslurm.config import load_config
-    from dcslurm.markers import commit_marker
-    from dcslurm.runs import plan_run
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.config import load_config
+    from dcslurm.core.markers import commit_marker
+    from dcslurm.core.runs import plan_run
+    from dcslurm.core.storage import DataFolder
 
     full = plan_run(load_config(config))
     folder = DataFolder(run)

@@ -55,9 +55,9 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from dcslurm.config import load_config
-from dcslurm.runner import run_task
-from dcslurm.runs import submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.runner import run_task
+from dcslurm.core.runs import submit_run
 from jobs.reshard.subset import uids_to_array
 
 

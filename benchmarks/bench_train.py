@@ -56,8 +56,8 @@ def free_port() -> int:
 
 
 def run_ours(tmp: str, data: str, batch: int, steps: int, log_every: int) -> list[float]:
-    from dcslurm.config import load_config
-    from dcslurm.runs import submit_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import submit_run
     from tests.train_helpers import read_metrics, write_train_toml
 
     folder = os.path.join(tmp, "ours")

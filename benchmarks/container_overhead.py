@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dcslurm.config import load_config  # noqa: E402
-from dcslurm.runs import submit_run  # noqa: E402
-from dcslurm.tomlfile import write_toml  # noqa: E402
+from dcslurm.core.config import load_config  # noqa: E402
+from dcslurm.core.runs import submit_run  # noqa: E402
+from dcslurm.core.tomlfile import write_toml  # noqa: E402
 
 
 def write_config(folder: str, name: str, tasks: int, image: str | None, apptainer: str) -> str:

@@ -32,8 +32,8 @@ def main() -> None:
     from clip_benchmark.metrics import zeroshot_classification as zsc
     from clip_benchmark.models import load_clip
 
-    from dcslurm.storage import DataFolder
-    from dcslurm.tasks import Task
+    from dcslurm.core.storage import DataFolder
+    from dcslurm.datacomp.tasks import Task
     from jobs.evaluate.stage import Evaluator
     from jobs.models import create_model, register_configs
     from tests.test_eval_fixtures import make_classification_set

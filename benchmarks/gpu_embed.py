@@ -147,14 +147,14 @@ def nvjpeg_alone(jpegs: list[bytes], batch: int = 512) -> tuple[float, float]:
 def stage(root: str, shards_dir: str, n_shards: int, models: list[tuple[str, str, str]], workers: int,
           gpu_decode: bool, batch: int) -> dict:
     """The stage's task over every shard (one task), in this process; its stats."""
-    from dcslurm.config import load_config
-    from dcslurm.markers import read_marker
-    from dcslurm.plan import PLAN_FILE
-    from dcslurm.runner import run_task
-    from dcslurm.runs import plan_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.markers import read_marker
+    from dcslurm.core.plan import PLAN_FILE
+    from dcslurm.core.runner import run_task
+    from dcslurm.core.runs import plan_run
 
     run = os.path.join(root, f"run-{time.time_ns()}")
-    from dcslurm.tomlfile import write_toml
+    from dcslurm.core.tomlfile import write_toml
 
     toml = write_toml(run + ".toml", {
         "run": {"folder": run, "scale": "tiny", "stages": ["embed"]},

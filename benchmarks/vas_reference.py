@@ -111,7 +111,7 @@ def cases(target_path: str) -> list[tuple[str, str, dict]]:
 
 
 def compare(rows: int = 6000, files: int = 3, dim: int = 32, seed: int = 0, tmp: str | None = None) -> list[dict]:
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
     from jobs.filter import engine
 
     tmp = tmp or tempfile.mkdtemp(prefix="vas-compare-")

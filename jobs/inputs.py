@@ -3,9 +3,9 @@ an earlier stage of the same run, or what the config's [pool] names."""
 
 from __future__ import annotations
 
-from dcslurm.errors import UserError
-from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import PlanContext
 
 
 def shard_units(ctx: PlanContext) -> UnitSet:

@@ -1,5 +1,5 @@
 """Shared by the orchestrator's tests: write a run.toml for the test-only stages (through
-dcslurm.tomlfile, the one TOML writer) and read back what a run committed."""
+dcslurm.core.tomlfile, the one TOML writer) and read back what a run committed."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 import time
 import tomllib
 
-from dcslurm.config import load_config
-from dcslurm.runs import run_status
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.runs import run_status
+from dcslurm.core.tomlfile import write_toml
 
 
 def write_run_toml(path, folder: str, units: int = 20, per_task: int = 1, sleep: float = 0.0,

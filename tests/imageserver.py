@@ -24,7 +24,7 @@ import time
 import zlib
 from collections import Counter
 
-from dcslurm.demo_pool import BackgroundHTTPServer
+from dcslurm.demo.pool import BackgroundHTTPServer
 
 KINDS = ("good", "missing", "html", "truncated", "bomb", "slow", "large")
 

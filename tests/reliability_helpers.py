@@ -23,11 +23,11 @@ def _proc_env(pid: str) -> dict[bytes, bytes]:
 
 
 def runner_pids(run_url: str, step: str | None = None) -> list[int]:
-    """PIDs of `dcslurm.runner` processes of a run (of one step if given), on any emulated node."""
+    """PIDs of `dcslurm.core.runner` processes of a run (of one step if given), on any emulated node."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         args = _proc_args(pid)
-        if not args or "dcslurm.runner" not in args or run_url not in args:
+        if not args or "dcslurm.core.runner" not in args or run_url not in args:
             continue
         if step is None or step in args:
             pids.append(int(pid))

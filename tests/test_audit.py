@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
 from jobs.audit import filteraudit, synthetic
 from jobs.audit.groups import KeywordMatcher, load_groups
 from jobs.filter.engine import list_inputs
@@ -135,7 +135,7 @@ def local_stage_run(planted, tmp_path_factory):
 
 def test_stage_and_cli_give_the_same_report(planted, local_stage_run, tmp_path):
     root = planted[0]
-    from dcslurm.audit_cli import app
+    from dcslurm.cli.audit import app
 
     res = CliRunner().invoke(app, ["filter", "--pool", str(root / "pool"), "--subset", str(root / "subset.npy"),
                                    "--column", "demo_kind", "--out", str(tmp_path / "cli")])
@@ -144,7 +144,7 @@ def test_stage_and_cli_give_the_same_report(planted, local_stage_run, tmp_path):
     for name in REPORTS:
         assert (tmp_path / "cli" / name).read_text() == (local_stage_run / "audit" / name).read_text() \
             == (root / "report" / name).read_text()
-    from dcslurm.markers import done_indexes
+    from dcslurm.core.markers import done_indexes
 
     assert len(done_indexes(DataFolder(str(local_stage_run)), "audit.count")) == 3  # 6 files, 2 per task
 
@@ -188,7 +188,7 @@ def test_in_a_run_after_the_filter_stage_both_audits_use_its_subset(tmp_path):
 
 
 def test_audit_without_a_subset_is_a_config_error(planted, tmp_path):
-    from dcslurm.runs import plan_run
+    from dcslurm.core.runs import plan_run
 
     root = planted[0]
     path = _toml(tmp_path / "run.toml", tmp_path / "run", root / "pool", subset=None)
@@ -199,7 +199,7 @@ def test_audit_without_a_subset_is_a_config_error(planted, tmp_path):
 
 @pytest.mark.s3
 def test_pool_subset_and_report_on_s3(s3_server, s3_bucket, planted, tmp_path):
-    from dcslurm.audit_cli import app
+    from dcslurm.cli.audit import app
 
     root = planted[0]
     fs = s3_server.fs()
@@ -242,7 +242,7 @@ def test_row_groups_handle_missing_values_and_empty_files(tmp_path):
 def test_demo_pool_basic_filter_audit_recovers_the_noise_kinds(tmp_path):
     """The demo pool's ground truth (demo_kind): the basic filter drops tiny images, extreme aspect ratios
     and non-English captions; the audit shows exactly those kinds at keep ratio 0, clean rows above average."""
-    from dcslurm.demo_pool import generate_demo_pool
+    from dcslurm.demo.pool import generate_demo_pool
     from jobs.filter import engine
 
     generate_demo_pool(str(tmp_path / "pool"), samples=600, seed=0, heldout=0)

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dcslurm.config import load_config
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
 from jobs.audit import bias, synthetic
 
 SAMPLES = 150
@@ -120,7 +120,7 @@ def local_stage_run(pools, tmp_path_factory):
 
 
 def test_stage_and_cli_give_the_same_report(pools, planted_report, local_stage_run, tmp_path):
-    from dcslurm.audit_cli import app
+    from dcslurm.cli.audit import app
 
     args = ["bias", "--a", str(pools / "a/metadata"), "--b", str(pools / "b/metadata"),
             "--a-shards", str(pools / "a/shards"), "--b-shards", str(pools / "b/shards"),
@@ -137,7 +137,7 @@ def test_stage_and_cli_give_the_same_report(pools, planted_report, local_stage_r
 
 
 def test_bad_sources_are_one_line_config_errors(tmp_path):
-    from dcslurm.audit_cli import app
+    from dcslurm.cli.audit import app
 
     res = CliRunner().invoke(app, ["bias", "--a", "x.npy", "--b", "y/", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "needs --pool" in str(res.exception or res.output)

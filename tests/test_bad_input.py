@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
+from dcslurm.core.tomlfile import write_toml
 from tests.core_helpers import tree_digest, write_run_toml
 
 # -- the CLI: one line on stderr, exit code 2, nothing planned --------------------------

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from dcslurm import containers
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.executors import make_executor
-from dcslurm.render_cli import render_run
-from dcslurm.tomlfile import write_toml
+from dcslurm.cli.render import render_run
+from dcslurm.core import containers
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.executors import make_executor
+from dcslurm.core.tomlfile import write_toml
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "SeCrEt-value-that-must-never-be-written-7f3a"
@@ -316,7 +316,7 @@ def test_render_scripts_pass_bash_n_quote_everything_and_hold_no_credentials(tmp
                            ("type=bind", f"source={cache}", f"destination={cache}"))
     assert call["argv"] == [
         "exec", "--cleanenv", "--contain", "--bind", run_folder, "--bind", "/tmp", "--mount", mount_cache,
-        "--pwd", "/tmp", str(image), "python3", "-m", "dcslurm.runner", run_folder, "synth", "1",
+        "--pwd", "/tmp", str(image), "python3", "-m", "dcslurm.core.runner", run_folder, "synth", "1",
         "--log", f"{run_folder}/logs/synth/77_1.log"]
     # Credentials and the task's SLURM variables reach the container from the environment at run time.
     assert call["env"]["APPTAINERENV_AWS_SECRET_ACCESS_KEY"] == SECRET
@@ -363,7 +363,7 @@ def test_render_multi_node_training_runs_srun_inside_the_allocation_and_each_ran
     assert [c["env"]["APPTAINERENV_SLURM_PROCID"] for c in ranks] == ["0", "1"]
     for c in ranks:
         assert c["argv"][:4] == ["exec", "--cleanenv", "--contain", "--nv"]
-        assert c["argv"][-8:-2] == ["python3", "-m", "dcslurm.runner", str(root / "run folder"), "train", "0"]
+        assert c["argv"][-8:-2] == ["python3", "-m", "dcslurm.core.runner", str(root / "run folder"), "train", "0"]
 
 
 def test_cli_build_push_pull_list(tmp_path, fake, defs, checkout):
@@ -411,7 +411,7 @@ def test_binds_cover_local_stage_inputs(tmp_path, fake):
 # lock file pins were installed: a module whose distribution the lock leaves out cannot import.
 LOCK_ONLY_SELFTEST = textwrap.dedent("""
     import importlib.abc, importlib.metadata as md, re, sys
-    from dcslurm import containers
+    from dcslurm.core import containers
     kind, lock = sys.argv[1], sys.argv[2]
     norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
     pinned = {norm(l.split("==")[0]) for l in open(lock) if "==" in l and not l.startswith("#")}

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcslurm import containers
-from dcslurm.config import load_config
-from dcslurm.runs import submit_run
-from dcslurm.stages import registry
+from dcslurm.core import containers
+from dcslurm.core.config import load_config
+from dcslurm.core.runs import submit_run
+from dcslurm.core.stages import registry
 from tests.core_helpers import tree_digest, wait_run_done
 
 # The first test also builds the image: 2-20 minutes, depending on how loaded the machine is.

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from dcslurm.config import load_config, parse_config
-from dcslurm.errors import ConfigError, UserError
-from dcslurm.scales import SCALES, get_scale
+from dcslurm.core.config import load_config, parse_config
+from dcslurm.core.errors import ConfigError, UserError
+from dcslurm.core.scales import SCALES, get_scale
 
 
 def test_scales_json_gives_the_published_numbers():

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.markers import done_indexes
-from dcslurm.runs import run_status, submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.markers import done_indexes
+from dcslurm.core.runs import run_status, submit_run
 from tests.core_helpers import executions, tree_digest, write_run_toml
 
 

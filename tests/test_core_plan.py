@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from dcslurm.config import parse_config
-from dcslurm.errors import UserError
-from dcslurm.plan import Plan, make_plan
-from dcslurm.sbatch import TaskLauncher, render_step_script, render_submit_script
-from dcslurm.shards import (
+from dcslurm.core.config import parse_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.plan import Plan, make_plan
+from dcslurm.core.sbatch import TaskLauncher, render_step_script, render_submit_script
+from dcslurm.core.shards import (
     ChunkedIndexes,
     chunk_for_max_array_size,
     compress_indexes,
@@ -20,7 +20,7 @@ from dcslurm.shards import (
     split_units,
     task_range,
 )
-from dcslurm.stages import PlanInputs
+from dcslurm.core.stages import PlanInputs
 
 
 def _config(folder="/runs/r", units=100, per_task=1, **extra):
@@ -101,7 +101,7 @@ def test_rendered_script_quotes_everything_and_has_no_credentials(tmp_path, monk
            "ARGS_OUT": str(tmp_path / "args.txt")}
     subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, check=True, capture_output=True)
     args = (tmp_path / "args.txt").read_text().splitlines()
-    assert args == ["-m", "dcslurm.runner", run_folder, "synth", "3", "--log", f"{log_dir}/synth/77_3.log"]
+    assert args == ["-m", "dcslurm.core.runner", run_folder, "synth", "3", "--log", f"{log_dir}/synth/77_3.log"]
     assert not list(tmp_path.glob("pwned*")) and not (tmp_path / "pwned1").exists()
 
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.runs import run_status, submit_run
-from dcslurm.storage import DataFolder
+from dcslurm.core.config import load_config
+from dcslurm.core.runs import run_status, submit_run
+from dcslurm.core.storage import DataFolder
 from tests.core_helpers import tree_digest, wait_run_done, write_run_toml
 
 pytestmark = pytest.mark.s3

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.markers import done_indexes
-from dcslurm.runs import cancel_run, run_status, submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import done_indexes
+from dcslurm.core.runs import cancel_run, run_status, submit_run
 from tests.core_helpers import executions, tree_digest, wait_run_done, write_run_toml
 
 pytestmark = pytest.mark.slurm
@@ -27,7 +27,7 @@ def _outputs(folder) -> dict[str, str]:
 
 def _runner_pids(run_folder: str, step: str, index: int) -> list[int]:
     """PIDs of the runner processes of one task (all emulated nodes are this host)."""
-    want = ["dcslurm.runner", run_folder, step, str(index)]
+    want = ["dcslurm.core.runner", run_folder, step, str(index)]
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -141,8 +141,8 @@ def test_cancel_stops_queued_and_running_jobs(slurm_cluster, tmp_path):
 
 
 def test_status_uses_sacct_where_accounting_exists(slurm_cluster_acct, tmp_path):
-    from dcslurm.executors.slurm import SlurmExecutor
-    from dcslurm.submission import load_submissions
+    from dcslurm.core.executors.slurm import SlurmExecutor
+    from dcslurm.core.submission import load_submissions
 
     cfg_path = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=2, executor="slurm",
                               fail_tasks=[0])

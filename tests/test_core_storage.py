@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from dcslurm.errors import StorageError
-from dcslurm.storage import DataFolder, is_transient, join_url, normalize_url, s3fs_options
+from dcslurm.core.errors import StorageError
+from dcslurm.core.storage import DataFolder, is_transient, join_url, normalize_url, s3fs_options
 
 
 def test_writer_commits_only_on_success(tmp_path):

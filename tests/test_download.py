@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from dcslurm.config import load_config
-from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
+from dcslurm.demo.pool import DemoPoolServer, generate_demo_pool
 from tests.core_helpers import wait_run_done
 from tests.imageserver import ImageServer
 
@@ -182,7 +182,7 @@ def test_every_good_sample_is_in_a_shard_with_its_uid_and_caption(served_run):
 
 
 def test_report_prints_success_rate_and_reasons(served_run):
-    from dcslurm.report_cli import app
+    from dcslurm.cli.report import app
 
     res = CliRunner().invoke(app, ["download", served_run["run"].url, "--json"])
     assert res.exit_code == 0, res.output
@@ -279,7 +279,7 @@ def demo_reference(tmp_path_factory):
 def test_demo_pool_downloads_locally_with_its_noise_counted(demo_reference):
     run = demo_reference["run"]
     manifest = json.load(open(os.path.join(demo_reference["pool"], "manifest.json")))
-    from dcslurm.report_cli import download_report
+    from dcslurm.cli.report import download_report
 
     report = download_report(run).to_dict()
     assert report["tasks_done"] == 2 and report["samples"] == DEMO["samples"]
@@ -338,7 +338,7 @@ def test_demo_pool_on_slurm_to_s3_identical(demo_reference, slurm_cluster, s3_se
 @pytest.mark.slow
 def test_downloaded_shards_can_start_another_run_without_download(demo_reference, tmp_path):
     """Bring your own data: a run whose [pool] shards is a download folder skips download."""
-    from dcslurm.runs import plan_run
+    from dcslurm.core.runs import plan_run
 
     shards = demo_reference["run"].url_of("download")
     cfg = tmp_path / "byo.toml"
@@ -377,7 +377,7 @@ def test_failure_reasons(message, reason):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_cancelled_slurm_task_resubmit_redoes_only_unfinished_shards(slurm_cluster, tmp_path):
-    from dcslurm.runs import cancel_run
+    from dcslurm.core.runs import cancel_run
 
     with ImageServer() as server:
         rows = [(server.url("good", i), f"good {i}") for i in range(20)]
@@ -434,7 +434,7 @@ def test_http_proxy_fetches_through_the_given_proxy_and_a_new_port_resumes(tmp_p
 @pytest.mark.parametrize("proxy", ["https://proxy:3128", "http://proxy", "socks5://proxy:1080", "http://proxy:99999",
                                    "http://proxy:3128/path", "proxy:3128"])
 def test_a_bad_http_proxy_is_a_one_line_error(tmp_path, proxy):
-    from dcslurm.errors import ConfigError
+    from dcslurm.core.errors import ConfigError
 
     cfg = write_config(tmp_path / "run.toml", str(tmp_path / "run"), str(tmp_path / "pool"),
                        params={**FAST, "http_proxy": proxy})

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
 from tests.imageserver import ImageServer
 from tests.test_download import shard_contents, write_config, write_pool
 
@@ -122,8 +122,8 @@ def _wait_shard(proc: subprocess.Popen, out, shard: int) -> None:
 
 
 def _runners(root: int) -> list[int]:
-    """The `python -m dcslurm.runner` processes below `root`, outermost first."""
-    return [p for p in descendants(root) if "dcslurm.runner" in _cmdline(p)]
+    """The `python -m dcslurm.core.runner` processes below `root`, outermost first."""
+    return [p for p in descendants(root) if "dcslurm.core.runner" in _cmdline(p)]
 
 
 def _workers(root: int) -> list[int]:

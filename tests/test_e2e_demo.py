@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dcslurm import demo as d
+from dcslurm.demo import workflow as d
 
 
 def test_sweep_files_chain_the_two_sweeps(tmp_path):
-    from dcslurm import sweep as sw
+    from dcslurm.core import sweep as sw
 
     settings = d.DemoSettings(out=str(tmp_path), seeds=3)
     paths = d.write_sweep_files(settings)
@@ -49,7 +49,7 @@ def test_sweep_files_chain_the_two_sweeps(tmp_path):
     assert {c.stages["eval"].params.evalsets for c in trains} == {str(tmp_path / "pool" / "heldout")}
     # On SLURM the model stages ask for CPUs only and the site's default memory (not embed's 64G
     # GPU-node default, which a small cluster rejects: "Requested node configuration is not available").
-    from dcslurm.stages import registry
+    from dcslurm.core.stages import registry
 
     for cfg in cfgs:
         for stage in set(cfg.selected_stages()) & {"embed", "train", "eval"}:
@@ -100,8 +100,8 @@ def test_sweep_files_parse_to_the_tables_the_demo_always_wrote(tmp_path):
 
 
 def test_config_only_writes_sweep_files_and_runs_nothing(tmp_path):
-    from dcslurm import sweep as sw
     from dcslurm.cli import app
+    from dcslurm.core import sweep as sw
 
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--seeds", "2", "--config-only"])
@@ -110,7 +110,7 @@ def test_config_only_writes_sweep_files_and_runs_nothing(tmp_path):
     assert sorted(os.listdir(out)) == ["configs"]
     assert "dcslurm sweep -c" in res.output and f"dcslurm pool serve {out / 'pool'}" in " ".join(res.output.split())
     # Their download reaches the pool through `dcslurm pool serve`'s default address.
-    from dcslurm.demo_pool import DEFAULT_SERVE_PORT
+    from dcslurm.demo.pool import DEFAULT_SERVE_PORT
 
     up = sw.load_sweep(str(out / "configs" / "nofilter.toml")).upstream.config
     assert up.stages["download"].params.http_proxy == f"http://127.0.0.1:{DEFAULT_SERVE_PORT}"
@@ -140,7 +140,7 @@ def test_bad_options_are_one_line_errors(tmp_path, argv, message):
 def _fake_results(out, values: dict[str, list[float]], sizes: dict[str, int]) -> None:
     """The demo's layout as its sweeps write it (each piece's run.toml), with made-up results:
     a demo task's main metric per seed and each filter's reshard size table."""
-    from dcslurm import sweep as sw
+    from dcslurm.core import sweep as sw
 
     settings = d.DemoSettings(out=str(out), seeds=3)
     for path in d.write_sweep_files(settings):
@@ -161,7 +161,7 @@ def test_leaderboard_mean_and_spread_across_seeds(tmp_path):
     """The demo's table is results.leaderboard over its sweeps: per filter, mean ± sample std
     of each demo task over the seeds, chance (retrieval's too: 1 / held-out images) and the
     samples trained on; a seed without results is counted as not finished."""
-    from dcslurm import demo_cli
+    from dcslurm.cli import demo as demo_cli
 
     _fake_results(tmp_path, {"nofilter": [0.5, 0.6, 0.7], "clip30": [0.4, 0.4]}, {"nofilter": 1888, "clip30": 567})
     board = d.demo_leaderboard(str(tmp_path))

@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
 from jobs.embed.spec import EmbedParams
 from jobs.embed.tar_samples import CorruptShard, iter_samples, split_member_name
 
@@ -195,10 +195,10 @@ def test_defaults_are_datacomps_two_models():
 
 def test_plan_books_gpu_hours_from_the_models():
     """1,282 DataComp-small shards with the two default models: clip-retrieval's A100 rates."""
-    from dcslurm.config import parse_config
-    from dcslurm.plan import make_plan
-    from dcslurm.shards import UnitSet
-    from dcslurm.stages import PlanInputs
+    from dcslurm.core.config import parse_config
+    from dcslurm.core.plan import make_plan
+    from dcslurm.core.shards import UnitSet
+    from dcslurm.core.stages import PlanInputs
 
     raw = {"run": {"folder": "/tmp/x", "scale": "small", "stages": ["embed"]},
            "stages": {"embed": {"units_per_task": 10}}}

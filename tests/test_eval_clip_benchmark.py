@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dcslurm.storage import DataFolder
-from dcslurm.tasks import Task
+from dcslurm.core.storage import DataFolder
+from dcslurm.datacomp.tasks import Task
 from jobs.evaluate.stage import Evaluator
 from tests.test_eval_fixtures import make_classification_set, make_retrieval_set, make_tiny_checkpoint
 

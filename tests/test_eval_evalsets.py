@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from dcslurm.evalsets_cli import hf_repo, is_hf_datasets_task
-from dcslurm.storage import DataFolder
-from dcslurm.tasks import get_task
+from dcslurm.cli.evalsets import hf_repo, is_hf_datasets_task
+from dcslurm.core.storage import DataFolder
+from dcslurm.datacomp.tasks import get_task
 from tests.test_eval_fixtures import make_classification_set
 
 

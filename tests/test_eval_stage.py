@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder
-from dcslurm.tasks import Task, get_task
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
+from dcslurm.datacomp.tasks import Task, get_task
 from tests.test_eval_fixtures import make_classification_set, make_retrieval_set, make_winogavil_set
 
 torch = pytest.importorskip("torch")
@@ -74,10 +74,10 @@ units_per_task = {per_task}
 
 
 def test_eval_run_writes_datacomp_results_and_skips_done_tasks(tmp_path, evalsets, random_checkpoint, capsys):
-    from dcslurm.config import load_config
-    from dcslurm.results import parse_results
-    from dcslurm.results_cli import after_run
-    from dcslurm.runs import submit_run
+    from dcslurm.cli.results import after_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import submit_run
+    from dcslurm.datacomp.results import parse_results
 
     run = str(tmp_path / "run")
     cfg = load_config(write_config(tmp_path, run, str(evalsets), random_checkpoint,
@@ -126,8 +126,8 @@ def test_fairness_and_iwildcam_metrics_are_consistent(evalsets, random_checkpoin
 
 
 def test_unknown_task_in_config_is_one_line_error(tmp_path, evalsets, random_checkpoint):
-    from dcslurm.config import load_config
-    from dcslurm.errors import ConfigError
+    from dcslurm.core.config import load_config
+    from dcslurm.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as exc:
         load_config(write_config(tmp_path, str(tmp_path / "r"), str(evalsets), random_checkpoint,
@@ -138,8 +138,8 @@ def test_unknown_task_in_config_is_one_line_error(tmp_path, evalsets, random_che
 
 def test_extra_task_main_metric_its_kind_never_gives_is_refused_at_load(tmp_path, evalsets, random_checkpoint):
     """A misspelt main_metric left the task's number null in every table, silently."""
-    from dcslurm.config import load_config
-    from dcslurm.errors import ConfigError
+    from dcslurm.core.config import load_config
+    from dcslurm.core.errors import ConfigError
 
     extra = ('extra_tasks = [{key = "lab/captions", name = "Lab captions", kind = "retrieval", '
              'main_metric = "recall@1"}]')
@@ -181,8 +181,8 @@ def test_checkpoint_that_is_not_open_clip_is_one_line_error(tmp_path):
 
 
 def test_failed_task_reports_one_line_in_status(tmp_path, evalsets, random_checkpoint):
-    from dcslurm.config import load_config
-    from dcslurm.runs import run_status, submit_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import run_status, submit_run
 
     run = str(tmp_path / "badrun")
     # A checkpoint file that exists (the preflight checks no more) but holds no open_clip model.
@@ -198,10 +198,10 @@ def test_failed_task_reports_one_line_in_status(tmp_path, evalsets, random_check
 @pytest.mark.s3
 def test_eval_run_entirely_on_s3(tmp_path, evalsets, random_checkpoint, s3_bucket, s3_server):
     """Run folder, eval sets and checkpoint all in the S3 server; results gathered from there."""
-    from dcslurm.config import load_config
-    from dcslurm.evalsets_cli import copy_tree
-    from dcslurm.results import gather
-    from dcslurm.runs import submit_run
+    from dcslurm.cli.evalsets import copy_tree
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import submit_run
+    from dcslurm.datacomp.results import gather
 
     opts = s3_server.storage_options()
     copy_tree(DataFolder(str(evalsets / "wds_fashion_test"), opts),
@@ -221,8 +221,8 @@ def test_eval_run_entirely_on_s3(tmp_path, evalsets, random_checkpoint, s3_bucke
 @pytest.mark.slurm
 def test_eval_as_slurm_array_then_gather(tmp_path, evalsets, random_checkpoint, slurm_cluster):
     """On the real local SLURM cluster: one array element per task, then the gather job."""
-    from dcslurm.config import load_config
-    from dcslurm.runs import submit_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import submit_run
     from tests.core_helpers import wait_run_done
 
     run = str(tmp_path / "slurm-run")

@@ -14,12 +14,12 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from dcslurm.config import load_config  # noqa: E402
-from dcslurm.errors import UserError  # noqa: E402
-from dcslurm.executors import make_executor  # noqa: E402
-from dcslurm.markers import done_indexes  # noqa: E402
-from dcslurm.runs import cancel_run, plan_run, run_status, submit_run  # noqa: E402
-from dcslurm.submission import load_submissions  # noqa: E402
+from dcslurm.core.config import load_config  # noqa: E402
+from dcslurm.core.errors import UserError  # noqa: E402
+from dcslurm.core.executors import make_executor  # noqa: E402
+from dcslurm.core.markers import done_indexes  # noqa: E402
+from dcslurm.core.runs import cancel_run, plan_run, run_status, submit_run  # noqa: E402
+from dcslurm.core.submission import load_submissions  # noqa: E402
 from tests.core_helpers import tree_digest, wait_run_done, write_run_toml  # noqa: E402
 
 OUTPUT_DIRS = ("synth/", "digest/", "summary/")
@@ -103,7 +103,7 @@ def test_local_cluster_cancel_stops_every_task(tmp_path):
     try:
         deadline = time.time() + 90
         while time.time() < deadline:  # both tasks under way: a runner supervisor and its task each
-            if sum("dcslurm.runner" in a for a in _processes_of(run).values()) >= 4:
+            if sum("dcslurm.core.runner" in a for a in _processes_of(run).values()) >= 4:
                 break
             time.sleep(0.5)
         else:
@@ -173,14 +173,14 @@ def test_runner_command_carries_storage_and_container_prefix(tmp_path):
     assert isinstance(func, submitit.helpers.CommandFunction)
     words = func.command
     assert words[0] == "env" and words[1].startswith("DCSLURM_STORAGE=")
-    assert words[-4:] == ["-m", "dcslurm.runner", plan.run_url, "synth"]
-    # With [container] enabled: the apptainer prefix dcslurm.containers builds, before the image's python.
-    from dcslurm.containers import exec_prefix
+    assert words[-4:] == ["-m", "dcslurm.core.runner", plan.run_url, "synth"]
+    # With [container] enabled: the apptainer prefix dcslurm.core.containers builds, before the image's python.
+    from dcslurm.core.containers import exec_prefix
 
     cfg.container.enabled, cfg.container.check_host = True, False  # as `dcslurm render`: no images here
     func = make_executor("submitit", run=cfg)._function(submitit, plan, plan.step("synth"))
     prefix, _ = exec_prefix(cfg, False)
-    assert func.command[2:] == [*prefix, "python3", "-m", "dcslurm.runner", plan.run_url, "synth"]
+    assert func.command[2:] == [*prefix, "python3", "-m", "dcslurm.core.runner", plan.run_url, "synth"]
 
 
 # -- the real test SLURM cluster ---------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-import dcslurm.config
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.executors import ExecutorSettings, make_executor
-from dcslurm.runs import cancel_run, run_status, submit_run
+import dcslurm.core.config
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.executors import ExecutorSettings, make_executor
+from dcslurm.core.runs import cancel_run, run_status, submit_run
 from tests.core_helpers import write_run_toml
 
 
@@ -26,7 +26,7 @@ def test_status_and_cancel_build_no_run_config(finished_run, monkeypatch):
     def no_config(*args, **kwargs):
         raise AssertionError("status/cancel built a RunConfig")
 
-    monkeypatch.setattr(dcslurm.config, "parse_config", no_config)
+    monkeypatch.setattr(dcslurm.core.config, "parse_config", no_config)
     _, steps = run_status(run_url)
     assert [(s.name, s.counts["done"]) for s in steps] == [("synth", 3), ("digest", 3), ("summary", 1)]
     assert cancel_run(run_url) == []  # the local run has ended: nothing to stop

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.storage import DataFolder
+from dcslurm.core.storage import DataFolder
 from jobs.filter import derived, engine, rules
 from jobs.filter.synthetic import write_pool
 
@@ -185,7 +185,7 @@ def test_two_writers_of_one_column_both_leave_correct_values(tmp_path):
 
 def test_the_stage_reads_its_cache_option_and_a_moved_cache_keeps_the_run(tmp_path):
     """[stages.filter] derived_cache is not in the run's fingerprint: where a cache lives decides no output."""
-    from dcslurm.config import parse_config
+    from dcslurm.core.config import parse_config
 
     def config(cache):
         doc = {"run": {"folder": str(tmp_path / "run"), "scale": "tiny", "stages": ["filter"]},
@@ -204,8 +204,8 @@ def test_runs_share_a_cache_through_the_option_and_the_cli(assets, tmp_path):
     import subprocess
     import sys
 
-    from dcslurm.config import load_config
-    from dcslurm.runs import submit_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import submit_run
 
     cache = tmp_path / "cache"
 
@@ -247,7 +247,7 @@ spec = "basic"
 def test_pool_and_cache_on_s3(s3_server, s3_bucket, assets, tmp_path):
     """The pool's objects are named by URL, size, ETag and last-modified: a second filter reads the
     cache (also on S3); an object rewritten with other rows is computed anew."""
-    from dcslurm.storage import s3fs_options
+    from dcslurm.core.storage import s3fs_options
 
     fs = s3_server.fs()
     bucket = s3_bucket.removeprefix("s3://")

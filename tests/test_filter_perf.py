@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
 from jobs.filter import engine, rules
 from jobs.filter.synthetic import write_pool
 

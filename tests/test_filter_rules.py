@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcslurm.errors import UserError
-from dcslurm.pool import parse_uids
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
+from dcslurm.datacomp.pool import parse_uids
 from jobs.filter import engine, rules
 from jobs.filter.synthetic import write_pool
 
@@ -427,8 +427,8 @@ def test_parse_uids_fast_path_refuses_what_the_slow_path_refuses(bad):
     ("text_based", "missing required parameter 'synsets'"),
 ])
 def test_bad_spec_is_a_one_line_config_error(tmp_path, spec, message):
-    from dcslurm.config import load_config
-    from dcslurm.errors import ConfigError
+    from dcslurm.core.config import load_config
+    from dcslurm.core.errors import ConfigError
 
     write_pool(str(tmp_path / "p"), 1, 5, dims=DIMS)
     cfg = tmp_path / "run.toml"

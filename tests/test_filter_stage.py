@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import submit_run
 from jobs.filter.synthetic import write_pool
 
 DIMS = (8, 12)
@@ -66,8 +66,8 @@ def test_sixteen_tasks_give_the_same_subset_as_one(pool16, one_task_run, tmp_pat
     cfg = load_config(write_toml(tmp_path / "run.toml", tmp_path / "run", pool16, per_task=1))
     plan_tasks = {s: n for s, n in [("filter.map", 16), ("filter.apply", 16)]}
     assert not submit_run(cfg).failed
-    from dcslurm.plan import read_plan
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.plan import read_plan
+    from dcslurm.core.storage import DataFolder
 
     plan = read_plan(DataFolder(str(tmp_path / "run")))
     assert {s.name: s.n_tasks for s in plan.steps if s.name in plan_tasks} == plan_tasks
@@ -158,7 +158,7 @@ units_per_task = 4
 # -- assets -------------------------------------------------------------------
 
 def test_assets_verify_local_copies(tmp_path, monkeypatch):
-    from dcslurm import assets_cli
+    from dcslurm.cli import assets as assets_cli
 
     good = tmp_path / "ids.txt"
     good.write_text("n01440764\nn01443537\n")
@@ -181,7 +181,7 @@ def test_assets_verify_local_copies(tmp_path, monkeypatch):
 
 
 def test_assets_table_has_datacomp_hashes():
-    from dcslurm import assets_cli
+    from dcslurm.cli import assets as assets_cli
 
     a = assets_cli.ASSETS
     assert a["small_centroids"].sha256 == "23c66a05e49ad77283c1e2b33355c7eb088ac332a944c97ff85d5dfd48a5b251"

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.storage import DataFolder
+from dcslurm.core.storage import DataFolder
 from jobs.filter import engine, rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

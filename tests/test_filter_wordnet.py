@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import plan_run, preflight_run
-from dcslurm.storage import DataFolder
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import plan_run, preflight_run
+from dcslurm.core.storage import DataFolder
 from jobs.filter import engine, rules
 
 DEBIAN = "/usr/share/wordnet"

@@ -23,14 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.config import load_config, parse_config
-from dcslurm.errors import ConfigError, StorageError, UserError
-from dcslurm.markers import commit_marker, read_marker
-from dcslurm.plan import PLAN_FILE
-from dcslurm.runner import run_task
-from dcslurm.runs import plan_run, submit_run
-from dcslurm.storage import DataFolder, s3fs_options
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config, parse_config
+from dcslurm.core.errors import ConfigError, StorageError, UserError
+from dcslurm.core.markers import commit_marker, read_marker
+from dcslurm.core.plan import PLAN_FILE
+from dcslurm.core.runner import run_task
+from dcslurm.core.runs import plan_run, submit_run
+from dcslurm.core.storage import DataFolder, s3fs_options
+from dcslurm.core.tomlfile import write_toml
 from tests.core_helpers import executions, write_run_toml
 
 # -- markers know their units -------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_changed_pool_file_list_with_markers_is_refused(tmp_path):
     # (written by the code a submit and the runner use, without downloading anything).
     folder = cfg.folder()
     plan = plan_run(cfg)
-    from dcslurm.runs import RUN_FILE
+    from dcslurm.core.runs import RUN_FILE
     folder.write_json(RUN_FILE, {"fingerprint": cfg.fingerprint(), "fingerprint_hash": cfg.fingerprint_hash(),
                                  "config_path": path, "created": time.time()})
     folder.write_text(PLAN_FILE, plan.to_json())

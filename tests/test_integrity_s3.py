@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from dcslurm.config import Resources
-from dcslurm.errors import StorageError
-from dcslurm.markers import read_marker
-from dcslurm.plan import PLAN_FILE, Plan, StepPlan
-from dcslurm.runner import run_task
-from dcslurm.shards import UnitSet
-from dcslurm.storage import DataFolder, s3fs_options
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.core.config import Resources
+from dcslurm.core.errors import StorageError
+from dcslurm.core.markers import read_marker
+from dcslurm.core.plan import PLAN_FILE, Plan, StepPlan
+from dcslurm.core.runner import run_task
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.storage import DataFolder, s3fs_options
+from dcslurm.core.task import TaskContext, TaskResult
 
 pytestmark = pytest.mark.s3
 

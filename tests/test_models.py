@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dcslurm.errors import UserError
+from dcslurm.core.errors import UserError
 from jobs.models import create_model, embed_dim, model_preprocess, text_settings
 
 

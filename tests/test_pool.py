@@ -18,13 +18,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dcslurm.config import load_config
-from dcslurm.demo_pool import COLOURS, NOISE, SHAPES, generate_demo_pool
-from dcslurm.errors import UserError
-from dcslurm.pool import inspect_pool
-from dcslurm.pool_cli import app as pool_app
-from dcslurm.runs import submit_run
-from dcslurm.tomlfile import write_toml
+from dcslurm.cli.pool import app as pool_app
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import submit_run
+from dcslurm.core.tomlfile import write_toml
+from dcslurm.datacomp.pool import inspect_pool
+from dcslurm.demo.pool import COLOURS, NOISE, SHAPES, generate_demo_pool
 
 
 def _uid(i: int) -> str:

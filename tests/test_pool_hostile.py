@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm import pool as poolmod
-from dcslurm.config import load_config
-from dcslurm.runs import run_status, submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.runs import run_status, submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
+from dcslurm.datacomp import pool as poolmod
 
 
 def _uid(i: int) -> str:
@@ -232,7 +232,7 @@ def test_shared_upper_halves_are_not_duplicates(tmp_path):
 def test_on_s3_the_merge_reads_ranges_and_names_s3_urls(s3_server, s3_bucket, tmp_path, monkeypatch, capsys):
     """Pool and work folder on S3: `filter run` names both s3:// files; the map's runs, merged again
     from S3 in passes of 4 rows (ranged reads of each run), give the same answer."""
-    from dcslurm.storage import s3fs_options
+    from dcslurm.core.storage import s3fs_options
 
     local = _dup_pool(tmp_path / "pool", "across")
     fs = s3_server.fs()

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.tomlfile import write_toml
 from tests.test_eval_fixtures import make_classification_set
 
 
@@ -150,7 +150,7 @@ def test_embed_named_tag_passes_when_the_nodes_are_online(tmp_path, monkeypatch,
 @pytest.mark.s3
 def test_embed_weights_on_s3_are_checked_then_loaded(tmp_path, monkeypatch, capsys, s3_server, s3_bucket):
     torch = pytest.importorskip("torch")
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
     from jobs.models import create_model
 
     opts = s3_server.storage_options()
@@ -279,10 +279,10 @@ def test_filter_embeddings_the_embed_stage_does_not_write(tmp_path, monkeypatch,
 # -- what only a finished step knows: status, first line --------------------------------
 
 def test_status_shows_uids_missing_from_the_shards_first(tmp_path, monkeypatch, capsys):
-    from dcslurm.config import load_config
-    from dcslurm.markers import commit_marker
-    from dcslurm.plan import PLAN_FILE
-    from dcslurm.runs import plan_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.markers import commit_marker
+    from dcslurm.core.plan import PLAN_FILE
+    from dcslurm.core.runs import plan_run
 
     subset = str(tmp_path / "subset.npy")
     np.save(subset, np.array([(0, 1), (0, 5), (0, 99)], np.dtype("u8,u8")))

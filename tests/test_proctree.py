@@ -1,4 +1,4 @@
-"""dcslurm.proctree: nothing a task starts outlives it, whichever process dies first
+"""dcslurm.core.proctree: nothing a task starts outlives it, whichever process dies first
 and however (normal exit, SIGKILL of the task, SIGKILL of its supervisor), and the
 signals a task must see reach it. Real processes, checked in /proc."""
 
@@ -14,14 +14,14 @@ import time
 
 import pytest
 
-from dcslurm import proctree
+from dcslurm.core import proctree
 from tests.test_download_hostile import alive
 
 # A task: leaves a grandchild that would outlive it (a plain `sleep`, no PDEATHSIG),
 # prints the pids, reports SIGUSR1, then sleeps or exits with a code.
 TASK = textwrap.dedent("""
     import os, signal, subprocess, sys, time
-    from dcslurm import proctree
+    from dcslurm.core import proctree
     proctree.guard_group()
     g = subprocess.Popen(["sleep", "120"])
     signal.signal(signal.SIGUSR1, lambda *a: print("got USR1", flush=True))
@@ -37,7 +37,7 @@ TASK = textwrap.dedent("""
 
 SUPERVISOR = textwrap.dedent("""
     import sys
-    from dcslurm import proctree
+    from dcslurm.core import proctree
     proctree.die_with_parent_from_env()  # as the runner's main does
     sys.exit(proctree.supervise([sys.executable, sys.argv[1], sys.argv[2]]))
 """)
@@ -111,7 +111,7 @@ def test_die_with_parent_kills_a_worker_whose_parent_is_sigkilled(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import subprocess, sys, time
         w = subprocess.Popen([sys.executable, "-c",
-            "from dcslurm import proctree; proctree.die_with_parent(); import time; "
+            "from dcslurm.core import proctree; proctree.die_with_parent(); import time; "
             "print('ready', flush=True); time.sleep(120)"],
             stdout=subprocess.PIPE, text=True)
         assert w.stdout.readline() == "ready\\n"
@@ -128,7 +128,7 @@ def test_die_with_parent_from_env_stops_a_child_whose_parent_is_already_gone():
     dead = subprocess.Popen(["true"])
     dead.wait()
     child = subprocess.Popen([sys.executable, "-c",
-                              "from dcslurm import proctree; proctree.die_with_parent_from_env(); "
+                              "from dcslurm.core import proctree; proctree.die_with_parent_from_env(); "
                               "import time; time.sleep(120)"],
                              env=dict(os.environ, PYTHONPATH=os.getcwd(),
                                       **{proctree.PARENT_ENV: f"{dead.pid} {int(signal.SIGTERM)}"}))
@@ -141,7 +141,7 @@ def test_a_sigkilled_launcher_takes_its_tasks_at_once_even_one_slow_to_stop(scri
     minutes (a checkpoint); a graceful stop is the launcher's to ask for while it lives."""
     launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, subprocess, sys, time
-        from dcslurm import proctree
+        from dcslurm.core import proctree
         sup = subprocess.Popen([sys.executable, {str(scripts / "sup.py")!r}, {str(scripts / "task.py")!r},
                                 "slow_term"], env={{**os.environ, **proctree.parent_env()}})
         time.sleep(120)

@@ -31,11 +31,11 @@ import time
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.markers import done_indexes, read_marker
-from dcslurm.runs import run_status, submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import done_indexes, read_marker
+from dcslurm.core.runs import run_status, submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
 from tests.core_helpers import tree_digest, wait_run_done, write_run_toml
 from tests.reliability_helpers import kill_all, only_outputs, pids_on_node, runner_pids
 
@@ -163,7 +163,7 @@ def test_node_dying_mid_run_leaves_it_resumable(slurm_cluster, tmp_path):
 
 @pytest.mark.slurm
 def test_shell_metacharacters_in_the_run_folder_are_inert_on_slurm(slurm_cluster, tmp_path, monkeypatch):
-    from dcslurm.errors import UserError
+    from dcslurm.core.errors import UserError
 
     monkeypatch.chdir(tmp_path)
     reference = _synth_reference(tmp_path, units=3)
@@ -240,7 +240,7 @@ def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str, http_pro
     """The demo workflow's run config, downloading through `http_proxy` (the demo pool's server);
     `eval_tasks` (default: every demo task) and `train_ranks` (processes of the one training job)
     let tests/test_sigkill_soak.py make it cheaper or wider."""
-    from dcslurm.demo import DEMO_TASKS
+    from dcslurm.demo.workflow import DEMO_TASKS
 
     cpu = {"resources": {"gpus_per_node": 0, "cpus_per_task": 1, "mem": "1000M", "time": "00:20:00"}}
     eval_tasks = DEMO_TASKS if eval_tasks is None else eval_tasks
@@ -265,7 +265,7 @@ def _pipeline_toml(path, run: str, pool: str, ckpt: str, executor: str, http_pro
 def demo_pipeline(tmp_path_factory):
     """A 160-sample demo pool served for the module's runs, a random tiny scorer, and the
     undisturbed local run's outputs."""
-    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
+    from dcslurm.demo.pool import DemoPoolServer, generate_demo_pool
     from tests.test_embed import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("pipeline")
@@ -337,7 +337,7 @@ def test_kills_in_every_stage_then_resubmission_equal_the_undisturbed_run(slurm_
 def test_training_requeued_twice_finishes_with_the_undisturbed_weights(slurm_cluster, tmp_path, monkeypatch):
     """Extends tests/test_train_slurm.py's single requeue: two `scontrol requeue`s of one
     2-node job, each at a later step; the weights equal the uninterrupted local run's."""
-    from dcslurm.task import POLL_SLEEP_ENV
+    from dcslurm.core.task import POLL_SLEEP_ENV
     from tests.test_train import assert_bit_equal, final_weights, run_train
     from tests.test_train_slurm import slurm_toml, wait_committed, wait_step
     from tests.train_helpers import read_metrics, write_shards

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.markers import done_indexes
-from dcslurm.runs import submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.markers import done_indexes
+from dcslurm.core.runs import submit_run
 from jobs.reshard.subset import SUBSET_DTYPE, load_subset, pair_to_uid, uid_to_pair, uids_to_array
 from jobs.reshard.tario import TarSampleReader, TarShardWriter
 from tests.core_helpers import wait_run_done
@@ -414,7 +414,7 @@ def test_member_names_split_into_samples_as_webdataset_does():
 
 def test_tars_opened_ahead_come_in_order_and_an_early_stop_closes_the_next(tmp_path, monkeypatch):
     """Count and write open each input tar in a thread while the one before is processed."""
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
     from jobs.reshard import tario
 
     for i, name in enumerate(("a.tar", "c.tar", "d.tar")):
@@ -466,7 +466,7 @@ def test_spans_of_a_remote_tar_are_read_merged_and_sliced_by_tar_offset(monkeypa
     """The write step's reader of a remote tar fetches only the members it copies: members of one
     sample, and samples in a row, in one ranged read (only headers and padding between them);
     a skipped sample's image never. Slices by tar offset give the members' bytes."""
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
     from jobs.reshard import tario
 
     samples = _simple_samples(6)
@@ -564,7 +564,7 @@ def test_killed_write_task_resubmits_to_identical_shards(pool, tmp_path):
     for n in os.listdir(out):
         if n.endswith((".tar", "_stats.json")) or n in ("sizes.json", "stats.json"):
             os.remove(os.path.join(out, n))
-    proc = subprocess.Popen([sys.executable, "-m", "dcslurm.runner", run, "reshard.write", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "dcslurm.core.runner", run, "reshard.write", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
 
@@ -613,7 +613,7 @@ def test_input_changed_after_count_fails_the_write_with_one_line(pool, tmp_path,
         data[at:at + 32] = ("f" * 32 if uid != "f" * 32 else "e" * 32).encode()  # same length, other uid
         expected = "no longer holds the uid it was counted with"
     path.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "dcslurm.runner", run, "reshard.write", "0"],
+    proc = subprocess.run([sys.executable, "-m", "dcslurm.core.runner", run, "reshard.write", "0"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert f"{first}" in proc.stderr and expected in proc.stderr and "the input changed during the run" in proc.stderr
@@ -632,7 +632,7 @@ def test_count_records_missing_at_index_is_a_one_line_error(pool, tmp_path):
     run = str(tmp_path / "run")
     os.remove(os.path.join(run, "reshard", "_counts", "000000.npz"))
     os.remove(os.path.join(run, "_markers", "reshard.index", "000000.json"))
-    proc = subprocess.run([sys.executable, "-m", "dcslurm.runner", run, "reshard.index", "0"],
+    proc = subprocess.run([sys.executable, "-m", "dcslurm.core.runner", run, "reshard.index", "0"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "_counts/000000.npz: missing: count task 0 left no record of its kept samples" in proc.stderr
@@ -734,9 +734,9 @@ def test_slurm_run_gives_the_subset_multiset_and_local_shards(pool, one_task_run
 @pytest.mark.slow
 def test_pipeline_download_filter_reshard_on_the_demo_pool(tmp_path):
     """The inputs as a real run gives them: download's tars (upstream units) and the filter's subset.npy."""
-    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
-    from dcslurm.storage import DataFolder
-    from dcslurm.tomlfile import write_toml
+    from dcslurm.core.storage import DataFolder
+    from dcslurm.core.tomlfile import write_toml
+    from dcslurm.demo.pool import DemoPoolServer, generate_demo_pool
 
     generate_demo_pool(str(tmp_path / "pool"), samples=120, seed=3, files=2, heldout=0)
     with DemoPoolServer(DataFolder(str(tmp_path / "pool"))) as server:  # the download's http_proxy
@@ -776,7 +776,7 @@ def test_subset_setting_beside_the_filter_stage_is_a_config_error(pool, tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcslurm.runs import plan_run
+    from dcslurm.core.runs import plan_run
 
     os.makedirs(tmp_path / "meta")
     pq.write_table(pa.table({"uid": [pool["samples"][0]["uid"]], "text": ["a caption"]}),

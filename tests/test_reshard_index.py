@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcslurm.config import load_config
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
 from jobs.embed.tar_samples import CorruptShard, IndexRecorder, iter_samples
 from jobs.reshard.subset import uids_to_array
 from jobs.reshard.tario import TarSampleReader, _MappedSource, indexed_table

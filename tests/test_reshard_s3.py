@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcslurm.config import load_config
-from dcslurm.runs import submit_run
+from dcslurm.core.config import load_config
+from dcslurm.core.runs import submit_run
 from jobs.reshard.subset import uids_to_array
 from tests.infra.ports import free_port, release_ports
 from tests.infra.s3_server import S3Server
@@ -184,7 +184,7 @@ def test_s3_input_changed_after_count_fails_the_ranged_write_with_one_line(meter
         data[at:at + 32] = ("f" * 32).encode()  # same length, other uid
         expected = "no longer holds the uid it was counted with"
     fs.pipe_file(key, bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "dcslurm.runner", run, "reshard.write", "0"],
+    proc = subprocess.run([sys.executable, "-m", "dcslurm.core.runner", run, "reshard.write", "0"],
                           capture_output=True, text=True, env={**os.environ, **metered.env})
     assert proc.returncode != 0
     assert first in proc.stderr and expected in proc.stderr and "the input changed during the run" in proc.stderr

@@ -10,9 +10,9 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from dcslurm.errors import UserError
-from dcslurm.results import aggregate, gather, parse_results
-from dcslurm.tasks import Task, datacomp_tasks, get_task, register_task, scored_tasks, unregister_task
+from dcslurm.core.errors import UserError
+from dcslurm.datacomp.results import aggregate, gather, parse_results
+from dcslurm.datacomp.tasks import Task, datacomp_tasks, get_task, register_task, scored_tasks, unregister_task
 
 SHIFTS = ["ImageNet Sketch", "ImageNet v2", "ImageNet-A", "ImageNet-O", "ImageNet-R", "ObjectNet"]
 VTAB = ["Caltech-101", "CIFAR-100", "CLEVR Counts", "CLEVR Distance", "Describable Textures", "EuroSAT",
@@ -165,7 +165,7 @@ def test_gather_without_results_is_one_line_error(tmp_path):
 @pytest.mark.s3
 def test_results_over_runs_in_s3(s3_bucket, s3_server, tmp_path):
     from dcslurm.cli import app
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
 
     s = distinct_scores()
     local = tmp_path / "runs"

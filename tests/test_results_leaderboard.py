@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from dcslurm.tomlfile import write_toml
+from dcslurm.core.tomlfile import write_toml
 from tests.test_results import distinct_scores, results_lines
 
-# The demo's own tasks (dcslurm/demo.py DEMO_TASKS): a user's extra_tasks as plan.json keeps them.
+# The demo's own tasks (dcslurm/demo/workflow.py DEMO_TASKS): a user's extra_tasks as plan.json keeps them.
 EXTRA = [
     {"key": "demo/shapes", "name": "Demo shapes", "evalset": "shapes", "num_classes": 6, "random_score": 1 / 6},
     {"key": "demo/colours", "name": "Demo colours", "evalset": "colours", "num_classes": 8},
@@ -97,7 +97,7 @@ def sweep(tmp_path):
 
 
 def test_leaderboard_groups_runs_by_filter_and_takes_seeds_as_replicates(sweep):
-    from dcslurm.results import leaderboard
+    from dcslurm.datacomp.results import leaderboard
 
     board = leaderboard(str(sweep))
     rows = {r.filter: r for r in board.rows}
@@ -121,7 +121,7 @@ def test_leaderboard_groups_runs_by_filter_and_takes_seeds_as_replicates(sweep):
 
 
 def test_leaderboard_from_a_list_of_run_folders(sweep):
-    from dcslurm.results import leaderboard
+    from dcslurm.datacomp.results import leaderboard
 
     board = leaderboard([str(sweep / "runs" / "nofilter"), str(sweep / "runs" / "nofilter-seed1")])
     assert [(r.filter, r.seeds) for r in board.rows] == [("no_filter", [0, 1])]
@@ -129,7 +129,7 @@ def test_leaderboard_from_a_list_of_run_folders(sweep):
 
 
 def test_run_that_selected_no_datacomp_task_is_not_38_of_38_missing(sweep):
-    from dcslurm.results import gather, missing_text, to_markdown
+    from dcslurm.datacomp.results import gather, missing_text, to_markdown
 
     runs = gather([str(sweep / "runs")])
     nof = next(r for r in runs if r.name == "nofilter")
@@ -138,8 +138,8 @@ def test_run_that_selected_no_datacomp_task_is_not_38_of_38_missing(sweep):
 
 
 def test_missing_is_counted_among_the_tasks_the_run_selected(tmp_path):
-    from dcslurm.results import gather, missing_text
-    from dcslurm.tasks import scored_tasks
+    from dcslurm.datacomp.results import gather, missing_text
+    from dcslurm.datacomp.tasks import scored_tasks
 
     s = distinct_scores()
     keys = [t.key for t in scored_tasks()]
@@ -150,8 +150,8 @@ def test_missing_is_counted_among_the_tasks_the_run_selected(tmp_path):
 
 
 def test_leaderboard_datacomp_groups_mean_and_std(tmp_path):
-    from dcslurm.results import leaderboard
-    from dcslurm.tasks import scored_tasks
+    from dcslurm.datacomp.results import leaderboard
+    from dcslurm.datacomp.tasks import scored_tasks
 
     keys = [t.key for t in scored_tasks()]
     avgs = []
@@ -171,7 +171,7 @@ def test_leaderboard_datacomp_groups_mean_and_std(tmp_path):
 
 
 def test_plot_data_are_the_leaderboards_means_and_stds(sweep, tmp_path):
-    from dcslurm.results import leaderboard, plot_data, plot_leaderboard
+    from dcslurm.datacomp.results import leaderboard, plot_data, plot_leaderboard
 
     board = leaderboard(str(sweep))
     panels = {p["column"]: p for p in plot_data(board)}
@@ -229,9 +229,9 @@ def test_results_per_run_table_reads_at_80_columns(sweep):
 def test_leaderboard_tables_never_fold_a_cell_to_one_character(tmp_path):
     """Eight filters with long names and all 38 tasks: split over several tables, each
     cell on one line, at 80 columns."""
-    from dcslurm.results import leaderboard
-    from dcslurm.results_cli import print_leaderboard
-    from dcslurm.tasks import scored_tasks
+    from dcslurm.cli.results import print_leaderboard
+    from dcslurm.datacomp.results import leaderboard
+    from dcslurm.datacomp.tasks import scored_tasks
 
     keys = [t.key for t in scored_tasks()]
     for i in range(8):
@@ -256,9 +256,9 @@ def test_scales_table_reads_at_80_columns():
 
 
 def test_end_of_run_table_reads_at_80_columns(sweep):
-    from dcslurm.results import read_run
-    from dcslurm.results_cli import run_tables
-    from dcslurm.storage import DataFolder
+    from dcslurm.cli.results import run_tables
+    from dcslurm.core.storage import DataFolder
+    from dcslurm.datacomp.results import read_run
 
     console = Console(width=80, record=True)
     for t in run_tables(read_run(DataFolder(str(sweep / "runs" / "nofilter"))), 80):
@@ -271,9 +271,9 @@ def test_end_of_run_table_reads_at_80_columns(sweep):
 def test_plan_table_printed_by_plan_and_submit_reads_at_80_columns(monkeypatch):
     """The table `plan` prints, and `submit` prints at the end of a run: xlarge, every stage."""
     from dcslurm import cli
-    from dcslurm.config import parse_config
-    from dcslurm.plan import make_plan
-    from dcslurm.stages import PlanInputs
+    from dcslurm.core.config import parse_config
+    from dcslurm.core.plan import make_plan
+    from dcslurm.core.stages import PlanInputs
 
     raw = {"run": {"folder": "/runs/xl", "scale": "xlarge"}, "pool": {"metadata": "/pool"},
            "stages": {"filter": {"spec": CLIP}, "eval": {"evalsets": "/sets"}}}
@@ -288,7 +288,7 @@ def test_plan_table_printed_by_plan_and_submit_reads_at_80_columns(monkeypatch):
 
 def test_seed_and_filter_from_the_run_toml_in_the_folder(tmp_path):
     """A run folder that has its run.toml but no plan.json yet (e.g. written by a sweep)."""
-    from dcslurm.results import leaderboard
+    from dcslurm.datacomp.results import leaderboard
 
     for seed in (0, 1):
         run = tmp_path / f"b-seed{seed}"

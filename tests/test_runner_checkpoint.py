@@ -1,4 +1,4 @@
-"""Checkpoint and requeue as a runner protocol (dcslurm.task): a step declared
+"""Checkpoint and requeue as a runner protocol (dcslurm.core.task): a step declared
 `checkpointable` polls ctx.should_stop(), saves and raises Preempted; the runner owns the
 signals and, on SLURM, the job's requeue. Exercised with the test-only stage `ticker`
 (jobs/testing), which counts ticks and checkpoints the ticks done so far.
@@ -24,15 +24,15 @@ import time
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.environment import World, world_from_env
-from dcslurm.markers import read_marker
-from dcslurm.plan import PlanInputs, make_plan
-from dcslurm.runner import _requeue
-from dcslurm.runs import run_status, submit_run
-from dcslurm.sbatch import TaskLauncher, render_step_script
-from dcslurm.storage import DataFolder
-from dcslurm.task import POLL_SLEEP_ENV, STOP_AFTER_ENV, StopRequest
+from dcslurm.core.config import load_config
+from dcslurm.core.environment import World, world_from_env
+from dcslurm.core.markers import read_marker
+from dcslurm.core.plan import PlanInputs, make_plan
+from dcslurm.core.runner import _requeue
+from dcslurm.core.runs import run_status, submit_run
+from dcslurm.core.sbatch import TaskLauncher, render_step_script
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.task import POLL_SLEEP_ENV, STOP_AFTER_ENV, StopRequest
 from tests.core_helpers import write_run_toml, write_ticker_toml
 
 PY = sys.executable

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dcslurm.render_cli import render_run
+from dcslurm.cli.render import render_run
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sbatch", "examples")
 CONFIG = os.path.join(EXAMPLES, "run.toml")

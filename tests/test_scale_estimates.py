@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcslurm.config import parse_config, slurm_time_hours
-from dcslurm.plan import discover_inputs, make_plan
-from dcslurm.sbatch import TaskLauncher, render_step_script
-from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanInputs
+from dcslurm.core.config import parse_config, slurm_time_hours
+from dcslurm.core.plan import discover_inputs, make_plan
+from dcslurm.core.sbatch import TaskLauncher, render_step_script
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import PlanInputs
 
 EMBED_SECONDS = 1 / 2500 + 1 / 312  # the two default models at clip-retrieval's A100 rates
 XL_ROWS = 12_800_000_000

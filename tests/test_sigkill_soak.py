@@ -12,7 +12,7 @@ would be). Training runs as two ranks so that a rank can be killed on its own.
 A pass is one fresh run folder. Within a pass the kills go in stage order (a stage's quota of
 kills, then the next stage's; STAGE_SHARE spreads them by what a kill costs): a trial starts
 `dcslurm submit`, walks /proc for the descendants of the submit process (by parent pid), tells
-which stage runs from the runner's argv (`python -m dcslurm.runner RUN STEP INDEX`), waits a
+which stage runs from the runner's argv (`python -m dcslurm.core.runner RUN STEP INDEX`), waits a
 random moment within the time the stage took in the undisturbed run, and SIGKILLs one process
 chosen at random (first a kind, then a process of that kind). The submit then ends (killed, or
 after the failed step) and every process of the run must be gone within ORPHAN_GRACE_S; the
@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import run_status
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import run_status
 from tests.reliability_helpers import kill_all, pids_with_env, proc_env_value, process_tree
 from tests.test_reliability import PIPELINE, _pipeline_toml
 
@@ -62,7 +62,7 @@ ORPHAN_GRACE_S = 5.0  # a process of the run still alive this long after its sub
 POLL_S = 0.02
 # The submit process orphans everything it runs when killed; it is one kind among the others,
 # at half their weight so that most kills land inside the tasks.
-# A watchdog (dcslurm/proctree.py) only acts when its runner dies: killing it changes nothing,
+# A watchdog (dcslurm/core/proctree.py) only acts when its runner dies: killing it changes nothing,
 # the run goes on (counted as absorbed), so it gets a quarter weight.
 KIND_WEIGHT = {"submit": 0.5, "watchdog": 0.25}
 
@@ -124,7 +124,7 @@ class Proc:
 
 def _kind_of_child(argv: list[str], stage: str) -> str:
     if any("DCSLURM_WATCHDOG_FD" in a for a in argv):
-        return "watchdog"  # dcslurm/proctree.py's: it SIGKILLs the task's group when the runner dies
+        return "watchdog"  # dcslurm/core/proctree.py's: it SIGKILLs the task's group when the runner dies
     return "img2dataset worker" if stage == "download" else f"{stage} child"
 
 
@@ -133,8 +133,8 @@ def classify(submit_pid: int, stage_of: dict[str, str]) -> list[Proc]:
     tree = process_tree(submit_pid)
     runner_step = {}
     for pid, (_, argv) in tree.items():
-        if "dcslurm.runner" in argv:
-            i = argv.index("dcslurm.runner")
+        if "dcslurm.core.runner" in argv:
+            i = argv.index("dcslurm.core.runner")
             if len(argv) > i + 2:
                 runner_step[pid] = argv[i + 2]
     procs = []
@@ -338,8 +338,8 @@ def _shares(kills: int) -> dict[str, int]:
 def served_pool(tmp_path):
     """A 64-sample demo pool and its server (the runs' http_proxy), up for the whole soak: the
     server is this test's, not the run's, so no kill reaches it."""
-    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
+    from dcslurm.demo.pool import DemoPoolServer, generate_demo_pool
 
     pool = str(tmp_path / "pool")
     generate_demo_pool(pool, samples=64, seed=0, files=2, heldout=24)
@@ -350,7 +350,7 @@ def served_pool(tmp_path):
 @pytest.mark.soak
 @pytest.mark.timeout(int(os.environ.get("DCSLURM_SOAK_TIMEOUT", "3600")))  # the whole soak; each trial is bounded too
 def test_sigkill_soak_every_pass_equals_the_undisturbed_run(tmp_path, served_pool):
-    from dcslurm.demo import DEMO_TASKS
+    from dcslurm.demo.workflow import DEMO_TASKS
     from tests.test_embed import save_tiny_checkpoint
 
     started = time.time()
@@ -402,7 +402,7 @@ def test_sigkill_soak_every_pass_equals_the_undisturbed_run(tmp_path, served_poo
 
 def read_plan_of(path: str):
     """The plan `dcslurm submit` will make for a config (its step names map to stages)."""
-    from dcslurm.plan import discover_inputs, make_plan
+    from dcslurm.core.plan import discover_inputs, make_plan
 
     cfg = load_config(path)
     return make_plan(cfg, discover_inputs(cfg))

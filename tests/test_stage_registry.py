@@ -1,4 +1,4 @@
-"""The stage registry (entry points "dcslurm.stages"): one broken stage spec must not
+"""The stage registry (entry points "dcslurm.core.stages"): one broken stage spec must not
 take every command down, and `stages = "all"` must not quietly mean fewer stages."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from dcslurm import stages
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import run_status, submit_run
+from dcslurm.core import stages
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import run_status, submit_run
 from tests.core_helpers import write_run_toml
 
 
@@ -61,6 +61,6 @@ def test_a_broken_spec_leaves_other_runs_working_and_is_named(tmp_path, broken_s
 
 def test_the_cli_loads_its_stages_without_the_source_folder_on_the_path(tmp_path):
     """The entry points are the installed package's metadata: found from any folder."""
-    proc = subprocess.run([sys.executable, "-c", "from dcslurm.stages import registry; print(len(registry()))"],
+    proc = subprocess.run([sys.executable, "-c", "from dcslurm.core.stages import registry; print(len(registry()))"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and int(proc.stdout) >= 8, proc.stderr

@@ -12,8 +12,8 @@ import tomllib
 import pytest
 from typer.testing import CliRunner
 
-from dcslurm import sweep as sw
-from dcslurm.tomlfile import dumps
+from dcslurm.core import sweep as sw
+from dcslurm.core.tomlfile import dumps
 
 FILTERS = {
     "nofilter": "no_filter",
@@ -29,7 +29,7 @@ POOL_PROXY: dict[str, str] = {}  # pool -> its DemoPoolServer's address (the `po
 def sweep_toml(path, folder: str, pool: str, executor: str = "local", branches: str | None = None,
                extra_run: str = "", seeds=(0, 1)) -> str:
     """A sweep over the demo pool with the tiny model (random init: no weights offline)."""
-    from dcslurm.demo import DEMO_TASKS
+    from dcslurm.demo.workflow import DEMO_TASKS
 
     tasks = (DEMO_TASKS[0], DEMO_TASKS[3])
     if branches is None:
@@ -89,8 +89,8 @@ num_workers = 0
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from dcslurm.demo_pool import DemoPoolServer, generate_demo_pool
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
+    from dcslurm.demo.pool import DemoPoolServer, generate_demo_pool
 
     out = str(tmp_path_factory.mktemp("sweep-pool") / "pool")
     generate_demo_pool(out, samples=48, seed=0, files=2, heldout=12)
@@ -177,7 +177,7 @@ def test_dry_run_plans_every_piece_and_writes_nothing(tmp_path, pool):
 
 def test_written_run_toml_is_the_piece_config(tmp_path, pool):
     """`dcslurm submit -c SWEEP/runs/X/run.toml` by hand is the same run as the sweep's piece."""
-    from dcslurm.config import load_config
+    from dcslurm.core.config import load_config
 
     s = sw.load_sweep(sweep_toml(tmp_path / "sweep.toml", str(tmp_path / "sweep"), pool))
     sw.write_sweep(s)
@@ -195,7 +195,7 @@ def test_written_run_toml_is_the_piece_config(tmp_path, pool):
 def test_slurm_queues_every_piece_at_once_with_afterok(tmp_path, pool, monkeypatch):
     """Fake sbatch (records its dependency, returns ids): the branches' first jobs wait on the
     upstream's last (embed) job, a later seed's on its first seed's reshard."""
-    from dcslurm import slurm
+    from dcslurm.core import slurm
 
     queued: list[tuple[str, list[str], str]] = []  # (job name, extra args, id)
 
@@ -258,9 +258,9 @@ def test_sweep_of_three_filters_two_seeds_equals_each_branch_run_alone(tmp_path,
     """3 filters x 2 seeds, local executor: the upstream runs once (its markers are written
     once and untouched by the branches and by a resubmit), and each branch's subset,
     training shards, model and eval results equal those of the branch run as its own run."""
-    from dcslurm.config import load_config
-    from dcslurm.plan import discover_inputs
-    from dcslurm.runs import submit_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.plan import discover_inputs
+    from dcslurm.core.runs import submit_run
 
     folder = str(tmp_path / "sweep")
     path = sweep_toml(tmp_path / "sweep.toml", folder, pool)
@@ -312,7 +312,7 @@ def test_sweep_of_three_filters_two_seeds_equals_each_branch_run_alone(tmp_path,
 def test_real_slurm_queues_the_sweep_at_once_and_cancels_it(slurm_cluster, tmp_path, pool):
     """On the test cluster: every piece queued in one go, the branches' first jobs held by
     afterok on the upstream's embed job; `sweep status` sees them, `sweep cancel` ends them."""
-    from dcslurm.submission import load_submissions
+    from dcslurm.core.submission import load_submissions
 
     folder = str(tmp_path / "sweep")
     path = sweep_toml(tmp_path / "sweep.toml", folder, pool, executor="slurm", seeds=(0, 1))

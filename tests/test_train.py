@@ -14,10 +14,10 @@ import os
 import pytest
 import torch
 
-from dcslurm.config import ConfigError, load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
+from dcslurm.core.config import ConfigError, load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
 from tests.train_helpers import write_shards, write_train_toml
 
 
@@ -78,8 +78,8 @@ def test_exported_model_loads_in_stock_open_clip(trained):
 def test_status_section_prints_the_last_metrics_line(trained):
     from rich.console import Console
 
-    from dcslurm.plan import read_plan
-    from dcslurm.train_status import status_section
+    from dcslurm.core.plan import read_plan
+    from dcslurm.datacomp.train_status import status_section
 
     folder = trained
     console = Console(record=True, width=300)
@@ -141,7 +141,7 @@ def test_unknown_scale_is_a_one_line_error(tmp_path, shards):
 def test_test_knobs_are_unknown_keys_in_a_run_toml(tmp_path, shards, key, value):
     """The trainer's test knobs are not config: a run.toml that sets one is refused (exit 2,
     one line naming the file and the key) before anything runs. Tests slow or stop a
-    checkpointable step through dcslurm.task's test-only environment variables instead."""
+    checkpointable step through dcslurm.core.task's test-only environment variables instead."""
     import subprocess
     import sys
 
@@ -191,7 +191,7 @@ data = {json.dumps(shards)}
 
 
 def test_scale_hyperparameters_are_the_papers():
-    from dcslurm.scales import SCALES
+    from dcslurm.core.scales import SCALES
     from jobs.train.spec import resolve_hyper
 
     small = resolve_hyper(SCALES["small"], {})

@@ -144,8 +144,8 @@ def test_training_on_one_shard_learns_and_does_not_unlearn_at_the_end(tmp_path):
     stays within a quarter of that fall of the run's lowest loss (losses smoothed over 5 steps).
     Before the fix every stream read the shard at the same place, so each batch held one or
     two digits, i.e. one caption: the contrastive loss stayed at log(32)."""
-    from dcslurm.config import load_config
-    from dcslurm.runs import submit_run
+    from dcslurm.core.config import load_config
+    from dcslurm.core.runs import submit_run
     from tests.train_helpers import read_metrics, write_train_toml
 
     shards = str(tmp_path / "shards")

@@ -17,11 +17,11 @@ import time
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.markers import read_marker
-from dcslurm.runs import run_status, submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.task import POLL_SLEEP_ENV
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import run_status, submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.task import POLL_SLEEP_ENV
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import read_metrics, write_train_toml
 

@@ -12,11 +12,11 @@ import os
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
 from jobs.train.spec import mesh_shape
 from tests.test_train import run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import read_metrics

@@ -7,10 +7,10 @@ import os
 
 import torch
 
-from dcslurm.config import load_config
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
 from tests.test_reshard import make_pool, make_subset
 from tests.train_helpers import read_metrics
 

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.task import STOP_AFTER_ENV
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.task import STOP_AFTER_ENV
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import write_train_toml
 

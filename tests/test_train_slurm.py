@@ -19,12 +19,12 @@ import time
 
 import pytest
 
-from dcslurm import proctree
-from dcslurm.config import load_config
-from dcslurm.markers import read_marker
-from dcslurm.runs import submit_run
-from dcslurm.storage import DataFolder
-from dcslurm.task import POLL_SLEEP_ENV
+from dcslurm.core import proctree
+from dcslurm.core.config import load_config
+from dcslurm.core.markers import read_marker
+from dcslurm.core.runs import submit_run
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.task import POLL_SLEEP_ENV
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import read_metrics, write_train_toml
 
@@ -81,7 +81,7 @@ def rank_pids(job_id: str, rank: int) -> list[int]:
         except OSError:
             continue
         if (env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_PROCID") == str(rank).encode()
-                and b"dcslurm.runner" in cmd and proctree.WATCHDOG_ENV.encode() in env):
+                and b"dcslurm.core.runner" in cmd and proctree.WATCHDOG_ENV.encode() in env):
             out.append(int(pid))
     return out
 

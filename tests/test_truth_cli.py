@@ -18,11 +18,11 @@ import time
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.plan import PLAN_FILE
-from dcslurm.runs import RUN_FILE, cancel_run, plan_run, run_status, submit_run
-from dcslurm.submission import JobChunk, StepSubmission, Submission, load_submissions, save_submission
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.plan import PLAN_FILE
+from dcslurm.core.runs import RUN_FILE, cancel_run, plan_run, run_status, submit_run
+from dcslurm.core.submission import JobChunk, StepSubmission, Submission, load_submissions, save_submission
 from tests.core_helpers import write_run_toml
 
 DCSLURM = os.path.join(os.path.dirname(sys.executable), "dcslurm")
@@ -106,7 +106,7 @@ def test_sigkilled_local_task_is_reported_as_killed_by_signal(tmp_path):
     cfg = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=1, sleep=60)
     sub = subprocess.Popen([DCSLURM, "submit", "-c", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        (task,) = _wait_for(lambda: _children_running(sub.pid, "dcslurm.runner"), what="the task")
+        (task,) = _wait_for(lambda: _children_running(sub.pid, "dcslurm.core.runner"), what="the task")
         time.sleep(1.0)  # let it log a few INFO lines: the report must not be the last of them
         os.kill(task, signal.SIGKILL)
         assert sub.wait(60) == 1
@@ -124,7 +124,7 @@ def test_tasks_stopped_before_they_started_are_not_started_and_cancel_names_each
     _set_executor(cfg, "max_parallel = 1")
     sub = subprocess.Popen([DCSLURM, "submit", "-c", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for(lambda: _children_running(sub.pid, "dcslurm.runner"), what="the first task")
+        _wait_for(lambda: _children_running(sub.pid, "dcslurm.core.runner"), what="the first task")
         cancelled = cancel_run(str(tmp_path / "run"))
         assert cancelled == [f"local pid {sub.pid}"]
         sub.wait(60)
@@ -206,7 +206,8 @@ def test_squeue_that_says_a_job_left_the_queue_is_still_fine(tmp_path, monkeypat
 # -- item 11: one line, naming the path --------------------------------------------------------
 
 def test_disk_full_while_saving_the_submission_record_is_one_line(tmp_path, monkeypatch, capsys):
-    from dcslurm import cli, storage
+    from dcslurm import cli
+    from dcslurm.core import storage
 
     cfg = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=1)
     real = storage.DataFolder.write_bytes
@@ -259,7 +260,7 @@ def test_read_only_log_dir_is_one_line_naming_it(tmp_path, read_only_dir, execut
 def _two_submits_at_once(cfg_path: str, monkeypatch) -> list:
     """Two submit_run calls in threads, both held just past the checks until the other
     arrives there too (at most 3 s): the race of two submits at the same moment, made certain."""
-    import dcslurm.runs as runs
+    import dcslurm.core.runs as runs
 
     arrived = []
     cond = threading.Condition()

@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from dcslurm.config import load_config
-from dcslurm.errors import UserError
-from dcslurm.runs import cancel_run, run_status, submit_run
-from dcslurm.submission import load_submissions
+from dcslurm.core.config import load_config
+from dcslurm.core.errors import UserError
+from dcslurm.core.runs import cancel_run, run_status, submit_run
+from dcslurm.core.submission import load_submissions
 from tests.core_helpers import write_run_toml
 
 pytestmark = pytest.mark.slurm

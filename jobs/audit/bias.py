@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcslurm.errors import UserError
-from dcslurm.shards import split_evenly
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import split_evenly
+from dcslurm.core.storage import DataFolder
 from jobs.audit.spec import EMBEDDING_FEATURES, TRANSFORMS, validate_sources
 from jobs.filter.engine import InputFile, Reader
 
@@ -135,7 +135,7 @@ def default_model(f: InputFile, options: dict | None) -> str:
 def sample_file(src: int, source: Source, f: InputFile, subset, samples: int, seed: int, model: str,
                 features: list[str], work: DataFolder, options: dict | None) -> dict:
     """The `samples` lowest-priority eligible rows of one file -> CANDIDATES/SRC-PID.npz; returns counts."""
-    from dcslurm.pool import parse_uids
+    from dcslurm.datacomp.pool import parse_uids
     from jobs.filter.rules import uniform_by_uid
 
     reader = Reader(options)

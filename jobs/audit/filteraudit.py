@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
 from jobs.audit.groups import OTHER, GroupConfig, columns_needed, count_groups, row_groups
 from jobs.filter.engine import InputFile
 from jobs.reshard.subset import SubsetFile
@@ -65,7 +65,7 @@ def read_columns(f: InputFile, names: set[str], storage_options: dict | None = N
 
 def count_file(f: InputFile, subset: SubsetFile, cfg: GroupConfig, storage_options: dict | None = None) -> dict:
     """One file's counts: {"rows", "kept", "dims": {dimension: {group: [raw, kept]}}}."""
-    from dcslurm.pool import parse_uids
+    from dcslurm.datacomp.pool import parse_uids
 
     cols, n = read_columns(f, columns_needed(cfg), storage_options)
     hi, lo = parse_uids(cols.pop("uid"), f.url)

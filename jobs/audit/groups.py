@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dcslurm.errors import UserError
+from dcslurm.core.errors import UserError
 
 DEFAULT_GROUPS = os.path.join(os.path.dirname(__file__), "groups.toml")
 NONE = "(none)"

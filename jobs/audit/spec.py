@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcslurm.errors import UserError
-from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec
 from jobs.inputs import check_subset_source, filter_in_run, metadata_units
 
 TRANSFORMS = ("grayscale", "mean_colour", "lowpass", "highpass", "pixel_shuffle", "patch_shuffle", "edges")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.core.task import TaskContext, TaskResult
 from jobs.audit import bias, filteraudit
 from jobs.audit.groups import load_groups
 from jobs.filter.stage import _inputs as metadata_inputs  # parquet units named by pool position, as the filter does

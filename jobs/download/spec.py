@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from dcslurm.errors import UserError
-from dcslurm.pool import BYTES_PER_SAMPLE
-from dcslurm.scales import estimate_samples
-from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.core.errors import UserError
+from dcslurm.core.scales import estimate_samples
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.datacomp.pool import BYTES_PER_SAMPLE
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 # Pillow's own MAX_IMAGE_PIXELS (kept literal: this module must not import Pillow).
@@ -99,7 +99,7 @@ def preflight(config) -> None:
     the uid columns too (32 hex characters, no duplicates) when the pool has at
     most `preflight_uid_rows` rows. Called by `dcslurm submit` (runs.submit_run).
     """
-    from dcslurm.pool import inspect_pool
+    from dcslurm.datacomp.pool import inspect_pool
 
     if not config.pool.metadata:
         return  # _units reports the missing [pool] metadata at plan time

@@ -66,11 +66,11 @@ from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dcslurm import proctree  # noqa: E402
-from dcslurm.errors import UserError  # noqa: E402
-from dcslurm.pool import check_uids, read_footer  # noqa: E402
-from dcslurm.storage import DataFolder, is_remote  # noqa: E402
-from dcslurm.task import TaskContext, TaskResult  # noqa: E402
+from dcslurm.core import proctree  # noqa: E402
+from dcslurm.core.errors import UserError  # noqa: E402
+from dcslurm.core.storage import DataFolder, is_remote  # noqa: E402
+from dcslurm.core.task import TaskContext, TaskResult  # noqa: E402
+from dcslurm.datacomp.pool import check_uids, read_footer  # noqa: E402
 from jobs.download.spec import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 from jobs.download.stats import (  # noqa: E402
     OOM_SHARD_COUNT,

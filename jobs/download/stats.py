@@ -10,7 +10,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-from dcslurm.storage import DataFolder
+from dcslurm.core.storage import DataFolder
 
 OOM_SHARD_COUNT = 8  # shard names {:08d} (DataComp's setting)
 STATS_SUFFIX = "_stats.json"

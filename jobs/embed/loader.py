@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcslurm.storage import DataFolder
+from dcslurm.core.storage import DataFolder
 from jobs.embed.tar_samples import CorruptShard, IndexRecorder, iter_samples
 from jobs.wds import tar_identity
 

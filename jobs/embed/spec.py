@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from dcslurm.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA, estimate_samples
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
+from dcslurm.core.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA, estimate_samples
+from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
 from jobs.inputs import shard_units
 
 # DataComp's two scoring models (SPEC section 2: b32 and l14, OpenAI weights).

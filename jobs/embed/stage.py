@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcslurm.errors import UserError
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.core.errors import UserError
+from dcslurm.core.task import TaskContext, TaskResult
 from jobs.embed.spec import EmbedParams
 from jobs.wds import index_name, shard_stem
 

@@ -22,8 +22,8 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcslurm.errors import UserError
-from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EvalParams:
     extra_tasks: list[dict] = field(default_factory=list)  # tasks beyond DataComp's (e.g. the demo's)
 
     def validate(self) -> None:
-        from dcslurm.tasks import register_task, select_tasks, task_from_dict
+        from dcslurm.datacomp.tasks import register_task, select_tasks, task_from_dict
 
         if not self.evalsets:
             raise ValueError("evalsets: set the folder or s3:// prefix holding the eval sets "
@@ -54,7 +54,7 @@ class EvalParams:
 
 def selected_tasks(params) -> list:
     """The tasks a params object (dataclass or plan dict) selects, extras registered first."""
-    from dcslurm.tasks import register_task, select_tasks, task_from_dict
+    from dcslurm.datacomp.tasks import register_task, select_tasks, task_from_dict
 
     get = params.get if isinstance(params, dict) else lambda k, d=None: getattr(params, k, d)
     for d in get("extra_tasks", []) or []:
@@ -82,7 +82,7 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
 def _task_seconds(key: str) -> float:
     import yaml
 
-    from dcslurm.tasks import TASKLIST_FILE
+    from dcslurm.datacomp.tasks import TASKLIST_FILE
 
     global _TIMES
     if _TIMES is None:
@@ -100,7 +100,7 @@ def _preflight(config) -> None:
     the shards nshards.txt promises (one listing per set; no shard is read)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dcslurm.stages import in_run, require_file
+    from dcslurm.core.stages import in_run, require_file
     from jobs.models import check_weights
 
     params = config.stages["eval"].params or EvalParams()

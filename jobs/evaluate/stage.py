@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder, is_remote
-from dcslurm.task import TaskContext, TaskResult
-from dcslurm.tasks import Task, get_task
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder, is_remote
+from dcslurm.core.task import TaskContext, TaskResult
+from dcslurm.datacomp.tasks import Task, get_task
 from jobs.evaluate import metrics as M
 from jobs.evaluate.evalset import EvalSet, decode_label, decode_npy, image_bytes
 

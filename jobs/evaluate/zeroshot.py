@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcslurm.errors import UserError
+from dcslurm.core.errors import UserError
 
 
 def load_model(model_name: str, checkpoint: str, device: str):

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dcslurm.storage import DataFolder
+from dcslurm.core.storage import DataFolder
 
 # Bump a version when the code computing that column changes: its cached values are then stale.
 VERSIONS = {"chars": 1, "words": 1, "fttokens": 1, "fasttext_en": 1, "gcld3_en": 1, "wordnet_entity": 1,

@@ -6,7 +6,7 @@
                       histograms -> _parts/ID.npz; the uids sorted -> _uids/ID.npy
                       (a uid twice in the file fails here)
     reduce  (1 task)  no uid in two files (a bounded-memory merge of the sorted
-                      uids, dcslurm.pool.find_duplicate: the subset would repeat
+                      uids, dcslurm.datacomp.pool.find_duplicate: the subset would repeat
                       that sample); global parameters, term by term in spec order, streaming
                       the parts one file at a time: exact fraction thresholds
                       (select.py), MetaCLIP counts, VAS S, VAS-D rounds
@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcslurm.errors import UserError
-from dcslurm.pool import (
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
+from dcslurm.datacomp.pool import (
     REQUIRED_COLUMNS,
     UidRun,
     column_type_problem,
@@ -47,7 +48,6 @@ from dcslurm.pool import (
     sorted_uid_run,
     uid_run_reader,
 )
-from dcslurm.storage import DataFolder
 from jobs.filter import derived, rules
 from jobs.filter.filterspec import FilterSpec, Term, parse_spec
 from jobs.filter.select import TopDigitHistogram, exact_descending_value, fraction_index, keep_at_threshold
@@ -537,7 +537,7 @@ def reduce(spec: FilterSpec, inputs: list[InputFile], work: DataFolder, reader: 
 
 def _unique_rows(inputs: list[InputFile], work: DataFolder) -> int:
     """The pool's rows, after checking that no uid is in two files (the map checked inside each):
-    a bounded-memory merge of the map's sorted runs (dcslurm.pool.find_duplicate). A duplicate
+    a bounded-memory merge of the map's sorted runs (dcslurm.datacomp.pool.find_duplicate). A duplicate
     is one UserError naming both files and rows: the subset would repeat that sample."""
     runs, n_pool = [], 0
     for f in inputs:

@@ -20,10 +20,10 @@ import warnings
 
 import numpy as np
 
-from dcslurm.errors import UserError
+from dcslurm.core.errors import UserError
 from jobs.filter.filterspec import PRINCETON, WN_PACKAGE
 
-# -- uids (parsed by dcslurm.pool.parse_uids) ---------------------------------
+# -- uids (parsed by dcslurm.datacomp.pool.parse_uids) ---------------------------------
 
 def uid_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     out = np.empty(len(hi), dtype=np.dtype("u8,u8"))

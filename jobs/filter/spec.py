@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcslurm.errors import UserError
-from dcslurm.shards import UnitSet
-from dcslurm.stages import PlanContext, StageSpec, StepSpec, in_run
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
 from jobs.filter.filterspec import parse_spec
 from jobs.inputs import metadata_units
 
@@ -55,7 +55,7 @@ def _preflight(config) -> None:
         return
     if not config.pool.metadata:
         return  # metadata_units reports it at plan time
-    from dcslurm.pool import inspect_pool
+    from dcslurm.datacomp.pool import inspect_pool
 
     report = inspect_pool(config.pool.metadata, config.storage_options, uids=False)
     columns = needed_columns(terms)
@@ -76,7 +76,7 @@ def _preflight(config) -> None:
 def _check_param_files(terms, storage_options: dict) -> None:
     """Each file a filter parameter names (set by the user; defaults are the nodes' own paths)."""
 
-    from dcslurm.stages import require_file
+    from dcslurm.core.stages import require_file
 
     for term in terms:
         for p in term.definition.params:
@@ -110,7 +110,7 @@ def _check_npz_keys(url: str, keys: list[str], storage_options: dict) -> None:
     """The npz's member list (its zip directory: a few small reads) holds every key."""
     import zipfile
 
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
 
     parent, name = url.rsplit("/", 1)
     with DataFolder(parent, storage_options).open(name) as fh:

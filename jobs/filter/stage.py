@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.core.task import TaskContext, TaskResult
 from jobs.filter import engine
 from jobs.filter.filterspec import parse_spec
 

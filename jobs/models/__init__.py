@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from dcslurm.errors import UserError
+from dcslurm.core.errors import UserError
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 _registered = False
@@ -41,7 +41,7 @@ def create_model(name: str, pretrained: str = "", device: str = "cpu", seed: int
 
     import open_clip
 
-    from dcslurm.storage import DataFolder, is_remote
+    from dcslurm.core.storage import DataFolder, is_remote
 
     register_configs()
     if name not in open_clip.list_models():
@@ -106,7 +106,7 @@ def check_weights(name: str, pretrained: str, storage_options: dict | None = Non
     (the login node's view of it: home folders and HF_HOME are shared on most clusters).
     Without open_clip here only the file checks are done; the node checks the rest.
     """
-    from dcslurm.stages import require_file
+    from dcslurm.core.stages import require_file
 
     if is_weights_path(pretrained):
         require_file(pretrained, storage_options, "model checkpoint file")

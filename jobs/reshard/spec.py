@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dcslurm.errors import UserError
-from dcslurm.scales import estimate_samples
-from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, require_file
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.scales import estimate_samples
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, require_file
+from dcslurm.core.storage import DataFolder
 from jobs.inputs import check_subset_source, shard_units
 
 BYTES_PER_SAMPLE = 35_000  # DataComp: about 35 KB a sample (jpg + txt + json)
@@ -150,7 +150,7 @@ def check_uids_in_pool(head, subset_url: str, metadata_url: str, storage_options
 def _problems(run: DataFolder) -> list[str]:
     """What reshard.index found (its marker's stats): subset uids no input shard holds,
     and input shards that did not exist. Nothing before index has run."""
-    from dcslurm.markers import read_marker
+    from dcslurm.core.markers import read_marker
 
     marker = read_marker(run, "reshard.index", 0)
     stats = (marker or {}).get("stats", {})

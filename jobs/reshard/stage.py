@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from dcslurm.errors import UserError
-from dcslurm.pool import hex_halves
-from dcslurm.shards import split_evenly
-from dcslurm.storage import DataFolder
-from dcslurm.task import TaskContext, TaskResult
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import split_evenly
+from dcslurm.core.storage import DataFolder
+from dcslurm.core.task import TaskContext, TaskResult
+from dcslurm.datacomp.pool import hex_halves
 from jobs.inputs import filter_in_run
 from jobs.reshard.subset import SubsetFile, load_subset_url
 from jobs.reshard.tario import (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcslurm.errors import UserError
+from dcslurm.core.errors import UserError
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 _CHUNK = 1 << 22  # rows per chunk when scanning (64 MiB of subset at a time)
@@ -165,7 +165,7 @@ def load_subset(path: str, url: str | None = None) -> SubsetFile:
 
 def load_subset_url(url: str, storage_options: dict | None, scratch: str) -> SubsetFile:
     """Load and validate a subset file from any URL (remote ones are copied to scratch)."""
-    from dcslurm.storage import DataFolder
+    from dcslurm.core.storage import DataFolder
 
     parent, name = url.rstrip("/").rsplit("/", 1)
     try:

@@ -47,7 +47,7 @@ from typing import BinaryIO
 import numpy as np
 from fsspec.utils import merge_offset_ranges
 
-from dcslurm.errors import StorageError
+from dcslurm.core.errors import StorageError
 from jobs.wds import KEY_EXT, TarIndex, encode_index
 
 BLOCK = 512

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec
 
 
 @dataclass

@@ -6,7 +6,7 @@ import hashlib
 import time
 import uuid
 
-from dcslurm.task import Preempted, TaskContext, TaskResult
+from dcslurm.core.task import Preempted, TaskContext, TaskResult
 
 
 def synth_bytes(seed: int, unit: int, size: int) -> bytes:

@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
 from jobs.train.inputs import check_model  # light: the preflight checks resume checkpoints with it too
 
 _STEP = re.compile(r"^step-(\d{8})\.json$")

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dcslurm.errors import UserError
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.storage import DataFolder
 from jobs.train.inputs import Shard, check_shards, list_shards, read_size_table  # noqa: F401 - re-exported
 from jobs.wds import KEY_EXT
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dcslurm.errors import UserError
-from dcslurm.shards import parse_brace_pattern
-from dcslurm.storage import DataFolder
+from dcslurm.core.errors import UserError
+from dcslurm.core.shards import parse_brace_pattern
+from dcslurm.core.storage import DataFolder
 
 
 @dataclass(frozen=True)

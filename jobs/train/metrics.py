@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dcslurm.storage import DataFolder
+from dcslurm.core.storage import DataFolder
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -2,7 +2,7 @@
 
 One step, layout "distributed": a single job of nodes x tasks_per_node ranks
 (srun on SLURM, N local processes with the local executor). Hyperparameters
-come from the run's scale (dcslurm.scales); the params below only override
+come from the run's scale (dcslurm.core.scales); the params below only override
 them for tests and small experiments.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dcslurm.config import slurm_time_hours
-from dcslurm.errors import UserError
-from dcslurm.scales import TRAIN_GPUS_BASIS, ScaleConfig, estimate_train_gpu_hours
-from dcslurm.shards import UnitSet
-from dcslurm.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
+from dcslurm.core.config import slurm_time_hours
+from dcslurm.core.errors import UserError
+from dcslurm.core.scales import TRAIN_GPUS_BASIS, ScaleConfig, estimate_train_gpu_hours
+from dcslurm.core.shards import UnitSet
+from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
 
 
 @dataclass

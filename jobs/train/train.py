@@ -1,6 +1,6 @@
 """CLIP training, top to bottom: DataComp's recipe on FSDP2.
 
-    hyperparameters  <- the run's scale (dcslurm.scales), params override for tests
+    hyperparameters  <- the run's scale (dcslurm.core.scales), params override for tests
     data             <- reshard outputs (or params `data`), streams over one shuffled order (data.py)
     model            <- open_clip by name, FSDP2 per block (parallelize.py)
     loss             <- open_clip ClipLoss, local loss + gather with grad
@@ -22,9 +22,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dcslurm.environment import World
-from dcslurm.errors import UserError
-from dcslurm.task import Preempted, TaskContext, TaskResult
+from dcslurm.core.environment import World
+from dcslurm.core.errors import UserError
+from dcslurm.core.task import Preempted, TaskContext, TaskResult
 from jobs.train import checkpoint, data, parallelize
 from jobs.train.metrics import MetricsLog, peak_flops, train_flops_per_sample
 from jobs.train.spec import Hyper, TrainParams, mesh_shape, reshard_step, resolve_hyper

@@ -1,0 +1,3 @@
+from dcslurm.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The framework: config, scales, plan, storage, markers, runner, executors, sweeps."""
