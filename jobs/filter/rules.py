@@ -116,26 +116,26 @@ def basic_image_mask(width: np.ndarray, height: np.ndarray) -> np.ndarray:
 # the derived-column cache, or computed for the rows still unknown) at row indices `idx`, and return
 # a mask over `idx`. Each cheap test runs first and the slower ones only on the rows still in.
 
-def basic_caption_mask(feat, idx: np.ndarray, lid_model: str = "") -> np.ndarray:
-    """DataComp basic's caption rule: > 5 chars, > 2 words, English (fastText)."""
+def _all_of(idx: np.ndarray, tests) -> np.ndarray:
+    """The rows of `idx` every test passes; each test sees only the rows still in."""
     mask = np.ones(len(idx), bool)
-    for test in (lambda i: feat.chars(i) > 5, lambda i: feat.words(i) > 2,
-                 lambda i: feat.fasttext_en(i, lid_model)):
+    for test in tests:
         if not mask.any():
             break
         mask[mask] = test(idx[mask])
     return mask
+
+
+def basic_caption_mask(feat, idx: np.ndarray, lid_model: str = "") -> np.ndarray:
+    """DataComp basic's caption rule: > 5 chars, > 2 words, English (fastText)."""
+    return _all_of(idx, (lambda i: feat.chars(i) > 5, lambda i: feat.words(i) > 2,
+                         lambda i: feat.fasttext_en(i, lid_model)))
 
 
 def image_caption_mask(feat, idx: np.ndarray, lid_model: str = "") -> np.ndarray:
     """DataComp's caption filter of the image-based baseline: English, > 1 fastText token, > 5 chars."""
-    mask = np.ones(len(idx), bool)
-    for test in (lambda i: feat.chars(i) > 5, lambda i: feat.fasttext_tokens(i) > 1,
-                 lambda i: feat.fasttext_en(i, lid_model)):
-        if not mask.any():
-            break
-        mask[mask] = test(idx[mask])
-    return mask
+    return _all_of(idx, (lambda i: feat.chars(i) > 5, lambda i: feat.fasttext_tokens(i) > 1,
+                         lambda i: feat.fasttext_en(i, lid_model)))
 
 
 def laion2b_mask(feat, idx: np.ndarray, b32: np.ndarray) -> np.ndarray:
