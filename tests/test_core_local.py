@@ -112,3 +112,20 @@ def test_killed_local_run_resumes_to_identical_outputs(tmp_path):
     assert strip(run_tree).keys() == strip(ref_tree).keys()
     assert {k: v for k, v in run_tree.items() if k.startswith(("synth/", "digest/", "summary/"))} == \
            {k: v for k, v in ref_tree.items() if k.startswith(("synth/", "digest/", "summary/"))}
+
+
+def test_a_local_run_inside_an_srun_session_is_not_that_jobs_rank(tmp_path, monkeypatch):
+    """`srun --ntasks 2 --pty bash`, then `dcslurm submit` with the local executor: the
+    tasks inherit the session's SLURM_* variables. They took its rank (1 of 2), and a rank
+    other than 0 commits no marker: every task ended without its commit."""
+    from dcslurm.core.environment import world_from_env
+
+    for k, v in {"SLURM_JOB_ID": "999", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+                 "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run"), units=2)
+    assert not submit_run(load_config(cfg)).failed
+    _, steps = run_status(str(tmp_path / "run"))
+    assert [(s.name, s.counts["done"]) for s in steps] == [("synth", 2), ("digest", 2), ("summary", 1)]
+    world = world_from_env({**os.environ, "DCSLURM_RANK": "0", "DCSLURM_WORLD_SIZE": "1"})
+    assert (world.rank, world.world_size, world.slurm) == (0, 1, False)

@@ -48,8 +48,22 @@ def _first_host(nodelist: str) -> str:
 
 
 def world_from_env(env: dict | None = None) -> World:
-    """srun's variables (SLURM_PROCID, ...) or the local executor's (DCSLURM_*)."""
+    """The local executor's variables (DCSLURM_*) or srun's (SLURM_PROCID, ...). The local
+    executor's come first: a local run started inside an salloc or srun session inherits
+    that job's SLURM_* variables, and its tasks must not take that job's ranks (a rank
+    other than 0 commits nothing) or requeue it."""
     env = os.environ if env is None else env
+    if "DCSLURM_RANK" in env:
+        return World(
+            rank=int(env["DCSLURM_RANK"]),
+            world_size=int(env["DCSLURM_WORLD_SIZE"]),
+            local_rank=int(env.get("DCSLURM_LOCAL_RANK", env["DCSLURM_RANK"])),
+            node_rank=0,
+            nnodes=1,
+            master_addr=env.get("DCSLURM_MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("DCSLURM_MASTER_PORT", 29500)),
+            job_id=env.get("DCSLURM_JOB_ID", "local"),
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         job_id = env.get("SLURM_JOB_ID", "")
         # A port that differs between jobs sharing a node, stable within a job.
@@ -65,17 +79,6 @@ def world_from_env(env: dict | None = None) -> World:
             job_id=job_id,
             node=env.get("SLURMD_NODENAME", ""),
             slurm=bool(job_id),
-        )
-    if "DCSLURM_RANK" in env:
-        return World(
-            rank=int(env["DCSLURM_RANK"]),
-            world_size=int(env["DCSLURM_WORLD_SIZE"]),
-            local_rank=int(env.get("DCSLURM_LOCAL_RANK", env["DCSLURM_RANK"])),
-            node_rank=0,
-            nnodes=1,
-            master_addr=env.get("DCSLURM_MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("DCSLURM_MASTER_PORT", 29500)),
-            job_id=env.get("DCSLURM_JOB_ID", "local"),
         )
     job_id = env.get("SLURM_JOB_ID", "")  # a batch script's task (array, single): no srun step
     return World(job_id=job_id, node=env.get("SLURMD_NODENAME", ""), slurm=bool(job_id))

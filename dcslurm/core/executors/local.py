@@ -79,11 +79,10 @@ class LocalExecutor(Executor):
         log = _task_log(log_dir, index)
         env = self._env(plan, step)
         world = step.resources.nodes * step.resources.tasks_per_node if step.layout == "distributed" else 1
+        # The runner reads DCSLURM_* as it reads srun's variables, and before them: a run
+        # started inside an salloc/srun session is still a local run, rank by rank.
+        port = _free_port() if world > 1 else 29500
         with open(log, "ab") as out:
-            if world == 1:
-                return self._wait([self._spawn(self._argv(plan, step, index, log), out, env)])
-            # A multi-process job on one machine: the runner reads DCSLURM_* as it reads srun's variables.
-            port = _free_port()
             procs = []
             for rank in range(world):
                 penv = dict(env, DCSLURM_RANK=str(rank), DCSLURM_WORLD_SIZE=str(world),
