@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -87,7 +88,22 @@ class Executor(ABC):
         returns the failed task indexes per step. A scheduler's jobs run on their own:
         nothing to wait for, nothing known to have failed yet. `on_finished(sub)` is
         called once a foreground run has ended (however it ended), to record that."""
-        return {}
+        if not self.runs_in_foreground(sub):
+            return {}
+        try:
+            return self._run_foreground(plan, sub, progress)
+        finally:
+            sub.finished = time.time()
+            if on_finished is not None:
+                on_finished(sub)
+
+    def runs_in_foreground(self, sub: Submission) -> bool:
+        """Whether `wait` runs `sub`'s tasks here (else a scheduler runs them)."""
+        return False
+
+    def _run_foreground(self, plan: Plan, sub: Submission, progress) -> dict[str, list[int]]:
+        """Run `sub`'s tasks here, step by step; the failed task indexes per step."""
+        raise NotImplementedError
 
     def final_states(self, sub: Submission) -> dict[tuple[str, int], str] | None:
         """(step, index) -> the scheduler's final state (FAILED, TIMEOUT, ...) where it

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from dcslurm.core import proctree
@@ -167,16 +166,10 @@ class LocalExecutor(Executor):
             return sub
         return sub
 
-    def wait(self, plan: Plan, sub: Submission, progress=None, on_finished=None) -> dict[str, list[int]]:
-        """Run the submission in the foreground; returns failed task indexes per step."""
-        try:
-            return self._run_steps(plan, sub, progress)
-        finally:
-            sub.finished = time.time()
-            if on_finished is not None:
-                on_finished(sub)
+    def runs_in_foreground(self, sub: Submission) -> bool:
+        return True
 
-    def _run_steps(self, plan: Plan, sub: Submission, progress=None) -> dict[str, list[int]]:
+    def _run_foreground(self, plan: Plan, sub: Submission, progress=None) -> dict[str, list[int]]:
         failed: dict[str, list[int]] = {}
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()

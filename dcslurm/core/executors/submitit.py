@@ -28,7 +28,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 from dcslurm.core import slurm
 from dcslurm.core.config import slurm_time_hours
@@ -232,17 +231,10 @@ class SubmititExecutor(SlurmExecutor):
         self._on_queued = on_queued
         return sub
 
-    def wait(self, plan: Plan, sub: Submission, progress=None, on_finished=None) -> dict[str, list[int]]:
-        if not sub.pid:
-            return {}  # SLURM runs the jobs
-        try:
-            return self._run_local(plan, sub, progress)
-        finally:
-            sub.finished = time.time()
-            if on_finished is not None:
-                on_finished(sub)
+    def runs_in_foreground(self, sub: Submission) -> bool:
+        return bool(sub.pid)  # submitit's local cluster; on SLURM the scheduler runs the jobs
 
-    def _run_local(self, plan: Plan, sub: Submission, progress) -> dict[str, list[int]]:
+    def _run_foreground(self, plan: Plan, sub: Submission, progress) -> dict[str, list[int]]:
         submitit = import_submitit()
         self._live: list = []
         self._lock = threading.Lock()
