@@ -1,4 +1,4 @@
-"""Shared by tests/test_reliability.py: find and kill task processes, compare outputs."""
+"""Shared by the tests that find and kill task processes (/proc readers), and test_reliability.py: compare outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import signal
 
 
-def _proc_args(pid: str) -> list[str] | None:
+def proc_args(pid: str) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().decode(errors="replace").split("\0")
@@ -14,7 +14,7 @@ def _proc_args(pid: str) -> list[str] | None:
         return None
 
 
-def _proc_env(pid: str) -> dict[bytes, bytes]:
+def proc_env(pid: str) -> dict[bytes, bytes]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
@@ -26,7 +26,7 @@ def runner_pids(run_url: str, step: str | None = None) -> list[int]:
     """PIDs of `dcslurm.core.runner` processes of a run (of one step if given), on any emulated node."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        args = _proc_args(pid)
+        args = proc_args(pid)
         if not args or "dcslurm.core.runner" not in args or run_url not in args:
             continue
         if step is None or step in args:
@@ -38,7 +38,7 @@ def pids_on_node(node: str) -> list[int]:
     """PIDs of every job process SLURM started on emulated node `node` (found by SLURMD_NODENAME)."""
     want = node.encode()
     return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
-            if int(pid) != os.getpid() and _proc_env(pid).get(b"SLURMD_NODENAME") == want]
+            if int(pid) != os.getpid() and proc_env(pid).get(b"SLURMD_NODENAME") == want]
 
 
 def kill_all(pids: list[int]) -> list[int]:
@@ -78,7 +78,7 @@ def process_tree(root: int) -> dict[int, tuple[int, list[str]]]:
     tree, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        args = _proc_args(str(pid))
+        args = proc_args(str(pid))
         if not args or not args[0]:  # gone, or a zombie (no cmdline): nothing to kill
             continue
         tree[pid] = (_ppid(str(pid)) or 0, args)
@@ -91,9 +91,9 @@ def pids_with_env(name: str, value: str) -> list[int]:
     (an orphan is re-parented to init, so a walk from its old parent no longer finds it)."""
     key, want = name.encode(), value.encode()
     return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
-            if int(pid) != os.getpid() and _proc_env(pid).get(key) == want and (_proc_args(pid) or [""])[0]]
+            if int(pid) != os.getpid() and proc_env(pid).get(key) == want and (proc_args(pid) or [""])[0]]
 
 
 def proc_env_value(pid: int, name: str) -> str | None:
-    value = _proc_env(str(pid)).get(name.encode())
+    value = proc_env(str(pid)).get(name.encode())
     return None if value is None else value.decode(errors="replace")

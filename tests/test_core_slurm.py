@@ -15,6 +15,7 @@ from dcslurm.core.config import load_config
 from dcslurm.core.markers import done_indexes
 from dcslurm.core.runs import cancel_run, run_status, submit_run
 from tests.core_helpers import executions, tree_digest, wait_run_done, write_run_toml
+from tests.reliability_helpers import proc_args
 
 pytestmark = pytest.mark.slurm
 
@@ -28,16 +29,8 @@ def _outputs(folder) -> dict[str, str]:
 def _runner_pids(run_folder: str, step: str, index: int) -> list[int]:
     """PIDs of the runner processes of one task (all emulated nodes are this host)."""
     want = ["dcslurm.core.runner", run_folder, step, str(index)]
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if all(w in args for w in want):
-            pids.append(int(pid))
-    return pids
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if all(w in (proc_args(pid) or []) for w in want)]
 
 
 @pytest.fixture(scope="module")

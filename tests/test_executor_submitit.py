@@ -21,6 +21,7 @@ from dcslurm.core.markers import done_indexes  # noqa: E402
 from dcslurm.core.runs import cancel_run, plan_run, run_status, submit_run  # noqa: E402
 from dcslurm.core.submission import load_submissions  # noqa: E402
 from tests.core_helpers import tree_digest, wait_run_done, write_run_toml  # noqa: E402
+from tests.reliability_helpers import proc_args  # noqa: E402
 
 OUTPUT_DIRS = ("synth/", "digest/", "summary/")
 
@@ -83,11 +84,7 @@ def _processes_of(folder) -> dict[int, list[str]]:
     submitit's controllers and job wrappers (their folder is the step's log folder)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
+        args = proc_args(pid) or []
         if any(a == str(folder) or a.startswith(f"{folder}/") for a in args):
             out[int(pid)] = args
     return out
