@@ -206,33 +206,21 @@ def test_runs_share_a_cache_through_the_option_and_the_cli(assets, tmp_path):
 
     from dcslurm.core.config import load_config
     from dcslurm.core.runs import submit_run
+    from dcslurm.core.tomlfile import write_toml
 
     cache = tmp_path / "cache"
 
-    def stage_run(name: str, option: str) -> dict:
-        path = tmp_path / f"{name}.toml"
-        path.write_text(f"""
-[run]
-folder = {json.dumps(str(tmp_path / name))}
-stages = ["filter"]
-
-[pool]
-metadata = {json.dumps(str(assets / "pool"))}
-
-[executor]
-kind = "local"
-
-[stages.filter]
-spec = "basic"
-{option}
-""")
-        assert not submit_run(load_config(str(path))).failed
+    def stage_run(name: str, cache_url: str | None) -> dict:
+        doc = {"run": {"folder": str(tmp_path / name), "stages": ["filter"]},
+               "pool": {"metadata": str(assets / "pool")}, "executor": {"kind": "local"},
+               "stages": {"filter": {"spec": "basic", **({"derived_cache": cache_url} if cache_url else {})}}}
+        assert not submit_run(load_config(write_toml(tmp_path / f"{name}.toml", doc))).failed
         return json.loads((tmp_path / name / "filter" / "stats.json").read_text())
 
-    first = stage_run("a", f"derived_cache = {json.dumps(str(cache))}")
+    first = stage_run("a", str(cache))
     assert first["derived"]["computed"] > 0 and first["derived"]["reused"] == 0
-    assert stage_run("b", f"derived_cache = {json.dumps(str(cache))}")["derived"]["computed"] == 0
-    default = stage_run("c", "")
+    assert stage_run("b", str(cache))["derived"]["computed"] == 0
+    default = stage_run("c", None)
     assert default["derived"]["computed"] > 0 and cache_files(tmp_path / "c" / "filter" / "_derived")
     out = tmp_path / "cli.npy"
     proc = subprocess.run([sys.executable, "-m", "dcslurm", "filter", "run", "--pool", str(assets / "pool"),

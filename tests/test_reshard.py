@@ -13,18 +13,20 @@ import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dcslurm.core import tomlfile
 from dcslurm.core.config import load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.markers import done_indexes
 from dcslurm.core.runs import submit_run
 from jobs.reshard.subset import SUBSET_DTYPE, load_subset, pair_to_uid, uid_to_pair, uids_to_array
 from jobs.reshard.tario import TarSampleReader, TarShardWriter
-from tests.core_helpers import wait_run_done
+from tests.core_helpers import merge_tables, wait_run_done
 
 SAMPLES_PER_SHARD = 16
 
@@ -122,29 +124,15 @@ def read_output(folder: str) -> tuple[collections.Counter, list[str], dict[str, 
 def write_toml(path, run_folder: str, pool: str, subset: str, tasks: int, extra: str = "",
                executor: str = "local", tail: str = "", log_dir: str = "",
                samples_per_shard: int = SAMPLES_PER_SHARD) -> str:
-    with open(path, "w") as f:
-        f.write(f"""
-[run]
-folder = {json.dumps(run_folder)}
-scale = "tiny"
-stages = ["reshard"]
-
-[pool]
-shards = {json.dumps(pool)}
-
-[executor]
-kind = "{executor}"
-max_parallel = 2
-{f"log_dir = {json.dumps(log_dir)}" if log_dir else ""}
-
-[stages.reshard]
-subset = {json.dumps(subset)}
-samples_per_shard = {samples_per_shard}
-tasks = {tasks}
-{extra}
-{tail}
-""")
-    return str(path)
+    """A reshard run.toml; `extra`: more [stages.reshard] keys, `tail`: more tables (TOML text)."""
+    doc = {
+        "run": {"folder": run_folder, "scale": "tiny", "stages": ["reshard"]},
+        "pool": {"shards": pool},
+        "executor": {"kind": executor, "max_parallel": 2, **({"log_dir": log_dir} if log_dir else {})},
+        "stages": {"reshard": {"subset": subset, "samples_per_shard": samples_per_shard, "tasks": tasks}},
+    }
+    doc = merge_tables(doc, {"stages": {"reshard": tomllib.loads(extra)}})
+    return tomlfile.write_toml(path, merge_tables(doc, tail))
 
 
 def shard_digests(folder: str) -> dict[str, str]:

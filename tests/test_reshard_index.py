@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dcslurm.core import tomlfile
 from dcslurm.core.config import load_config
 from dcslurm.core.markers import read_marker
 from dcslurm.core.runs import submit_run
@@ -26,6 +27,7 @@ from jobs.embed.tar_samples import CorruptShard, IndexRecorder, iter_samples
 from jobs.reshard.subset import uids_to_array
 from jobs.reshard.tario import TarSampleReader, _MappedSource, indexed_table
 from jobs.wds import TarIndex
+from tests.core_helpers import merge_tables
 from tests.test_embed import save_tiny_checkpoint
 from tests.test_reshard import expected_multiset, read_output, shard_digests, write_toml
 from tests.test_reshard_s3 import make_pool
@@ -124,34 +126,18 @@ def test_fuzz_index_is_what_tario_reads(seed, mutations, tmp_path):
 
 def embed_reshard_toml(path, run: str, pool: str, subset: str, ckpt: str, tail: str = "", log_dir: str = "",
                        tasks: int = 1) -> str:
-    with open(path, "w") as f:
-        f.write(f"""
-[run]
-folder = {json.dumps(run)}
-scale = "tiny"
-stages = ["embed", "reshard"]
-[pool]
-shards = {json.dumps(pool)}
-[stages.embed]
-models = [{{name = "b32", model = "dcslurm-tiny-vit", pretrained = {json.dumps(ckpt)}}}]
-batch_size = 32
-workers = 0
-device = "cpu"
-units_per_task = 3
-[stages.embed.resources]
-gpus_per_node = 0
-cpus_per_task = 1
-[stages.reshard]
-subset = {json.dumps(subset)}
-samples_per_shard = 40
-tasks = {tasks}
-[executor]
-kind = "local"
-max_parallel = 2
-{f"log_dir = {json.dumps(log_dir)}" if log_dir else ""}
-{tail}
-""")
-    return str(path)
+    doc = {
+        "run": {"folder": run, "scale": "tiny", "stages": ["embed", "reshard"]},
+        "pool": {"shards": pool},
+        "stages": {
+            "embed": {"models": [{"name": "b32", "model": "dcslurm-tiny-vit", "pretrained": ckpt}],
+                      "batch_size": 32, "workers": 0, "device": "cpu", "units_per_task": 3,
+                      "resources": {"gpus_per_node": 0, "cpus_per_task": 1}},
+            "reshard": {"subset": subset, "samples_per_shard": 40, "tasks": tasks},
+        },
+        "executor": {"kind": "local", "max_parallel": 2, **({"log_dir": log_dir} if log_dir else {})},
+    }
+    return tomlfile.write_toml(path, merge_tables(doc, tail))
 
 
 def test_count_reads_the_index_and_a_replaced_tar_again(tmp_path):
