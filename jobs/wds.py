@@ -37,15 +37,6 @@ def split_key(name: str) -> tuple[str, str] | None:
     return None if m is None else (m.group(1), m.group(2))
 
 
-def tar_identity(info: dict) -> dict:
-    """What ties an index to one version of a tar, from fsspec's `info` of it: its size, and
-    what a rewrite changes (object storage: the ETag; a filesystem: mtime and inode)."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return {"size": int(info["size"]), "etag": str(etag)}
-    return {"size": int(info["size"]), "mtime": info.get("mtime"), "ino": info.get("ino")}
-
-
 def shard_stem(url: str) -> str:
     """'s3://b/x/00000012.tar' -> '00000012'."""
     name = posixpath.basename(url.rstrip("/"))

@@ -25,6 +25,7 @@ from dcslurm.core import containers
 from dcslurm.core.config import load_config
 from dcslurm.core.runs import submit_run
 from dcslurm.core.stages import registry
+from dcslurm.core.storage import sha256_file
 from tests.core_helpers import tree_digest, wait_run_done
 
 # The first test also builds the image: 2-20 minutes, depending on how loaded the machine is.
@@ -196,4 +197,4 @@ def test_push_then_pull_from_s3_gives_the_same_bytes(cpu_image, s3_server, s3_bu
     assert containers.push_image(cpu_image.path, url, s3_server.storage_options())
     got = containers.pull_images(url, str(tmp_path / "pulled"), s3_server.storage_options())
     assert [os.path.basename(p) for p, downloaded in got if downloaded] == [os.path.basename(cpu_image.path)]
-    assert containers._sha256_file(got[0][0]) == containers._sha256_file(cpu_image.path)
+    assert sha256_file(got[0][0]) == sha256_file(cpu_image.path)

@@ -159,10 +159,11 @@ units_per_task = 4
 
 def test_assets_verify_local_copies(tmp_path, monkeypatch):
     from dcslurm.cli import assets as assets_cli
+    from dcslurm.core.storage import sha256_file
 
     good = tmp_path / "ids.txt"
     good.write_text("n01440764\nn01443537\n")
-    sha = assets_cli.sha256_of(str(good))
+    sha = sha256_file(str(good))
     monkeypatch.setitem(assets_cli.ASSETS, "imagenet21k_wordnet_ids",
                         assets_cli.Asset("imagenet21k_wordnet_ids", "https://invalid.example/x", sha,
                                          "imagenet21k_wordnet_ids.txt", "text_based"))

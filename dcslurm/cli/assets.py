@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dcslurm.core.errors import UserError
+from dcslurm.core.storage import sha256_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Baseline assets (ImageNet-21k synsets, ImageNet-1k L/14 embeddings, centroids, lid.176).")
@@ -65,12 +66,6 @@ def default_dir() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("DCSLURM_CACHE", "~/.cache/dcslurm")), "assets")
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def get_asset(name: str) -> Asset:
@@ -93,7 +88,7 @@ def fetch(name: str, dest_dir: str | None = None, source: str | None = None, exp
     target = os.path.join(dest_dir, asset.filename)
     if os.path.exists(target) and not os.path.isfile(target):
         raise UserError(f"{target}: exists and is not a regular file")
-    if os.path.isfile(target) and sha256_of(target) == want:
+    if os.path.isfile(target) and sha256_file(target) == want:
         return target
     tmp = os.path.join(dest_dir, f".tmp-{uuid.uuid4().hex}-{asset.filename}")
     h = hashlib.sha256()
@@ -132,7 +127,7 @@ def list_assets(
         table.add_column(col)
     for a in ASSETS.values():
         path = os.path.join(folder, a.filename)
-        state = ("ok" if sha256_of(path) == a.sha256 else "BAD HASH") if os.path.isfile(path) else "-"
+        state = ("ok" if sha256_file(path) == a.sha256 else "BAD HASH") if os.path.isfile(path) else "-"
         table.add_row(a.name, a.filename, a.use, state)
     console.print(table)
 
@@ -154,7 +149,7 @@ def verify_cmd(name: str = typer.Argument(...), path: str = typer.Argument(..., 
     asset = get_asset(name)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got != asset.sha256:
         raise UserError(f"{path}: sha256 {got} does not match the published {asset.sha256} for {name}")
     console.print(f"{path}: sha256 ok for {name}")

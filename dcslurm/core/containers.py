@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcslurm.core.errors import UserError
-from dcslurm.core.storage import DataFolder, is_remote
+from dcslurm.core.storage import DataFolder, is_remote, sha256_file
 
 KINDS = ("cpu", "gpu")
 IMAGE_DIR_ENV = "DCSLURM_IMAGE_DIR"
@@ -255,14 +255,6 @@ def build_image(kind: str, image_dir: str | None = None, apptainer: str = "appta
 
 # -- push / pull / list -----------------------------------------------------------
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 _IMAGE_NAME = re.compile(r"^dcslurm-(cpu|gpu)-([0-9a-f]{16})\.sif$")
 
 
@@ -275,7 +267,7 @@ def push_image(path: str, url: str, storage_options: dict | None = None) -> bool
     folder = DataFolder(url, storage_options)
     if folder.exists(name) and folder.exists(name + ".json"):
         return False
-    meta = {"name": name, "sha256": _sha256_file(path), "bytes": os.path.getsize(path), "pushed": time.time()}
+    meta = {"name": name, "sha256": sha256_file(path), "bytes": os.path.getsize(path), "pushed": time.time()}
     folder.put_file(path, name)
     folder.write_json(name + ".json", meta)  # last: its presence says the image is complete
     return True
@@ -304,7 +296,7 @@ def pull_images(url: str, image_dir: str | None = None, storage_options: dict | 
             with os.fdopen(fd, "wb") as dst, folder.open(name) as src:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
-            got = _sha256_file(tmp)
+            got = sha256_file(tmp)
             if got != meta.get("sha256"):
                 raise UserError(f"{folder.url_of(name)}: downloaded sha256 {got[:12]} does not match the "
                                 f"pushed {str(meta.get('sha256'))[:12]}")

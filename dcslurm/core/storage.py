@@ -18,6 +18,7 @@ environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -276,7 +277,8 @@ class DataFolder:
         return retry(lambda: self.fs.size(self._path(rel)), self.url_of(rel))
 
     def info(self, rel: str) -> dict:
-        """fsspec's info of one file: size, and what changes when it is rewritten (local: mtime, inode; S3: ETag)."""
+        """fsspec's info of one file: size, and what changes when it is rewritten (local: mtime,
+        inode; S3: ETag); `content_identity` keeps just those."""
         return retry(lambda: self.fs.info(self._path(rel)), self.url_of(rel))
 
     # -- commits ----------------------------------------------------------
@@ -434,6 +436,25 @@ def _bound_s3(fs: Any) -> None:
     from botocore.handlers import add_expect_header
 
     fs.s3.meta.events.unregister("before-call.s3", add_expect_header)
+
+
+def content_identity(info: dict) -> dict:
+    """What tells one version of a stored file from another without reading it, from fsspec's
+    `info` of it: its size, and what a rewrite changes (object storage: the ETag; a
+    filesystem: mtime and inode). Recorded beside what was derived from the file."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return {"size": int(info["size"]), "etag": str(etag)}
+    return {"size": int(info["size"]), "mtime": info.get("mtime"), "ino": info.get("ino")}
+
+
+def sha256_file(path: str) -> str:
+    """sha256 (hex) of a local file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_bytes_url(url: str, storage_options: dict | None = None) -> bytes:

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcslurm.core.storage import DataFolder
+from dcslurm.core.storage import DataFolder, content_identity
 from jobs.embed.tar_samples import CorruptShard, IndexRecorder, iter_samples
-from jobs.wds import tar_identity
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -159,7 +158,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         try:
             folder = DataFolder(parent, self.storage_options)
             # the identity before the read: a tar replaced meanwhile then mismatches its index
-            identity = tar_identity(folder.info(name)) if recorder is not None else None
+            identity = content_identity(folder.info(name)) if recorder is not None else None
             with folder.open(name) as f:
                 for ordinal, sample in enumerate(iter_samples(f, shard.url, recorder)):
                     end["samples"] = ordinal + 1

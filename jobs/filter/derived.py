@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dcslurm.core.storage import DataFolder
+from dcslurm.core.storage import DataFolder, content_identity, sha256_file
 
 # Bump a version when the code computing that column changes: its cached values are then stale.
 VERSIONS = {"chars": 1, "words": 1, "fttokens": 1, "fasttext_en": 1, "gcld3_en": 1, "wordnet_entity": 1,
@@ -52,21 +52,14 @@ def _digest(*parts) -> str:
 
 
 def file_id(folder: DataFolder, name: str) -> str:
-    """The identity of one stored file's content, without reading it: URL, size, and the fields
-    a rewrite changes (local mtime and inode; S3 ETag and last-modified)."""
-    info = folder.info(name)
-    changes = {k: info.get(k) for k in ("size", "mtime", "ino", "ETag", "LastModified", "etag", "last_modified")
-               if info.get(k) is not None}
-    return _digest(folder.url_of(name), changes)
+    """The identity of one stored file's content, without reading it: its URL and
+    `content_identity` (size; local mtime and inode, or the S3 ETag)."""
+    return _digest(folder.url_of(name), content_identity(folder.info(name)))
 
 
 @functools.lru_cache(maxsize=16)
 def _content_hash(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:24]
+    return sha256_file(path)[:24]
 
 
 def content_id(path: str) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from dcslurm.core.errors import UserError
 from dcslurm.core.shards import split_evenly
-from dcslurm.core.storage import DataFolder
+from dcslurm.core.storage import DataFolder, content_identity
 from dcslurm.core.task import TaskContext, TaskResult
 from dcslurm.datacomp.pool import hex_halves
 from jobs.inputs import filter_in_run
@@ -40,7 +40,7 @@ from jobs.reshard.tario import (
     open_tar_spans,
     open_tars_ahead,
 )
-from jobs.wds import TarIndex, index_name, shard_stem, tar_identity
+from jobs.wds import TarIndex, index_name, shard_stem
 
 COUNTS_DIR = "_counts"
 INDEX_FILE = "_index.json"
@@ -244,7 +244,7 @@ def _member_indexes(ctx: TaskContext, tars: list[str]
             continue
         tar_folder, name = split_url(ctx, url)
         try:
-            identity = tar_identity(tar_folder.info(name))
+            identity = content_identity(tar_folder.info(name))
         except FileNotFoundError:
             continue  # counted as missing by the read
         if not index.describes(identity):
