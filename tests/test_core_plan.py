@@ -9,6 +9,7 @@ import pytest
 from dcslurm.core.config import parse_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.plan import Plan, make_plan
+from dcslurm.core.plantypes import PlanInputs
 from dcslurm.core.sbatch import TaskLauncher, render_step_script, render_submit_script
 from dcslurm.core.shards import (
     ChunkedIndexes,
@@ -20,7 +21,6 @@ from dcslurm.core.shards import (
     split_units,
     task_range,
 )
-from dcslurm.core.stages import PlanInputs
 
 
 def _config(folder="/runs/r", units=100, per_task=1, **extra):

@@ -197,8 +197,8 @@ def test_plan_books_gpu_hours_from_the_models():
     """1,282 DataComp-small shards with the two default models: clip-retrieval's A100 rates."""
     from dcslurm.core.config import parse_config
     from dcslurm.core.plan import make_plan
+    from dcslurm.core.plantypes import PlanInputs
     from dcslurm.core.shards import UnitSet
-    from dcslurm.core.stages import PlanInputs
 
     raw = {"run": {"folder": "/tmp/x", "scale": "small", "stages": ["embed"]},
            "stages": {"embed": {"units_per_task": 10}}}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dcslurm.core.config import Resources
 from dcslurm.core.errors import StorageError
 from dcslurm.core.markers import read_marker
-from dcslurm.core.plan import PLAN_FILE, Plan, StepPlan
+from dcslurm.core.plan import PLAN_FILE, Plan
+from dcslurm.core.plantypes import Resources, StepPlan
 from dcslurm.core.runner import run_task
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.storage import DataFolder, s3fs_options

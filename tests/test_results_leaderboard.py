@@ -273,7 +273,7 @@ def test_plan_table_printed_by_plan_and_submit_reads_at_80_columns(monkeypatch):
     from dcslurm import cli
     from dcslurm.core.config import parse_config
     from dcslurm.core.plan import make_plan
-    from dcslurm.core.stages import PlanInputs
+    from dcslurm.core.plantypes import PlanInputs
 
     raw = {"run": {"folder": "/runs/xl", "scale": "xlarge"}, "pool": {"metadata": "/pool"},
            "stages": {"filter": {"spec": CLIP}, "eval": {"evalsets": "/sets"}}}

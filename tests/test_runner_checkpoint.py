@@ -27,7 +27,8 @@ import pytest
 from dcslurm.core.config import load_config
 from dcslurm.core.environment import World, world_from_env
 from dcslurm.core.markers import read_marker
-from dcslurm.core.plan import PlanInputs, make_plan
+from dcslurm.core.plan import make_plan
+from dcslurm.core.plantypes import PlanInputs
 from dcslurm.core.runner import _requeue
 from dcslurm.core.runs import run_status, submit_run
 from dcslurm.core.sbatch import TaskLauncher, render_step_script

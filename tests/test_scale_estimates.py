@@ -9,9 +9,9 @@ import pytest
 
 from dcslurm.core.config import parse_config, slurm_time_hours
 from dcslurm.core.plan import discover_inputs, make_plan
+from dcslurm.core.plantypes import PlanInputs
 from dcslurm.core.sbatch import TaskLauncher, render_step_script
 from dcslurm.core.shards import UnitSet
-from dcslurm.core.stages import PlanInputs
 
 EMBED_SECONDS = 1 / 2500 + 1 / 312  # the two default models at clip-retrieval's A100 rates
 XL_ROWS = 12_800_000_000

@@ -192,15 +192,16 @@ data = {json.dumps(shards)}
 
 def test_scale_hyperparameters_are_the_papers():
     from dcslurm.core.scales import SCALES
-    from jobs.train.spec import resolve_hyper
+    from jobs.train.spec import TrainParams, resolve_hyper
 
-    small = resolve_hyper(SCALES["small"], {})
+    small = resolve_hyper(SCALES["small"], TrainParams())
     assert (small.model, small.batch_size, small.lr, small.warmup, small.samples) == \
         ("ViT-B-32", 4096, 5e-4, 500, 12_800_000)
     assert (small.beta1, small.beta2, small.eps, small.weight_decay) == (0.9, 0.98, 1e-6, 0.2)
-    xl = resolve_hyper(SCALES["xlarge"], {})
+    xl = resolve_hyper(SCALES["xlarge"], TrainParams())
     assert (xl.model, xl.batch_size, xl.lr, xl.warmup, xl.beta2) == ("ViT-L-14", 90112, 1e-3, 10_000, 0.95)
-    assert resolve_hyper(SCALES["tiny"], {"batch_size": 16, "warmup": 0}).batch_size == 16
+    tiny = resolve_hyper(SCALES["tiny"], TrainParams(batch_size=16, warmup=0))
+    assert (tiny.batch_size, tiny.warmup, tiny.lr) == (16, 0, SCALES["tiny"].lr)  # 0 is a warmup, not "unset"
 
 
 # -- units ----------------------------------------------------------------------
@@ -222,13 +223,13 @@ def test_cosine_schedule_is_open_clips():
 def test_batch_shape_preserves_the_global_batch():
     from jobs.train.train import batch_shape
 
-    assert batch_shape(4096, 8, 0, 0) == batch_shape(4096, 8, 1, 0)
-    s = batch_shape(4096, 1, 0, 512)
+    assert batch_shape(4096, 8, None, None) == batch_shape(4096, 8, 1, None)
+    s = batch_shape(4096, 1, None, 512)
     assert (s.accum, s.micro_batch) == (8, 512)
-    s = batch_shape(90112, 512, 0, 0)
+    s = batch_shape(90112, 512, None, None)
     assert (s.accum, s.micro_batch, s.per_rank) == (1, 176, 176)
     with pytest.raises(UserError, match="not divisible by the world size 3"):
-        batch_shape(4096, 3, 0, 0)
+        batch_shape(4096, 3, None, None)
 
 
 def test_global_batch_is_the_same_set_whatever_the_world_and_workers(shards):

@@ -25,15 +25,15 @@ STEPS = 20
 
 
 @pytest.mark.parametrize("mode, scale, nodes, tasks, replicas, expected", [
-    ("auto", "tiny", 1, 1, 0, (1,)),
-    ("auto", "small", 1, 8, 0, (8,)),
-    ("auto", "medium", 4, 8, 0, (32,)),  # medium: FSDP over all ranks
-    ("auto", "large", 1, 8, 0, (8,)),  # one node: nothing to replicate across
-    ("auto", "large", 16, 8, 0, (16, 8)),
-    ("auto", "xlarge", 64, 8, 0, (64, 8)),  # DataComp's 512 A100s
-    ("auto", "xlarge", 64, 1, 0, (64,)),  # one task a node: no node to shard within
-    ("fsdp", "xlarge", 64, 8, 0, (512,)),
-    ("hsdp", "tiny", 2, 2, 0, (2, 2)),
+    ("auto", "tiny", 1, 1, None, (1,)),
+    ("auto", "small", 1, 8, None, (8,)),
+    ("auto", "medium", 4, 8, None, (32,)),  # medium: FSDP over all ranks
+    ("auto", "large", 1, 8, None, (8,)),  # one node: nothing to replicate across
+    ("auto", "large", 16, 8, None, (16, 8)),
+    ("auto", "xlarge", 64, 8, None, (64, 8)),  # DataComp's 512 A100s
+    ("auto", "xlarge", 64, 1, None, (64,)),  # one task a node: no node to shard within
+    ("fsdp", "xlarge", 64, 8, None, (512,)),
+    ("hsdp", "tiny", 2, 2, None, (2, 2)),
     ("hsdp", "tiny", 1, 4, 2, (2, 2)),
 ])
 def test_the_mesh_follows_the_scale_and_the_job_shape(mode, scale, nodes, tasks, replicas, expected):

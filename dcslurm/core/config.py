@@ -2,6 +2,9 @@
 
 Every error is one line that starts with the file and the key at fault.
 Credentials are refused: they come from the environment, never the file.
+This module checks the generic sections and the generic keys of each [stages.NAME]
+(units_per_task, resources); the stage's own keys are bound to its params dataclass by
+the one binding step, stages.bind_params, which a task runs again on its plan's copy.
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ import hashlib
 import json
 import os
 import re
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from dcslurm.core.errors import ConfigError
+from dcslurm.core.plantypes import Resources, at_least
 from dcslurm.core.scales import SCALES, ScaleConfig
+from dcslurm.core.stages import bind_params, get_stage, pipeline_stages, registry
 from dcslurm.core.storage import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -28,14 +30,7 @@ from dcslurm.core.storage import (
     normalize_url,
     s3fs_options,
 )
-
-# Keys that would put a secret into a file that gets copied, printed and
-# rendered into scripts.
-_SECRET_KEYS = {
-    "key", "secret", "password", "token", "secret_key", "access_key",
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-    "access_key_id", "secret_access_key", "session_token",
-}
+from dcslurm.core.tables import load_dataclass, read_toml, shown
 
 
 @dataclass
@@ -64,7 +59,7 @@ class StorageSection:
     read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds without a byte from the server
 
     def validate(self) -> None:
-        _at_least(self, "max_attempts", 1)
+        at_least(self, "max_attempts", 1)
         for key in ("connect_timeout", "read_timeout"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0 (seconds)")
@@ -80,38 +75,9 @@ class ExecutorSection:
     submitit_cluster: str = "slurm"
 
     def validate(self) -> None:
-        _at_least(self, "max_parallel", 0)
+        at_least(self, "max_parallel", 0)
         if self.submitit_cluster not in ("slurm", "local"):
-            raise ValueError(f"submitit_cluster: expected 'slurm' or 'local', got {_shown(self.submitit_cluster)}")
-
-
-@dataclass
-class Resources:
-    """What one task of a step asks SLURM for. Site defaults in [slurm]."""
-
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    time: str = "04:00:00"
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
-    gres: str = ""
-    cpus_per_task: int = 1
-    mem: str = ""
-    constraint: str = ""
-    array_throttle: int = 0  # at most this many array tasks at once (%N); 0 = no limit
-    requeue: bool = True
-    # --signal=USR2@N: warn the tasks this long before the time limit (USR2: NCCL may catch USR1)
-    signal_seconds: int = 120
-    extra_sbatch: list[str] = field(default_factory=list)
-    setup: list[str] = field(default_factory=list)  # e.g. "module load cuda/12"
-
-    def validate(self) -> None:
-        for key in ("nodes", "tasks_per_node", "cpus_per_task"):
-            _at_least(self, key, 1)
-        for key in ("gpus_per_node", "array_throttle", "signal_seconds"):
-            _at_least(self, key, 0)
+            raise ValueError(f"submitit_cluster: expected 'slurm' or 'local', got {shown(self.submitit_cluster)}")
 
 
 @dataclass
@@ -121,7 +87,7 @@ class SlurmSection(Resources):
 
     def validate(self) -> None:
         super().validate()
-        _at_least(self, "max_array_size", 0)
+        at_least(self, "max_array_size", 0)
 
 
 @dataclass
@@ -146,11 +112,11 @@ class StageSection:
 
     units_per_task: int | None = None  # None (not set) = the stage's default
     resources: dict = field(default_factory=dict)
-    params: Any = None
+    params: Any = None  # the stage's params dataclass (stages.bind_params); None: it takes none
 
     def validate(self) -> None:
         if self.units_per_task is not None:
-            _at_least(self, "units_per_task", 1)
+            at_least(self, "units_per_task", 1)
 
 
 @dataclass
@@ -193,8 +159,6 @@ class RunConfig:
         return self.run.name or os.path.basename(self.run.folder.rstrip("/")) or "run"
 
     def selected_stages(self) -> list[str]:
-        from dcslurm.core.stages import pipeline_stages
-
         stages = self.run.stages
         return pipeline_stages() if stages == "all" else list(stages)
 
@@ -233,151 +197,6 @@ def _jsonable(obj: Any) -> Any:
 
 # -- validation ---------------------------------------------------------------
 
-def _at_least(obj: Any, key: str, low: int) -> None:
-    if getattr(obj, key) < low:
-        raise ValueError(f"{key}: must be >= {low}")
-
-
-# Credentials recognised by what a value holds, whatever its key: they would
-# otherwise be copied into plan.json, sbatch scripts and logs.
-_SECRET_CONTENT = (
-    # user info with a password in a URL: scheme://user:password@host
-    (re.compile(r"[a-z][a-z0-9+.-]*://[^/\s@:]*:[^/\s@]*@", re.I), "a password in a URL"),
-    # an AWS access key id
-    (re.compile(r"\b(AKIA|ASIA|AIDA|AROA)[0-9A-Z]{16}\b"), "an AWS access key id"),
-    # an assignment of a literal to a secret-looking variable (export X=..., --export=...,X=...):
-    # one naming a secret or password anywhere, or ending in TOKEN, ..._KEY (not TOKENIZERS_...);
-    # `X=$X` or `X="$(...)"` hands over a value from the environment and holds no secret itself
-    (re.compile(r"\b([A-Z0-9_]*(SECRET|PASSWORD|PASSWD)[A-Z0-9_]*|[A-Z0-9_]*(TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY"
-                r"|CREDENTIALS?))=(?![\"']?\$)(?=[^\s,;]+)"), "an assignment to a secret variable"),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
-)
-
-
-def _refuse_secret_content(value: Any, where: str) -> None:
-    """One-line ConfigError if a string (or a string in a list) holds a
-    credential. The message names the key and the kind of credential, never the value."""
-    if isinstance(value, str):
-        for pattern, what in _SECRET_CONTENT:
-            if pattern.search(value):
-                raise ConfigError(
-                    f"{where}: holds a credential ({what}); credentials must not be written in a config file: "
-                    "set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-                )
-    elif isinstance(value, list):
-        for item in value:
-            _refuse_secret_content(item, where)
-    # Tables are checked key by key when their own dataclass is loaded (resources, stage params).
-
-
-def _shown(value: Any) -> str:
-    """`value` quoted when it is a short plain word (a mistyped name), else not shown at all."""
-    if isinstance(value, str) and re.fullmatch(r"[\w.:/-]{0,24}", value):
-        return repr(value)
-    return f"{_toml_type(value)} (not shown)"
-
-
-def _toml_type(value: Any) -> str:
-    """What a TOML value is, for error messages that must not echo the value itself."""
-    for tp, name in ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                     (list, "a list"), (dict, "a table")):
-        if isinstance(value, tp):
-            return name
-    return "a date or time" if value is not None else "nothing"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(arg)}"
-    if origin is dict or tp is dict:
-        return "table"
-    return {str: "string", int: "integer", float: "number", bool: "true/false", type(None): "nothing"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _check_type(value: Any, tp: Any) -> Any:
-    """Return `value` converted to `tp`, or raise TypeError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _check_type(value, arg)
-            except TypeError:
-                continue
-        raise TypeError
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            raise TypeError
-        return [_check_type(v, arg) for v in value]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise TypeError
-    if tp is type(None):
-        if value is not None:
-            raise TypeError
-        return value
-    if not isinstance(value, tp):
-        raise TypeError
-    return value
-
-
-def load_dataclass(cls: type, table: Any, where: str) -> Any:
-    """Build dataclass `cls` from a TOML table; one-line ConfigError on any problem.
-
-    `where` is "run.toml: [section]" and prefixes every message.
-    """
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table, got {_toml_type(table)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key.lower() in _SECRET_KEYS:
-            raise ConfigError(
-                f"{where} {key}: credentials must not be written in a config file; "
-                "set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-            )
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        _refuse_secret_content(value, f"{where} {key}")
-        try:
-            kwargs[key] = _check_type(value, hints[key])
-        except TypeError:
-            # The value is not echoed: a misplaced secret would be printed.
-            raise ConfigError(
-                f"{where} {key}: expected {_type_name(hints[key])}, got {_toml_type(value)}"
-            ) from None
-    missing = [
-        name for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(f"{where} {exc}") from None
-    return obj
-
-
 _SECTIONS = {
     "run": RunSection,
     "pool": PoolSection,
@@ -392,8 +211,6 @@ _SECTIONS = {
 def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
                  stages: list[str] | None = None, executor: str | None = None) -> RunConfig:
     """Validate a parsed TOML document (plus CLI overrides) into a RunConfig."""
-    from dcslurm.core.stages import get_stage, pipeline_stages, registry
-
     name = os.path.basename(path)
     for key in raw:
         if key not in _SECTIONS:
@@ -408,7 +225,7 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
     if stages is not None:
         run.stages = stages
     if run.scale not in SCALES:
-        raise ConfigError(f"{name}: [run] scale: unknown scale {_shown(run.scale)}; choose one of {', '.join(SCALES)}")
+        raise ConfigError(f"{name}: [run] scale: unknown scale {shown(run.scale)}; choose one of {', '.join(SCALES)}")
     if not run.folder.strip():
         raise ConfigError(f"{name}: [run] folder: must not be empty")
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -427,7 +244,7 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
         execu.kind = executor
     if execu.kind not in ("local", "slurm", "submitit"):
         raise ConfigError(f"{name}: [executor] kind: expected 'local', 'slurm' or 'submitit', "
-                          f"got {_shown(execu.kind)}")
+                          f"got {shown(execu.kind)}")
     if execu.log_dir:
         execu.log_dir = _resolve(execu.log_dir, base_dir)
     slurm = load_dataclass(SlurmSection, raw.get("slurm", {}), f"{name}: [slurm]")
@@ -461,26 +278,12 @@ def parse_config(raw: dict, path: str = "run.toml", scale: str | None = None,
         section.resources = {k: v for k, v in dataclasses.asdict(resources).items() if k in section.resources}
         if "time" in section.resources:
             _check_time(section.resources["time"], f"{where}.resources time")
-        if spec.params is not None:
-            section.params = load_dataclass(spec.params, table, where)
-        elif table:
-            raise ConfigError(f"{where}: unknown key {next(iter(table))!r} (this stage takes no parameters)")
+        section.params = bind_params(spec.params, table, where)
         sections[stage_name] = section
     return RunConfig(
         path=path, run=run, pool=pool, storage=storage, executor=execu, slurm=slurm,
         container=container, stages=sections, raw=raw,
     )
-
-
-def read_toml(path: str, what: str = "config file") -> dict:
-    """A TOML file's table, or a one-line ConfigError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such {what}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
 def load_config(path: str, scale: str | None = None, stages: list[str] | None = None,
@@ -502,7 +305,7 @@ def _resolve(url: str, base_dir: str) -> str:
 def _check_time(value: str, where: str) -> None:
     """SLURM time limits: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
     if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", value or ""):
-        raise ConfigError(f"{where}: expected a SLURM time limit like '04:00:00' or '2-00:00:00', got {_shown(value)}")
+        raise ConfigError(f"{where}: expected a SLURM time limit like '04:00:00' or '2-00:00:00', got {shown(value)}")
 
 
 def slurm_time_hours(value: str) -> float:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from dcslurm.core.storage import DataFolder
 
 if TYPE_CHECKING:
-    from dcslurm.core.plan import StepPlan
+    from dcslurm.core.plantypes import StepPlan
 
 MARKERS_DIR = "_markers"
 FAILURES_DIR = "_failures"

@@ -14,67 +14,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from dcslurm.core.config import Resources, RunConfig
+from dcslurm.core.config import RunConfig
 from dcslurm.core.errors import UserError
-from dcslurm.core.shards import ShardRange, UnitSet, parse_brace_pattern, task_range
-from dcslurm.core.stages import Estimate, PlanContext, PlanInputs, get_stage
+from dcslurm.core.plantypes import Estimate, PlanInputs, StepPlan
+from dcslurm.core.shards import UnitSet, parse_brace_pattern
+from dcslurm.core.stages import PlanContext, class_path, get_stage
 from dcslurm.core.storage import DataFolder, join_url
 
 PLAN_FILE = "plan.json"
 RUN_TOML = "run.toml"  # a run's config in its folder, where a sweep writes one per piece
 DEFAULT_MAX_TASKS = 10_000
-
-
-@dataclass
-class StepPlan:
-    name: str  # "download", "filter.map", ...
-    stage: str
-    entry: str  # "module:function" run on the compute node
-    layout: str  # array | single | distributed
-    units: UnitSet
-    units_per_task: int
-    depends_on: list[str]
-    resources: Resources
-    gpu: bool
-    estimate: Estimate = field(default_factory=Estimate)
-    # The identity of this step's units and of everything upstream of them (see
-    # units_digest()); a marker records it with its [start, stop), so a commit
-    # made under another split or pool is never taken for this task's.
-    units_digest: str = ""
-    checkpointable: bool = False  # StepSpec.checkpointable: the runner's stop/requeue protocol
-
-    @property
-    def n_tasks(self) -> int:
-        if self.layout != "array":
-            return 1
-        return max(1, -(-self.units.count // self.units_per_task)) if self.units.count else 0
-
-    def shards(self, index: int) -> ShardRange:
-        """The units of task `index`."""
-        if self.layout != "array":
-            return ShardRange(0, self.units.count)
-        return task_range(self.units.count, self.units_per_task, index)
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name, "stage": self.stage, "entry": self.entry, "layout": self.layout,
-            "units": self.units.to_dict(), "units_per_task": self.units_per_task,
-            "depends_on": self.depends_on, "resources": dataclasses.asdict(self.resources),
-            "gpu": self.gpu, "estimate": dataclasses.asdict(self.estimate),
-            "units_digest": self.units_digest, "checkpointable": self.checkpointable,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StepPlan:
-        return cls(
-            name=d["name"], stage=d["stage"], entry=d["entry"], layout=d["layout"],
-            units=UnitSet.from_dict(d["units"]), units_per_task=d["units_per_task"],
-            depends_on=list(d["depends_on"]), resources=Resources(**d["resources"]),
-            gpu=d["gpu"], estimate=Estimate(**d["estimate"]),
-            # plan.json files written before digests existed: recomputed by Plan.from_dict
-            units_digest=d.get("units_digest", ""),
-            checkpointable=d.get("checkpointable", False),
-        )
 
 
 def units_digest(units: UnitSet, layout: str, upstream: list[StepPlan]) -> str:
@@ -188,6 +137,7 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
         spec = get_stage(stage_name)
         section = config.stages.get(stage_name)
         params = section.params if section is not None else (spec.params() if spec.params else None)
+        params_class = class_path(spec.params)
         ctx = PlanContext(config=config, inputs=inputs, steps=steps, params=params)
         resources = config.resources_for(stage_name, spec.default_resources)
         if spec.job_shape is not None:
@@ -209,7 +159,7 @@ def make_plan(config: RunConfig, inputs: PlanInputs) -> Plan:
                 depends_on=[previous] if previous else [],
                 resources=(resources if step_spec.layout != "single"
                            else dataclasses.replace(resources, nodes=1, tasks_per_node=1)),
-                gpu=spec.gpu, checkpointable=step_spec.checkpointable,
+                gpu=spec.gpu, checkpointable=step_spec.checkpointable, params_class=params_class,
             )
             steps[name] = step
             stage_steps.append(step)

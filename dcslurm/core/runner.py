@@ -12,7 +12,6 @@ checkpointable step stopped on the scheduler's request (resumable; see dcslurm.c
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -26,16 +25,12 @@ from dcslurm.core import proctree, slurm
 from dcslurm.core.environment import World, world_from_env
 from dcslurm.core.errors import UserError
 from dcslurm.core.markers import commit_marker, marker_covers, marker_matches, read_marker, record_failure
-from dcslurm.core.plan import read_plan
+from dcslurm.core.plan import PLAN_FILE, read_plan
+from dcslurm.core.stages import bind_params, import_path
 from dcslurm.core.storage import DataFolder
 from dcslurm.core.task import Preempted, StopRequest, TaskContext, TaskResult
 
 STORAGE_ENV = "DCSLURM_STORAGE"
-
-
-def load_entry(entry: str):
-    module_name, func_name = entry.split(":", 1)
-    return getattr(importlib.import_module(module_name), func_name)
 
 
 def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
@@ -61,11 +56,13 @@ def run_task(run_url: str, step_name: str, index: int, log_path: str = "",
             log.warning("task %s[%d]: its marker covers units %s..%s of another plan (now %d..%d): redoing it",
                         step_name, index, marker.get("start"), marker.get("stop"),
                         step.shards(index).start, step.shards(index).stop)
-        func = load_entry(step.entry)
+        func = import_path(step.entry)
+        params = bind_params(import_path(step.params_class) if step.params_class else None,
+                             plan.stage_params.get(step.stage) or {},
+                             f"{run.url_of(PLAN_FILE)}: stage_params {step.stage}")
     except UserError as exc:
         log.error("%s", exc)
         return 2
-    params = dict(plan.stage_params.get(step.stage) or {})
     stop = StopRequest()
     if step.checkpointable:
         # Only a step that can checkpoint catches the scheduler's signals; any other keeps

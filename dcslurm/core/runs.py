@@ -19,8 +19,8 @@ from dcslurm.core.errors import UserError
 from dcslurm.core.executors import Executor, ExecutorSettings, TaskState, make_executor
 from dcslurm.core.markers import done_indexes, failed_indexes, read_failure
 from dcslurm.core.plan import PLAN_FILE, Plan, discover_inputs, make_plan, plan_changes, read_plan
+from dcslurm.core.plantypes import PlanInputs
 from dcslurm.core.slurm import SchedulerUnreachable
-from dcslurm.core.stages import PlanInputs
 from dcslurm.core.storage import DataFolder
 from dcslurm.core.submission import Submission, load_submissions, save_submission
 

@@ -13,9 +13,9 @@ import json
 import shlex
 from dataclasses import dataclass, field
 
-from dcslurm.core.config import Resources
 from dcslurm.core.errors import UserError
-from dcslurm.core.plan import Plan, StepPlan
+from dcslurm.core.plan import Plan
+from dcslurm.core.plantypes import Resources, StepPlan
 from dcslurm.core.shards import ChunkedIndexes, compress_indexes
 
 

@@ -9,39 +9,22 @@ proper lives beside it and is imported only on the compute node.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dcslurm.core.errors import UserError
+from dcslurm.core.errors import ConfigError, UserError
+from dcslurm.core.plantypes import Estimate, PlanInputs, StepPlan
 from dcslurm.core.shards import UnitSet
+from dcslurm.core.tables import load_dataclass
 
 if TYPE_CHECKING:
     from dcslurm.core.config import RunConfig
-    from dcslurm.core.plan import StepPlan
     from dcslurm.core.storage import DataFolder
 
 LAYOUTS = ("array", "single", "distributed")
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Planned cost of a step: GPU-hours (A100-equivalent) and bytes written."""
-
-    gpu_hours: float = 0.0
-    bytes_written: float = 0.0
-    basis: str = ""
-    warning: str = ""  # one line plan/submit print: e.g. a job shape absurd for the scale
-
-
-@dataclass(frozen=True)
-class PlanInputs:
-    """What planning knows about the world: the pool, listed once (I/O done before)."""
-
-    metadata_files: tuple[str, ...] = ()  # pool parquet URLs, sorted
-    shards: UnitSet | None = None  # existing webdataset shards (bring your own)
-    pool_rows: int | None = None  # rows of the metadata files (their footers); None = not read
 
 
 @dataclass
@@ -51,7 +34,7 @@ class PlanContext:
     config: RunConfig
     inputs: PlanInputs
     steps: dict[str, StepPlan]  # steps planned so far in this run, by name
-    params: Any  # the stage's params dataclass instance
+    params: Any  # the stage's params dataclass instance (None: the stage takes none)
 
     @property
     def scale(self):
@@ -99,6 +82,35 @@ class StageSpec:
 
     def step_name(self, step: StepSpec) -> str:
         return self.name if len(self.steps) == 1 else f"{self.name}.{step.name}"
+
+
+# -- the one binding step ---------------------------------------------------------
+
+def bind_params(params_class: type | None, table: dict, where: str) -> Any:
+    """A stage's own keys bound to its params dataclass: defaults filled, types and values
+    checked (one-line ConfigError naming `where` and the key). The same step at plan time,
+    on the [stages.NAME] table, and in every task, on the plan's copy (`plan.json`'s
+    stage_params): stage code reads attributes of the dataclass, never dict keys with
+    defaults of their own. None for a stage without params."""
+    if params_class is None:
+        if table:
+            raise ConfigError(f"{where}: unknown key {next(iter(table))!r} (this stage takes no parameters)")
+        return None
+    return load_dataclass(params_class, table, where)
+
+
+def class_path(cls: type | None) -> str:
+    """'module:QualName' of a class (a stage's params), as a plan records it; '' for None."""
+    return f"{cls.__module__}:{cls.__qualname__}" if cls is not None else ""
+
+
+def import_path(path: str) -> Any:
+    """The object a 'module:name' path names (a step's entry, a params class)."""
+    module_name, _, name = path.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # Stages are found through this entry-point group (pyproject.toml's

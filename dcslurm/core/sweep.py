@@ -39,11 +39,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from dcslurm.core.config import RunConfig, load_dataclass, parse_config, read_toml
+from dcslurm.core.config import RunConfig, parse_config
 from dcslurm.core.errors import ConfigError, UserError
 from dcslurm.core.plan import PLAN_FILE, RUN_TOML, discover_inputs, read_plan
-from dcslurm.core.stages import PlanInputs
+from dcslurm.core.plantypes import PlanInputs
 from dcslurm.core.storage import DataFolder, join_url
+from dcslurm.core.tables import load_dataclass, read_toml
 from dcslurm.core.tomlfile import dumps
 
 SWEEP_FILE = "sweep.toml"

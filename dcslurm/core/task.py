@@ -19,7 +19,8 @@ from typing import Any
 
 from dcslurm.core.environment import World
 from dcslurm.core.markers import read_marker
-from dcslurm.core.plan import Plan, StepPlan
+from dcslurm.core.plan import Plan
+from dcslurm.core.plantypes import StepPlan
 from dcslurm.core.scales import SCALES, ScaleConfig
 from dcslurm.core.shards import ShardRange
 from dcslurm.core.storage import DataFolder
@@ -100,7 +101,7 @@ class TaskContext:
     step: StepPlan
     index: int  # task index within the step
     shards: ShardRange  # the units of this task
-    params: dict  # the stage's [stages.NAME] params (after defaults)
+    params: Any  # the stage's params dataclass, bound from the plan (stages.bind_params); None: none
     world: World
     scratch: str  # local temporary folder, removed after the task
     log: logging.Logger

@@ -10,7 +10,7 @@ from jobs.reshard.stage import load_run_subset
 
 
 def _groups(ctx: TaskContext):
-    return load_groups(ctx.params.get("groups", ""), ctx.params.get("columns", []))
+    return load_groups(ctx.params.groups, ctx.params.columns)
 
 
 def _rel(ctx: TaskContext, rel: str) -> str:
@@ -34,8 +34,8 @@ def count(ctx: TaskContext) -> TaskResult:
 def report(ctx: TaskContext) -> TaskResult:
     """Sum the counts; report.md, report.csv, report.json and the charts in RUN/audit/."""
     files = metadata_inputs(ctx, range(ctx.step.units.count))
-    rep = filteraudit.reduce_counts(files, ctx.output, _groups(ctx), float(ctx.params.get("alpha", 0.05)),
-                                    float(ctx.params.get("rare_share", 0.05)))
+    rep = filteraudit.reduce_counts(files, ctx.output, _groups(ctx), ctx.params.alpha,
+                                    ctx.params.rare_share)
     names = filteraudit.write_report(rep, ctx.output)
     flagged = [f"{r['dimension']}/{r['group']}" for r in rep["groups"] if r["exclusion_amplification"]]
     return TaskResult(outputs=[_rel(ctx, n) for n in names],
@@ -59,16 +59,16 @@ def run_sources(ctx: TaskContext) -> list[dict]:
 
 def _bias_setup(ctx: TaskContext):
     p = ctx.params
-    sources = bias.sources_from(p.get("sources") or run_sources(ctx))
+    sources = bias.sources_from(p.sources or run_sources(ctx))
     options = ctx.plan.storage_options
-    features = list(p.get("features", ["img"]))
-    return sources, options, features, int(p.get("samples", 1000))
+    features = list(p.features)
+    return sources, options, features, p.samples
 
 
 def bias_sample(ctx: TaskContext) -> TaskResult:
     sources, options, features, samples = _bias_setup(ctx)
     files = bias.task_share(bias.metadata_files(sources, options), ctx.n_tasks, ctx.index)
-    stats = bias.sample_task(sources, files, samples, ctx.seed, ctx.params.get("model", ""), features,
+    stats = bias.sample_task(sources, files, samples, ctx.seed, ctx.params.model, features,
                              ctx.output, ctx.scratch, options)
     return TaskResult(outputs=[_rel(ctx, f"{bias.CANDIDATES}/{s:03d}-{f.pid}.npz") for s, f in files], stats=stats)
 
@@ -87,7 +87,7 @@ def bias_probe(ctx: TaskContext) -> TaskResult:
     transforms = [f for f in features if f in bias.TRANSFORMS]
     tars = bias.shard_files(sources, options) if transforms else []
     rep = bias.probe(sources, bias.metadata_files(sources, options), tars, samples, features,
-                     float(ctx.params.get("test_fraction", 0.3)), ctx.seed, ctx.output)
+                     ctx.params.test_fraction, ctx.seed, ctx.output)
     names = bias.write_report(rep, ctx.output)
     return TaskResult(outputs=[_rel(ctx, n) for n in names],
                       stats={f: r.get("accuracy") for f, r in rep["features"].items()})

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from dcslurm.core.errors import UserError
+from dcslurm.core.plantypes import Estimate
 from dcslurm.core.scales import estimate_samples
 from dcslurm.core.shards import UnitSet
-from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec
 from dcslurm.datacomp.pool import BYTES_PER_SAMPLE
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -33,7 +34,7 @@ class DownloadParams:
     encode_quality: int = 95
     retries: int = 2
     timeout: int = 10  # seconds per request
-    processes: int = 0  # img2dataset processes per task; 0 = the step's cpus_per_task
+    processes: int | None = None  # img2dataset processes per task; None = the step's cpus_per_task
     threads: int = 64  # download threads per process
     blur_faces: bool = True  # blur `face_bboxes` when the pool has that column
     # Images with more pixels are refused from their header, never decoded (counted as
@@ -61,8 +62,8 @@ class DownloadParams:
         if not 1 <= self.max_image_pixels <= 2 * DEFAULT_MAX_IMAGE_PIXELS:
             raise ValueError(f"max_image_pixels: must be between 1 and {2 * DEFAULT_MAX_IMAGE_PIXELS:,} "
                              f"(Pillow refuses to read the header of larger images)")
-        if self.processes < 0 or self.threads < 1:
-            raise ValueError("processes: must be >= 0 (0 = cpus_per_task) and threads >= 1")
+        if (self.processes is not None and self.processes < 1) or self.threads < 1:
+            raise ValueError("processes: must be >= 1 (leave it out for cpus_per_task) and threads >= 1")
         if self.http_proxy:
             _check_proxy_url(self.http_proxy)
 

@@ -71,7 +71,6 @@ from dcslurm.core.errors import UserError  # noqa: E402
 from dcslurm.core.storage import DataFolder, is_remote  # noqa: E402
 from dcslurm.core.task import TaskContext, TaskResult  # noqa: E402
 from dcslurm.datacomp.pool import check_uids, read_footer  # noqa: E402
-from jobs.download.spec import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
 from jobs.download.stats import (  # noqa: E402
     OOM_SHARD_COUNT,
     TOO_LARGE,
@@ -251,7 +250,7 @@ def _distribute(processes: int, downloader, shards, retries: int = 1) -> None:
 
 def run(ctx: TaskContext) -> TaskResult:
     p = ctx.params
-    per_shard = int(p.get("samples_per_shard", 10_000))
+    per_shard = p.samples_per_shard
     units = ctx.step.units
     all_files = list(units.names or ())
     mine = list(ctx.shards)
@@ -301,7 +300,7 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
     pool_url, first_name = files[0][0].rstrip("/").rsplit("/", 1)
     with DataFolder(pool_url, storage).open(first_name) as fh:
         columns = pq.ParquetFile(fh).schema_arrow.names
-    bbox_col = "face_bboxes" if p.get("blur_faces", True) and "face_bboxes" in columns else None
+    bbox_col = "face_bboxes" if p.blur_faces and "face_bboxes" in columns else None
     # As img2dataset.download does: the bbox column is saved with the additional columns.
     additional = ["uid"] + ([bbox_col] if bbox_col else [])
 
@@ -321,23 +320,23 @@ def _download(ctx: TaskContext, files: list[tuple[str, int, int]], done: set[int
 
     readers = [reader_for(u, first) for u, first, _n in files]
     resizer = BoundedResizer(
-        image_size=int(p.get("image_size", 512)), resize_mode=p.get("resize_mode", "keep_ratio_largest"),
-        resize_only_if_bigger=bool(p.get("resize_only_if_bigger", True)),
-        encode_quality=int(p.get("encode_quality", 95)), encode_format=p.get("encode_format", "jpg"),
+        image_size=p.image_size, resize_mode=p.resize_mode,
+        resize_only_if_bigger=p.resize_only_if_bigger,
+        encode_quality=p.encode_quality, encode_format=p.encode_format,
         blurrer=BoundingBoxBlurrer() if bbox_col else None,
     )
-    max_pixels = int(p.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    max_pixels = p.max_image_pixels
     resizer.max_pixels = max_pixels
     downloader = PoolDownloader(
-        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=int(p.get("threads", 64)),
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=p.threads,
         save_caption=True, extract_exif=True, output_folder=output_folder, column_list=readers[0].column_list,
-        timeout=int(p.get("timeout", 10)), number_sample_per_shard=per_shard, oom_shard_count=OOM_SHARD_COUNT,
-        compute_hash="sha256", verify_hash_type=None, encode_format=p.get("encode_format", "jpg"),
-        retries=int(p.get("retries", 2)), user_agent_token=None,
+        timeout=p.timeout, number_sample_per_shard=per_shard, oom_shard_count=OOM_SHARD_COUNT,
+        compute_hash="sha256", verify_hash_type=None, encode_format=p.encode_format,
+        retries=p.retries, user_agent_token=None,
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"], blurring_bbox_col=bbox_col,
     )
-    downloader.proxy = p.get("http_proxy", "")
-    processes = int(p.get("processes", 0)) or max(1, ctx.step.resources.cpus_per_task)
+    downloader.proxy = p.http_proxy
+    processes = p.processes or max(1, ctx.step.resources.cpus_per_task)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_fsspec_env(storage))
         stack.enter_context(_exit_on_sigterm())

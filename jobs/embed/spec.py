@@ -19,8 +19,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from dcslurm.core.plantypes import Estimate
 from dcslurm.core.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA, estimate_samples
-from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
 from jobs.inputs import shard_units
 
 # DataComp's two scoring models (SPEC section 2: b32 and l14, OpenAI weights).
@@ -43,7 +44,7 @@ class EmbedParams:
     # `name` gives the output keys: <name>_img, <name>_txt, clip_<name>_similarity_score.
     models: list[dict] = field(default_factory=lambda: [dict(m) for m in DEFAULT_MODELS])
     batch_size: int = 256
-    workers: int = -1  # decoding processes; -1 = the task's cpus_per_task - 1
+    workers: int | None = None  # decoding processes; None = the task's cpus_per_task - 1
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     gpu_decode: bool = False  # decode JPEGs on the device (nvjpeg via torchvision.io.decode_jpeg)
     # The nodes have no internet (most clusters): a named pretrained tag must already be in
@@ -70,8 +71,8 @@ class EmbedParams:
             names.add(m["name"])
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
-        if self.workers < -1:
-            raise ValueError("workers: must be -1 (auto) or >= 0")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError("workers: must be >= 0 (leave it out for cpus_per_task - 1)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -248,7 +248,7 @@ def _cpu_seconds() -> float:
 
 
 def _workers(params: EmbedParams, ctx: TaskContext) -> int:
-    if params.workers >= 0:
+    if params.workers is not None:
         return params.workers
     try:
         available = len(os.sched_getaffinity(0))
@@ -259,8 +259,7 @@ def _workers(params: EmbedParams, ctx: TaskContext) -> int:
 
 def run(ctx: TaskContext) -> TaskResult:
     """Embed this task's shards; outputs = the committed parquet paths (npz beside)."""
-    params = EmbedParams(**ctx.params)
-    params.validate()
+    params: EmbedParams = ctx.params
     urls = ctx.input_names()
     stems = [shard_stem(u) for u in urls]
     if len(set(stems)) != len(stems):

@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dcslurm.core.errors import UserError
+from dcslurm.core.plantypes import Estimate
 from dcslurm.core.shards import UnitSet
-from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EvalParams:
     evalsets: str = ""  # root URL holding wds_<task>_test folders
     batch_size: int = 64
     checkpoint: str = ""  # default: RUN/train/model.pt
-    model: str = ""  # open_clip model name; default: the scale's model
+    model: str | None = None  # open_clip model name; None = the scale's model
     num_workers: int = 2  # image decoding threads
     device: str = ""  # default: cuda if available, else cpu
     extra_tasks: list[dict] = field(default_factory=list)  # tasks beyond DataComp's (e.g. the demo's)
@@ -52,14 +53,13 @@ class EvalParams:
             raise ValueError(f"tasks: {exc}") from None
 
 
-def selected_tasks(params) -> list:
-    """The tasks a params object (dataclass or plan dict) selects, extras registered first."""
+def selected_tasks(params: EvalParams) -> list:
+    """The tasks the params select, their extra tasks registered first."""
     from dcslurm.datacomp.tasks import register_task, select_tasks, task_from_dict
 
-    get = params.get if isinstance(params, dict) else lambda k, d=None: getattr(params, k, d)
-    for d in get("extra_tasks", []) or []:
+    for d in params.extra_tasks:
         register_task(task_from_dict(d))
-    return select_tasks(get("tasks", "scored"))
+    return select_tasks(params.tasks)
 
 
 def _task_units(ctx: PlanContext) -> UnitSet:

@@ -236,7 +236,7 @@ def _device(requested: str) -> str:
 
 
 def _local_checkpoint(ctx: TaskContext) -> str:
-    url = ctx.params.get("checkpoint") or ctx.run.url_of("train/model.pt")
+    url = ctx.params.checkpoint or ctx.run.url_of("train/model.pt")
     if not is_remote(url):
         return url
     parent, name = url.rstrip("/").rsplit("/", 1)
@@ -255,7 +255,7 @@ def evaluate_tasks(ctx: TaskContext) -> TaskResult:
 
     selected_tasks(ctx.params)  # registers the run's extra tasks in this process
     keys = ctx.input_names()
-    root = ctx.folder(ctx.params["evalsets"])
+    root = ctx.folder(ctx.params.evalsets)
     evaluator = None
     outputs, stats = [], {}
     for key in keys:
@@ -267,9 +267,9 @@ def evaluate_tasks(ctx: TaskContext) -> TaskResult:
         if task.kind != "multilabel_faces":  # check the eval set before paying for the model
             EvalSet.open(evalset_folder(root, task), need_classes=task.kind not in ("retrieval", "winogavil"))
         if evaluator is None:
-            evaluator = Evaluator(ctx.params.get("model") or ctx.scale.model, _local_checkpoint(ctx),
-                                  _device(ctx.params.get("device", "")), int(ctx.params.get("batch_size", 64)),
-                                  int(ctx.params.get("num_workers", 2)))
+            evaluator = Evaluator(ctx.params.model or ctx.scale.model, _local_checkpoint(ctx),
+                                  _device(ctx.params.device), ctx.params.batch_size,
+                                  ctx.params.num_workers)
         started = time.time()
         metrics, task_stats = evaluator.evaluate(task, root)
         task_stats["seconds"] = round(time.time() - started, 3)

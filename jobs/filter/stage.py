@@ -25,12 +25,12 @@ def _all(ctx: TaskContext) -> list[engine.InputFile]:
 
 
 def _spec(ctx: TaskContext):
-    return parse_spec(ctx.params.get("spec", "no_filter"))
+    return parse_spec(ctx.params.spec)
 
 
 def _reader(ctx: TaskContext) -> engine.Reader:
     # derived columns: [stages.filter] derived_cache (a sweep sets its upstream's), else RUN/filter/_derived
-    cache = ctx.params.get("derived_cache") or ctx.output.url_of(engine.DERIVED)
+    cache = ctx.params.derived_cache or ctx.output.url_of(engine.DERIVED)
     return engine.Reader(ctx.plan.storage_options, cache)
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dcslurm.core.errors import UserError
+from dcslurm.core.plantypes import Estimate
 from dcslurm.core.scales import estimate_samples
 from dcslurm.core.shards import UnitSet
-from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run, require_file
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run, require_file
 from dcslurm.core.storage import DataFolder
 from jobs.inputs import check_subset_source, shard_units
 
@@ -39,15 +40,15 @@ BYTES_PER_SAMPLE = 35_000  # DataComp: about 35 KB a sample (jpg + txt + json)
 class ReshardParams:
     subset: str = ""  # subset .npy URL; leave empty when the filter stage is in the run
     samples_per_shard: int = 10_000
-    tasks: int = 0  # write parts (one write task each at units_per_task = 1); 0 = one per count task
+    tasks: int | None = None  # write parts (one write task each at units_per_task = 1); None = one per count task
     shuffle: bool = False  # seeded order: input shards permuted, then samples within each output shard
     shuffle_seed: int = 0
 
     def validate(self) -> None:
         if self.samples_per_shard < 1:
             raise ValueError("samples_per_shard: must be >= 1")
-        if self.tasks < 0:
-            raise ValueError("tasks: must be >= 0 (0 = one write task per count task)")
+        if self.tasks is not None and self.tasks < 1:
+            raise ValueError("tasks: must be >= 1 (leave it out for one write task per count task)")
 
 
 def _count_units(ctx: PlanContext) -> UnitSet:

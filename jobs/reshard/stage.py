@@ -60,7 +60,7 @@ def subset_url(ctx: TaskContext) -> str:
     """The subset this run reshards: the filter stage's output, or params `subset`."""
     if filter_in_run(ctx.plan.steps):
         return ctx.run.url_of("filter/subset.npy")
-    return ctx.params["subset"]
+    return ctx.params.subset
 
 
 def load_run_subset(ctx: TaskContext) -> SubsetFile:
@@ -320,7 +320,7 @@ def _sum_records(records: list[dict]) -> dict:
 def index(ctx: TaskContext) -> TaskResult:
     """The global layout: where each input shard's kept samples start; uids found/missing."""
     subset = load_run_subset(ctx)
-    samples_per_shard = int(ctx.params["samples_per_shard"])
+    samples_per_shard = ctx.params.samples_per_shard
     found = np.zeros(len(subset), dtype=bool)
     records = []
     for i in range(ctx.plan.step(f"{ctx.step.stage}.count").n_tasks):
@@ -343,8 +343,8 @@ def index(ctx: TaskContext) -> TaskResult:
     stats.update(subset_rows=len(subset), subset_uids=unique_uids, uids_found=int(found.sum()),
                  uids_missing=unique_uids - int(found.sum()))
     kept = [r for r in records if r["kept"] > 0]
-    if ctx.params.get("shuffle"):
-        order = np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 0]).permutation(len(kept))
+    if ctx.params.shuffle:
+        order = np.random.default_rng([ctx.params.shuffle_seed, 0]).permutation(len(kept))
         kept = [kept[j] for j in order]
     inputs, start = [], 0
     for r in kept:
@@ -522,7 +522,7 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
                  readers: Iterator[TarSampleReader | None]) -> dict:
     """Write output shard `shard` from `pieces`, taking one reader from `readers` for each."""
     lo, hi = _shard_range(layout, shard)
-    shuffle = bool(ctx.params.get("shuffle"))
+    shuffle = ctx.params.shuffle
     collected: list[tuple[bytes, Members]] = []
     used: list[str] = []
     stats = {"samples": 0, "bytes": 0, "repeats": 0}
@@ -540,7 +540,7 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
             used.append(piece.url)
             _copy_range(piece, next(readers), subset, emit, stats)
         if shuffle:
-            rng = np.random.default_rng([int(ctx.params.get("shuffle_seed", 0)), 1, shard])
+            rng = np.random.default_rng([ctx.params.shuffle_seed, 1, shard])
             for j in rng.permutation(len(collected)):
                 _add_sample(writer, *collected[j])
         writer.close()
@@ -626,7 +626,7 @@ def finalize(ctx: TaskContext) -> TaskResult:
     stats.pop("samples_to_write", None)
     stats.update(samples_written=written, output_shards=len(sizes), bytes_written=total_bytes,
                  repeated_samples_written=repeats, samples_per_shard=layout["samples_per_shard"],
-                 subset=layout["subset"], shuffle=bool(ctx.params.get("shuffle")))
+                 subset=layout["subset"], shuffle=ctx.params.shuffle)
     ctx.output.write_json(SIZES_FILE, sizes)
     ctx.output.write_json(STATS_FILE, stats)
     ctx.log.info("reshard: %s", json.dumps(stats, sort_keys=True))

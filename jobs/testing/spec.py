@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dcslurm.core.plantypes import Estimate
 from dcslurm.core.shards import UnitSet
-from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec
 
 
 @dataclass

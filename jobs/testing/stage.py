@@ -27,10 +27,10 @@ def _record_execution(ctx: TaskContext) -> None:
 
 def synth(ctx: TaskContext) -> TaskResult:
     _record_execution(ctx)
-    time.sleep(float(ctx.params.get("sleep", 0.0)))
-    if ctx.index in ctx.params.get("fail_tasks", []):
+    time.sleep(ctx.params.sleep)
+    if ctx.index in ctx.params.fail_tasks:
         raise RuntimeError(f"planted failure in task {ctx.index}")
-    size = int(ctx.params.get("bytes_per_unit", 4096))
+    size = ctx.params.bytes_per_unit
     outputs = []
     for unit in ctx.shards:
         rel = f"shard-{unit:08d}.bin"
@@ -41,7 +41,7 @@ def synth(ctx: TaskContext) -> TaskResult:
 
 def digest(ctx: TaskContext) -> TaskResult:
     _record_execution(ctx)
-    time.sleep(float(ctx.params.get("sleep", 0.0)))
+    time.sleep(ctx.params.sleep)
     lines = []
     for url in ctx.input_names():
         parent, name = url.rsplit("/", 1)
@@ -71,7 +71,7 @@ def ticker(ctx: TaskContext) -> TaskResult:
     _record_execution(ctx)
     state = ctx.output.read_json("checkpoint.json") if ctx.output.exists("checkpoint.json") else {"ticks": []}
     ticks, start = list(state["ticks"]), len(state["ticks"])
-    total = int(ctx.params.get("ticks", 5))
+    total = ctx.params.ticks
     for tick in range(start + 1, total + 1):
         ticks.append(tick)
         ctx.output.write_json("progress.json", {"tick": tick})

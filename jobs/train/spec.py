@@ -13,29 +13,31 @@ from dataclasses import dataclass
 
 from dcslurm.core.config import slurm_time_hours
 from dcslurm.core.errors import UserError
+from dcslurm.core.plantypes import Estimate
 from dcslurm.core.scales import TRAIN_GPUS_BASIS, ScaleConfig, estimate_train_gpu_hours
 from dcslurm.core.shards import UnitSet
-from dcslurm.core.stages import Estimate, PlanContext, StageSpec, StepSpec, in_run
+from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
 
 
 @dataclass
 class TrainParams:
     data: str = ""  # input shards when reshard is not in the run: a folder or a {a..b}.tar pattern
-    model: str = ""  # open_clip model name; "" = the scale's model
-    batch_size: int = 0  # global batch; 0 = the scale's
-    samples: int = 0  # samples seen; 0 = the scale's
-    lr: float = 0.0  # 0 = the scale's
-    warmup: int = -1  # warmup steps; -1 = the scale's
-    accum: int = 0  # gradient accumulation steps; 0 = the fewest that fit micro_batch
-    micro_batch: int = 0  # samples per rank per forward; 0 = global batch / world (no accumulation)
+    # Left out (None): the scale's model, batch, samples, lr and warmup (dcslurm.core.scales).
+    model: str | None = None  # open_clip model name
+    batch_size: int | None = None  # global batch
+    samples: int | None = None  # samples seen
+    lr: float | None = None
+    warmup: int | None = None  # warmup steps
+    accum: int | None = None  # gradient accumulation steps; None = the fewest that fit micro_batch
+    micro_batch: int | None = None  # samples per rank per forward; None = global batch / world (no accumulation)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     grad_checkpointing: bool = True
     compile: bool = False
     fsdp_units: str = "auto"  # block | model | auto (per block from 50M parameters up)
     mesh: str = "auto"  # fsdp (shard over all ranks) | hsdp (shard within a node, replicate across) | auto
-    mesh_replicas: int = 0  # hsdp: replica groups; 0 = one per node (tests force 2 on one machine)
+    mesh_replicas: int | None = None  # hsdp: replica groups; None = one per node (tests force 2 on one machine)
     workers: int = 2  # DataLoader workers per rank
-    data_streams: int = 0  # streams, evenly spaced in the data order; 0 = a multiple of the world >= 64
+    data_streams: int | None = None  # streams, evenly spaced in the data order; None = a multiple of the world >= 64
     shuffle_buffer: int = 256  # samples shuffled within a shard
     log_every: int = 10  # steps between metrics lines
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
@@ -45,22 +47,23 @@ class TrainParams:
     timeout_s: int = 600  # collective timeout: a dead rank fails the job after this long
 
     def validate(self) -> None:
-        if self.batch_size < 0:
-            raise ValueError("batch_size: must be >= 0")
-        if self.samples < 0:
-            raise ValueError("samples: must be >= 0")
+        for key in ("batch_size", "samples", "accum", "micro_batch", "mesh_replicas", "data_streams"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1 (leave it out for the default)")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError("lr: must be > 0 (leave it out for the scale's)")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError("warmup: must be >= 0 (leave it out for the scale's)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
         if self.fsdp_units not in ("auto", "block", "model"):
             raise ValueError(f"fsdp_units: expected auto, block or model, got {self.fsdp_units!r}")
         if self.mesh not in ("auto", "fsdp", "hsdp"):
             raise ValueError(f"mesh: expected auto, fsdp or hsdp, got {self.mesh!r}")
-        if self.mesh_replicas < 0:
-            raise ValueError("mesh_replicas: must be >= 0")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("log_every / checkpoint_every: must be >= 1")
-        if self.workers < 0 or self.accum < 0 or self.micro_batch < 0 or self.data_streams < 0:
-            raise ValueError("workers / accum / micro_batch / data_streams: must be >= 0")
+        if self.workers < 0:
+            raise ValueError("workers: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -82,15 +85,18 @@ class Hyper:
         return -(-self.samples // self.batch_size)
 
 
-def resolve_hyper(scale: ScaleConfig, params: dict) -> Hyper:
-    """The scale's hyperparameters with any non-default params applied."""
-    warmup = int(params.get("warmup", -1))
+def _given(value, default):
+    return default if value is None else value
+
+
+def resolve_hyper(scale: ScaleConfig, params: TrainParams) -> Hyper:
+    """The scale's hyperparameters with the params that are set applied."""
     return Hyper(
-        model=params.get("model") or scale.model,
-        batch_size=int(params.get("batch_size") or scale.batch_size),
-        samples=int(params.get("samples") or scale.samples_seen),
-        lr=float(params.get("lr") or scale.lr),
-        warmup=scale.warmup if warmup < 0 else warmup,
+        model=_given(params.model, scale.model),
+        batch_size=_given(params.batch_size, scale.batch_size),
+        samples=_given(params.samples, scale.samples_seen),
+        lr=_given(params.lr, scale.lr),
+        warmup=_given(params.warmup, scale.warmup),
         beta1=scale.beta1, beta2=scale.beta2, eps=scale.eps, weight_decay=scale.weight_decay,
     )
 
@@ -101,7 +107,8 @@ def resolve_hyper(scale: ScaleConfig, params: dict) -> Hyper:
 HSDP_SCALES = ("large", "xlarge")
 
 
-def mesh_shape(mode: str, scale: str, nodes: int, tasks_per_node: int, replicas: int = 0) -> tuple[int, ...]:
+def mesh_shape(mode: str, scale: str, nodes: int, tasks_per_node: int, replicas: int | None = None
+               ) -> tuple[int, ...]:
     """The device mesh: (world,) for FSDP over all ranks, (replicas, shards) for HSDP.
 
     "auto" is HSDP at the large scales when the job spans several nodes of several
@@ -181,13 +188,13 @@ def shape_warning(scale: ScaleConfig, hp: Hyper, res, gpu_hours: float) -> str:
 
 
 def _estimate(ctx: PlanContext, units: dict) -> Estimate:
-    hp = resolve_hyper(ctx.scale, dataclasses.asdict(ctx.params) if dataclasses.is_dataclass(ctx.params) else {})
+    params = ctx.params
+    hp = resolve_hyper(ctx.scale, params)
     res = ctx.steps["train"].resources  # as planned: the config's shape or job_shape's
     world = res.nodes * res.tasks_per_node
     per_rank = hp.batch_size // world if hp.batch_size % world == 0 else hp.batch_size / world
     # GPU-hours scale with samples seen: the table's figure is for the scale's own samples.
     hours = estimate_train_gpu_hours(ctx.scale) * hp.samples / ctx.scale.samples_seen
-    params = ctx.params if isinstance(ctx.params, TrainParams) else TrainParams()
     shape = mesh_shape(params.mesh, ctx.scale.name, res.nodes, res.tasks_per_node, params.mesh_replicas)
     mesh = f"HSDP mesh {shape[0]} x {shape[1]}" if len(shape) == 2 else f"FSDP mesh {shape[0]}"
     sized = "" if _shape_set(ctx.config) else f" (sized from the scale: {TRAIN_GPUS_BASIS})"

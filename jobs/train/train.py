@@ -45,7 +45,7 @@ class BatchShape:
         return self.accum * self.micro_batch
 
 
-def batch_shape(global_batch: int, world_size: int, accum: int, micro_batch: int) -> BatchShape:
+def batch_shape(global_batch: int, world_size: int, accum: int | None, micro_batch: int | None) -> BatchShape:
     """Split the global batch over ranks and accumulation steps; one-line error if it does not divide."""
     if global_batch % world_size:
         raise UserError(f"batch_size {global_batch}: not divisible by the world size {world_size}")
@@ -91,8 +91,8 @@ def training_shards(ctx: TaskContext, storage_options: dict) -> list[data.Shard]
         shards = [s for s in shards if s.samples != 0]
         where = ctx.run.url_of("reshard")
     else:
-        shards = data.list_shards(ctx.params["data"], storage_options)
-        where = ctx.params["data"]
+        shards = data.list_shards(ctx.params.data, storage_options)
+        where = ctx.params.data
     data.check_shards(shards, where, storage_options)
     return shards
 
@@ -123,7 +123,7 @@ def run(ctx: TaskContext) -> TaskResult:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, ctx.step.resources.cpus_per_task))
-    params = TrainParams(**ctx.params)
+    params: TrainParams = ctx.params
     init_distributed(world, device, params.timeout_s)
     try:
         return train(ctx, params, device)
@@ -138,7 +138,7 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     storage = ctx.plan.storage_options
-    hp = resolve_hyper(ctx.scale, ctx.params)
+    hp = resolve_hyper(ctx.scale, params)
     shape = batch_shape(hp.batch_size, world_size, params.accum, params.micro_batch)
     total_steps = hp.steps
     bf16 = params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")

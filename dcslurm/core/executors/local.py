@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dcslurm.core import proctree
 from dcslurm.core.errors import UserError
 from dcslurm.core.executors.base import Executor, TaskState
-from dcslurm.core.plan import Plan, StepPlan
+from dcslurm.core.plan import Plan
+from dcslurm.core.plantypes import StepPlan
 from dcslurm.core.runner import STORAGE_ENV
 from dcslurm.core.submission import JobChunk, StepSubmission, Submission
 

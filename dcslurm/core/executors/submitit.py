@@ -34,7 +34,8 @@ from dcslurm.core.config import slurm_time_hours
 from dcslurm.core.errors import UserError
 from dcslurm.core.executors.base import TaskState
 from dcslurm.core.executors.slurm import SlurmExecutor, queue_failed
-from dcslurm.core.plan import Plan, StepPlan
+from dcslurm.core.plan import Plan
+from dcslurm.core.plantypes import StepPlan
 from dcslurm.core.runner import STORAGE_ENV
 from dcslurm.core.shards import chunk_for_max_array_size
 from dcslurm.core.submission import JobChunk, StepSubmission, Submission
