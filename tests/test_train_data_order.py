@@ -36,7 +36,7 @@ class FakeFolder:
         return contextlib.nullcontext(f"{self.url}/{name}")
 
 
-def fake_tar_samples(url):
+def fake_tar_samples(url, *_):
     """The samples of synthetic shard `url` (mem://pool/{first sample}-{stop}.tar), in order."""
     lo, hi = map(int, url.rsplit("/", 1)[1][:-4].split("-"))
     for i in range(lo, hi):

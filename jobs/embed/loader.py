@@ -160,7 +160,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
             # the identity before the read: a tar replaced meanwhile then mismatches its index
             identity = content_identity(folder.info(name)) if recorder is not None else None
             with folder.open(name) as f:
-                for ordinal, sample in enumerate(iter_samples(f, shard.url, recorder)):
+                # members that are no sample field: counted once, by the stripe that indexes
+                members_skipped = skipped if stripe == 0 else None
+                for ordinal, sample in enumerate(iter_samples(f, shard.url, recorder, members_skipped)):
                     end["samples"] = ordinal + 1
                     c = ordinal // self.batch_size
                     if c % self.stripes != stripe:

@@ -18,12 +18,13 @@ candidate images KEY.<i>.jpg in candidate order; dataset_type.txt "winogavil".
 from __future__ import annotations
 
 import io
-import tarfile
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dcslurm.core.errors import UserError
 from dcslurm.core.storage import DataFolder
+from jobs.wds import CorruptShard, tar_samples
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 
@@ -36,6 +37,7 @@ class EvalSet:
     classnames: list[str] | None
     templates: list[str] | None
     split: str = "test"
+    skipped: Counter = field(default_factory=Counter)  # tar members that are no sample field, by reason
 
     @classmethod
     def open(cls, folder: DataFolder, split: str = "test", need_classes: bool = True) -> EvalSet:
@@ -67,29 +69,18 @@ class EvalSet:
         return [f"{self.split}/{i}.tar" for i in range(self.nshards)]
 
     def samples(self) -> Iterator[dict[str, bytes]]:
-        """Samples in shard order: {"__key__": key, ext: bytes, ...}, members of a
-        sample grouped by key as webdataset does (key = name up to its first dot)."""
+        """Samples in shard order: {"__key__": key, "__shard__": rel, ext: bytes, ...}, grouped
+        by jobs.wds.tar_samples; members that are no sample field are counted in `skipped`."""
         for rel in self.shard_names():
             if not self.folder.exists(rel):
                 raise UserError(f"{self.folder.url_of(rel)}: missing shard (nshards.txt says {self.nshards})")
-            with self.folder.open(rel, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                current: dict[str, bytes] | None = None
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    if "." not in base:
-                        continue
-                    prefix = member.name[: len(member.name) - len(base)]
-                    key, ext = base.split(".", 1)
-                    key = prefix + key
-                    if current is None or current["__key__"] != key:
-                        if current is not None:
-                            yield current
-                        current = {"__key__": key, "__shard__": rel}
-                    current[ext.lower()] = tar.extractfile(member).read()
-                if current is not None:
-                    yield current
+            with self.folder.open(rel, "rb") as raw:
+                try:
+                    for sample in tar_samples(raw, self.folder.url_of(rel), self.skipped):
+                        sample["__shard__"] = rel
+                        yield sample
+                except CorruptShard as exc:  # a damaged eval set is bad input: its score would be wrong
+                    raise UserError(str(exc)) from None
 
 
 def _lines(folder: DataFolder, rel: str, required: bool) -> list[str] | None:

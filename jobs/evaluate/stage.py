@@ -62,6 +62,7 @@ class Evaluator:
             metrics, stats = self._winogavil(evalset)
         else:
             metrics, stats = self._classification(task, evalset)
+        stats.update({f"skipped_{k}": v for k, v in sorted(evalset.skipped.items())})  # tar members, jobs.wds
         if task.main_metric not in metrics:  # a null main metric would drop the task from every table silently
             raise UserError(f"{task.key}: main_metric {task.main_metric!r} is not among this task's metrics "
                             f"({', '.join(sorted(metrics))})")

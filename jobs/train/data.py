@@ -22,7 +22,7 @@ same data, and a resumed run continues exactly where the checkpoint stopped:
 from __future__ import annotations
 
 import io
-import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,32 +33,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dcslurm.core.errors import UserError
 from dcslurm.core.storage import DataFolder
 from jobs.train.inputs import Shard, check_shards, list_shards, read_size_table  # noqa: F401 - re-exported
-from jobs.wds import KEY_EXT
+from jobs.wds import CorruptShard, tar_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 # -- raw samples ----------------------------------------------------------------
 
-def iter_tar_samples(fileobj) -> Iterator[dict]:
-    """Samples of a webdataset tar, in order: {"__key__": key, ext: bytes, ...}."""
-    current: dict | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            m = KEY_EXT.match(member.name)  # webdataset's key rule
-            if m is None:
-                continue
-            key, ext = m.group(1), m.group(2).lower()
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
+def iter_tar_samples(fileobj, what: str = "shard", skipped: Counter | None = None) -> Iterator[dict]:
+    """Samples of a webdataset tar, in order: {"__key__": key, ext: bytes, ...} (jobs.wds:
+    members that are no sample field are counted in `skipped`; damage raises CorruptShard)."""
+    return tar_samples(fileobj, what, skipped)
 
 
 def is_training_sample(sample: dict) -> bool:
@@ -163,7 +148,10 @@ def sized_shards(shards: list[Shard], storage_options: dict) -> list[Shard]:
             if shard.url not in _COUNTED:
                 parent, name = shard.url.rsplit("/", 1)
                 with DataFolder(parent, storage_options).open(name) as f:
-                    _COUNTED[shard.url] = sum(1 for _ in iter_tar_samples(f))
+                    try:
+                        _COUNTED[shard.url] = sum(1 for _ in iter_tar_samples(f, shard.url))
+                    except CorruptShard as exc:
+                        raise UserError(str(exc)) from None
             if _COUNTED[shard.url] == 0:
                 raise UserError(f"{shard.url}: training shard has no samples")
             shard = Shard(shard.url, _COUNTED[shard.url])
@@ -176,10 +164,12 @@ class SampleStream:
     None is a sample without an image and a caption (skipped and counted by the caller)."""
 
     def __init__(self, shards: list[Shard], seed: int, stream: int, shuffle_buffer: int,
-                 storage_options: dict, n_streams: int = 1):
+                 storage_options: dict, n_streams: int = 1, skipped: Counter | None = None):
         self.shards = sized_shards(shards, storage_options)
         self.stream = stream
         self.storage_options = storage_options
+        # tar members that are no sample field, by reason (jobs.wds), at every read of them
+        self.skipped = Counter() if skipped is None else skipped
         self.order = DataOrder([s.samples for s in self.shards], n_streams, seed, shuffle_buffer)
 
     def _read_segment(self, segment: Segment) -> Iterator[dict | None]:
@@ -187,14 +177,17 @@ class SampleStream:
         parent, name = url.rsplit("/", 1)
         n = 0
         with DataFolder(parent, self.storage_options).open(name) as f:
-            for i, sample in enumerate(iter_tar_samples(f)):
-                if i >= segment.stop:
-                    break
-                if i >= segment.start:
-                    n += 1
-                    yield sample if is_training_sample(sample) else None
-        # A size table larger than the tar: the missing samples count as skipped ones, so
-        # positions stay the arithmetic the resume relies on.
+            try:
+                for i, sample in enumerate(iter_tar_samples(f, url, self.skipped)):
+                    if i >= segment.stop:
+                        break
+                    if i >= segment.start:
+                        n += 1
+                        yield sample if is_training_sample(sample) else None
+            except CorruptShard:
+                self.skipped["damaged_tars"] += 1  # the samples after the damage: skipped ones, below
+        # A size table larger than the tar (or a tar damaged since it was counted): the missing
+        # samples count as skipped ones, so positions stay the arithmetic the resume relies on.
         yield from (None for _ in range(segment.stop - segment.start - n))
 
     def samples(self, start: int = 0) -> Iterator[tuple[int, dict | None]]:
@@ -266,8 +259,9 @@ class StepBatches(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.layout.rank_streams[worker::n_workers]
+        skipped: Counter = Counter()  # tar members that are no sample field, since the last item
         iters = {s: SampleStream(self.shards, self.seed, s, self.shuffle_buffer, self.storage_options,
-                                 self.layout.n_streams).samples(self.positions.get(s, 0)) for s in mine}
+                                 self.layout.n_streams, skipped).samples(self.positions.get(s, 0)) for s in mine}
         total = sum(shard.samples for shard in self.shards)
         bad_in_a_row = {s: 0 for s in mine}
         next_position = {s: self.positions.get(s, 0) for s in mine}
@@ -293,8 +287,10 @@ class StepBatches(IterableDataset):
                     images.append(image)
                     texts.append(text)
                     got += 1
+            # plain dicts: the DataLoader's default_convert copies mappings with update(), which adds Counters
             yield {"images": torch.stack(images), "texts": torch.stack(texts),
-                   "positions": dict(next_position), "bad": bad}
+                   "positions": dict(next_position), "bad": bad, "skipped_members": dict(skipped)}
+            skipped.clear()
 
 
 class RankBatches:
@@ -308,6 +304,7 @@ class RankBatches:
         # next save must not let this rank's stale copy of another rank's streams win.
         self.positions = {s: p for s, p in dataset.positions.items() if s in dataset.layout.rank_streams}
         self.bad_samples = 0
+        self.skipped_members: Counter = Counter()  # jobs.wds's reasons, at every read of a tar
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         it = iter(self.loader)
@@ -316,4 +313,5 @@ class RankBatches:
             for item in items:
                 self.positions.update(item["positions"])
                 self.bad_samples += item["bad"]
+                self.skipped_members.update(item["skipped_members"])
             yield torch.cat([i["images"] for i in items]), torch.cat([i["texts"] for i in items])

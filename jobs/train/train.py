@@ -236,6 +236,7 @@ def train(ctx: TaskContext, params: TrainParams, device: torch.device) -> TaskRe
         "model": hp.model, "steps": total_steps, "samples_seen": total_steps * hp.batch_size,
         "final_loss": loss_value, "world_size": world_size, "resumed_from_step": start_step,
         "bad_samples": batches.bad_samples, "flops_per_sample": flops_per_sample,
+        **{f"skipped_{k}": v for k, v in sorted(batches.skipped_members.items())},  # tar members, jobs.wds
     })
 
 
