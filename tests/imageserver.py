@@ -20,6 +20,7 @@ import functools
 import http.server
 import io
 import socket
+import threading
 import time
 import zlib
 from collections import Counter
@@ -81,6 +82,7 @@ class ImageServer(BackgroundHTTPServer):
         self.slow_seconds = slow_seconds
         self.served: Counter = Counter()  # requests per kind
         self.hits: Counter = Counter()  # requests per path (without the query)
+        self.count_lock = threading.Lock()
         self._photos = real_photos()
         self._bomb = bomb_png()  # built now: building it on the first request would time that request out
         self._refusers: list[socket.socket] = []
@@ -135,8 +137,9 @@ class ImageServer(BackgroundHTTPServer):
                     i = int(parts[1].split(".")[0]) if len(parts) > 1 else 0
                 except ValueError:
                     i = 0
-                server.served[kind] += 1
-                server.hits[path] += 1
+                with server.count_lock:  # handler threads run at once: += is not atomic
+                    server.served[kind] += 1
+                    server.hits[path] += 1
                 if kind == "good":
                     return self._reply(200, server.photo(i), "image/jpeg")
                 if kind == "slow":
