@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dcslurm.core.storage import DataFolder
+from jobs.wds import split_key
 
 OOM_SHARD_COUNT = 8  # shard names {:08d} (DataComp's setting)
 STATS_SUFFIX = "_stats.json"
@@ -52,7 +53,8 @@ def shard_done(folder: DataFolder, shard_id: int) -> dict | None:
         return None  # missing or unreadable
     if members and members[-1].offset_data + members[-1].size > size:
         return None  # the last member was cut short
-    samples = len({m.name.split(".", 1)[0] for m in members})  # webdataset: KEY.jpg, KEY.txt, KEY.json
+    # distinct keys by webdataset's rule (KEY.jpg, KEY.txt, KEY.json: one sample)
+    samples = len({key_ext[0] for m in members if (key_ext := split_key(m.name)) is not None})
     if rows != int(stats.get("count", -1)) or samples != int(stats.get("successes", -1)):
         return None
     return stats
