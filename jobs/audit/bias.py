@@ -33,6 +33,7 @@ import numpy as np
 from dcslurm.core.errors import UserError
 from dcslurm.core.shards import split_evenly
 from dcslurm.core.storage import DataFolder
+from jobs.audit.charts import png_bytes, pyplot
 from jobs.audit.spec import EMBEDDING_FEATURES, TRANSFORMS, validate_sources
 from jobs.filter.engine import InputFile, Reader
 
@@ -407,11 +408,7 @@ def markdown(report: dict) -> str:
 
 def chart_png(report: dict) -> bytes:
     """Held-out accuracy per feature set with its 95% CI; chance as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     items = [(f, r) for f, r in report["features"].items() if "error" not in r]
     fig, ax = plt.subplots(figsize=(6, 0.9 + 0.35 * max(len(items), 1)))
     y = np.arange(len(items))
@@ -425,10 +422,7 @@ def chart_png(report: dict) -> bytes:
     ax.set_xlabel("held-out accuracy (95% CI); dashed = chance")
     ax.set_title("Which source? accuracy by feature set")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_report(report: dict, out: DataFolder) -> list[str]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from dcslurm.core.errors import UserError
 from dcslurm.core.storage import DataFolder
+from jobs.audit.charts import png_bytes, pyplot
 from jobs.audit.groups import OTHER, GroupConfig, columns_needed, count_groups, row_groups
 from jobs.filter.engine import InputFile
 from jobs.reshard.subset import SubsetFile
@@ -219,11 +220,7 @@ def markdown(report: dict, title: str = "Filter audit") -> str:
 
 def chart_png(rows: list[dict], dim: str, keep_rate: float) -> bytes:
     """Keep ratio per group with SE error bars, sorted; flagged groups red; the overall rate as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in rows if r["raw"]]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.28 * max(len(rows), 1)))
     y = np.arange(len(rows))
@@ -239,10 +236,7 @@ def chart_png(rows: list[dict], dim: str, keep_rate: float) -> bytes:
     ax.set_title(f"keep ratio by {dim}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_report(report: dict, out: DataFolder) -> list[str]:
