@@ -36,8 +36,6 @@ SUBCOMMANDS = {
 }
 
 
-
-
 def _stages_option(stages: Optional[str]) -> Optional[list[str]]:
     return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
 
@@ -267,17 +265,9 @@ def status(
 
 
 def _status_hooks():
-    hooks = []
-    for mod in ("dcslurm.cli.report", "dcslurm.datacomp.train_status"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod:
-                continue
-            raise
-        if hasattr(m, "status_section"):
-            hooks.append(m.status_section)
-    return hooks
+    """What `status` prints after the steps: the download report and the training metrics."""
+    return [importlib.import_module(mod).status_section
+            for mod in ("dcslurm.cli.report", "dcslurm.datacomp.train_status")]
 
 
 @app.command()
@@ -294,22 +284,12 @@ def cancel(
 
 
 def _register_subcommands() -> None:
+    # Every module is part of the package: one that fails to import is a broken install, and
+    # says so, rather than a command quietly missing from --help.
     for name, module in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue  # that part of the tool is not installed in this tree
-            raise
-        app.add_typer(mod.app, name=name)
+        app.add_typer(importlib.import_module(module).app, name=name)
     for module in ("dcslurm.cli.results", "dcslurm.cli.render", "dcslurm.cli.demo"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        mod.register(app)
+        importlib.import_module(module).register(app)
 
 
 _register_subcommands()
