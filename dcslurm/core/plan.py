@@ -86,7 +86,7 @@ class Plan:
     scale: str
     fingerprint: str
     steps: list[StepPlan]
-    stage_params: dict  # stage name -> params as a dict (what tasks read)
+    stage_params: dict  # stage name -> its params as JSON; each task binds them to the step's params_class
     seed: int = 0
     storage_options: dict = field(default_factory=dict)
 

@@ -2,8 +2,8 @@
 tasks: what a task asks the scheduler for (Resources), what a step is planned to cost
 (Estimate), what planning knows of the pool (PlanInputs), and one planned step (StepPlan).
 
-A leaf: it imports only dcslurm.core.errors' neighbours that are leaves too (shards), so
-config.py, stages.py and plan.py all build on it without importing one another in a circle.
+A leaf: it imports only another leaf (shards), so config.py, stages.py and plan.py all build
+on it without importing one another in a circle (pyproject.toml's import-linter contracts).
 """
 
 from __future__ import annotations
