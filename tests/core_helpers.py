@@ -81,3 +81,11 @@ def write_ticker_toml(path, folder: str, ticks: int = 5, executor: str = "local"
     doc = {"run": {"folder": folder, "stages": ["ticker"]}, "executor": {"kind": executor},
            "stages": {"ticker": {"ticks": ticks}}}
     return write_toml(path, merge_tables(doc, extra))
+
+
+def update_toml(path, more: dict | str) -> str:
+    """Rewrite the TOML file `path` with `more`'s tables merged in (as in merge_tables): a test's
+    change to a config a helper wrote, through the one writer rather than by editing its text."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    return write_toml(path, merge_tables(doc, more))

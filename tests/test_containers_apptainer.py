@@ -26,7 +26,8 @@ from dcslurm.core.config import load_config
 from dcslurm.core.runs import submit_run
 from dcslurm.core.stages import registry
 from dcslurm.core.storage import sha256_file
-from tests.core_helpers import tree_digest, wait_run_done
+from dcslurm.core.tomlfile import write_toml
+from tests.core_helpers import merge_tables, tree_digest, wait_run_done
 
 # The first test also builds the image: 2-20 minutes, depending on how loaded the machine is.
 pytestmark = [pytest.mark.apptainer, pytest.mark.slow, pytest.mark.timeout(2700)]
@@ -107,27 +108,18 @@ def _run_toml(folder: Path, run: Path, executor: str, image: str | None, apptain
         scratch = folder / "scratch"
         scratch.mkdir(exist_ok=True)
         entries = [str(pool / "entries.txt")] if pool else []
-        container = (f"enabled = true\napptainer = {json.dumps(apptainer)}\ncpu_image = {json.dumps(image)}\n"
-                     f"scratch = {json.dumps(str(scratch))}\nbinds = {json.dumps(entries)}\n")
+        container = {"enabled": True, "apptainer": apptainer, "cpu_image": image, "scratch": str(scratch),
+                     "binds": entries}
     else:
-        container = "enabled = false\n"
+        container = {"enabled": False}
     if stages == "test":
-        body = 'stages = ["synth", "digest", "summary"]\n\n[stages.synth]\nunits = 4\nbytes_per_unit = 2048\n'
+        body = {"run": {"stages": ["synth", "digest", "summary"]},
+                "stages": {"synth": {"units": 4, "bytes_per_unit": 2048}}}
     else:
-        body = (f'stages = ["filter"]\nseed = 3\n\n[pool]\nmetadata = {json.dumps(str(pool / "pool"))}\n\n'
-                f'[stages.filter]\nspec = {json.dumps(FILTER_SPEC.format(entries=pool / "entries.txt"))}\n'
-                "units_per_task = 2\n")
-    path = folder / f"{run.name}.toml"
-    path.write_text(f"""
-[executor]
-kind = "{executor}"
-
-[container]
-{container}
-[run]
-folder = {json.dumps(str(run))}
-{body}""")
-    return str(path)
+        body = {"run": {"stages": ["filter"], "seed": 3}, "pool": {"metadata": str(pool / "pool")},
+                "stages": {"filter": {"spec": FILTER_SPEC.format(entries=pool / "entries.txt"), "units_per_task": 2}}}
+    doc = {"executor": {"kind": executor}, "container": container, "run": {"folder": str(run)}}
+    return write_toml(folder / f"{run.name}.toml", merge_tables(doc, body))
 
 
 FILTER_SPEC = "clip_score(l14, fraction=0.45) then basic then metaclip(entries={entries}, t=4)"

@@ -24,8 +24,10 @@ from dcslurm.core.config import load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.markers import read_marker
 from dcslurm.core.runs import submit_run
+from dcslurm.core.tomlfile import write_toml
 from jobs.embed.spec import EmbedParams
 from jobs.embed.tar_samples import CorruptShard, iter_samples, split_member_name
+from tests.core_helpers import merge_tables
 
 LONG_CAPTION = " ".join(["a very long caption about a cat sitting on a mat"] * 12)  # > 77 tokens
 
@@ -102,35 +104,21 @@ def save_tiny_checkpoint(path: str, seed: int) -> str:
     return path
 
 
-def write_config(path, run_folder, shards, ckpts, per_task=3, workers=2, batch=4, extra_params="",
-                 executor="local", extra=""):
-    models = ", ".join(f'{{name = "{n}", model = "dcslurm-tiny-vit", pretrained = "{p}"}}' for n, p in ckpts.items())
-    text = f"""
-[run]
-folder = "{run_folder}"
-scale = "tiny"
-stages = ["embed"]
-[pool]
-shards = "{shards}"
-[stages.embed]
-models = [{models}]
-batch_size = {batch}
-workers = {workers}
-device = "cpu"
-units_per_task = {per_task}
-{extra_params}
-[stages.embed.resources]
-gpus_per_node = 0
-cpus_per_task = 1
-mem = "1000M"
-time = "00:10:00"
-[executor]
-kind = "{executor}"
-{extra}
-"""
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
+def write_config(path, run_folder, shards, ckpts, per_task=3, workers=2, batch=4, extra_params: dict | None = None,
+                 executor="local", extra: dict | None = None) -> str:
+    """An embed-only run.toml; `extra_params`: more [stages.embed] keys, `extra`: more tables, merged in."""
+    doc = {
+        "run": {"folder": run_folder, "scale": "tiny", "stages": ["embed"]},
+        "pool": {"shards": shards},
+        "stages": {"embed": {
+            "models": [{"name": n, "model": "dcslurm-tiny-vit", "pretrained": p} for n, p in ckpts.items()],
+            "batch_size": batch, "workers": workers, "device": "cpu", "units_per_task": per_task,
+            **(extra_params or {}),
+            "resources": {"gpus_per_node": 0, "cpus_per_task": 1, "mem": "1000M", "time": "00:10:00"},
+        }},
+        "executor": {"kind": executor},
+    }
+    return write_toml(path, merge_tables(doc, extra or {}))
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +299,7 @@ def test_gpu_decode_path_agrees_with_pil_path(ref_run, data):
     """gpu_decode's code path (torchvision.io.decode_jpeg + torch resize), here on the CPU."""
     run = data["root"] / "devdecode"
     cfg_path = write_config(data["root"] / "devdecode.toml", str(run), data["shards"], data["ckpts"],
-                            extra_params="gpu_decode = true")
+                            extra_params={"gpu_decode": True})
     assert not submit_run(load_config(cfg_path)).failed
     stats = read_marker(load_config(cfg_path).folder(), "embed", 0)["stats"]
     assert stats["samples"] == 16 and stats["skipped_undecodable_image"] == 1
@@ -358,8 +346,8 @@ def test_shards_and_run_folder_on_s3(s3_server, s3_bucket, ref_run, data, tmp_pa
     for name in sorted(os.listdir(data["shards"])):
         fs.put_file(os.path.join(data["shards"], name), f"{bucket}/pool/{name}")
     cfg_path = write_config(tmp_path / "s3.toml", f"{s3_bucket}/run", f"{s3_bucket}/pool", data["ckpts"],
-                            extra=f'log_dir = "{tmp_path}/logs"\n'
-                                  f'[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+                            extra={"executor": {"log_dir": f"{tmp_path}/logs"},
+                                   "storage": {"endpoint_url": s3_server.endpoint_url}})
     cfg = load_config(cfg_path)
     assert not submit_run(cfg).failed
     folder = cfg.folder()

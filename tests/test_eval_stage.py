@@ -11,7 +11,9 @@ import pytest
 
 from dcslurm.core.errors import UserError
 from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
 from dcslurm.datacomp.tasks import Task, get_task
+from tests.core_helpers import merge_tables
 from tests.test_eval_fixtures import make_classification_set, make_retrieval_set, make_winogavil_set
 
 torch = pytest.importorskip("torch")
@@ -43,34 +45,24 @@ def evalsets(tmp_path_factory):
     return root
 
 
-EXTRA_TASKS = """extra_tasks = [
-  {key = "demo/fashion", name = "Demo fashion", evalset = "wds_fashion_test"},
-  {key = "demo/captions", name = "Demo captions", evalset = "wds_fashion_captions_test", kind = "retrieval", main_metric = "mean_recall@1"},
-]"""  # noqa: E501 - a TOML inline table cannot span lines
+EXTRA_TASKS = {"extra_tasks": [
+    {"key": "demo/fashion", "name": "Demo fashion", "evalset": "wds_fashion_test"},
+    {"key": "demo/captions", "name": "Demo captions", "evalset": "wds_fashion_captions_test", "kind": "retrieval",
+     "main_metric": "mean_recall@1"},
+]}
 
 
-def write_config(tmp_path, run: str, evalsets: str, ckpt: str, tasks: str, extra: str = EXTRA_TASKS,
-                 per_task: int = 1) -> str:
-    path = tmp_path / f"{os.path.basename(run)}.toml"
-    path.write_text(f"""
-[run]
-folder = {json.dumps(run)}
-scale = "tiny"
-stages = ["eval"]
-
-[executor]
-kind = "local"
-
-[stages.eval]
-tasks = {tasks}
-evalsets = {json.dumps(evalsets)}
-checkpoint = {json.dumps(ckpt)}
-batch_size = 16
-num_workers = 1
-units_per_task = {per_task}
-{extra}
-""")
-    return str(path)
+def write_config(tmp_path, run: str, evalsets: str, ckpt: str, tasks: list[str] | str, extra: dict = EXTRA_TASKS,
+                 per_task: int = 1, more: dict | None = None) -> str:
+    """An eval-only run.toml. `tasks`: task keys or a group name; `extra`: more [stages.eval]
+    keys; `more`: more tables, merged in (core_helpers.merge_tables)."""
+    doc = {
+        "run": {"folder": run, "scale": "tiny", "stages": ["eval"]},
+        "executor": {"kind": "local"},
+        "stages": {"eval": {"tasks": tasks, "evalsets": evalsets, "checkpoint": ckpt, "batch_size": 16,
+                            "num_workers": 1, "units_per_task": per_task, **extra}},
+    }
+    return write_toml(tmp_path / f"{os.path.basename(run)}.toml", merge_tables(doc, more or {}))
 
 
 def test_eval_run_writes_datacomp_results_and_skips_done_tasks(tmp_path, evalsets, random_checkpoint, capsys):
@@ -81,7 +73,7 @@ def test_eval_run_writes_datacomp_results_and_skips_done_tasks(tmp_path, evalset
 
     run = str(tmp_path / "run")
     cfg = load_config(write_config(tmp_path, run, str(evalsets), random_checkpoint,
-                                   '["demo/fashion", "demo/captions", "wilds/fmow", "misc/winogavil"]', per_task=4))
+                                   ["demo/fashion", "demo/captions", "wilds/fmow", "misc/winogavil"], per_task=4))
     result = submit_run(cfg)
     assert not result.failed
     lines = open(os.path.join(run, "eval", "results.jsonl")).read().splitlines()
@@ -131,7 +123,7 @@ def test_unknown_task_in_config_is_one_line_error(tmp_path, evalsets, random_che
 
     with pytest.raises(ConfigError) as exc:
         load_config(write_config(tmp_path, str(tmp_path / "r"), str(evalsets), random_checkpoint,
-                                 '["imagenet1k", "imagenet-z"]'))
+                                 ["imagenet1k", "imagenet-z"]))
     msg = str(exc.value)
     assert "tasks" in msg and "imagenet-z" in msg and "\n" not in msg
 
@@ -141,11 +133,11 @@ def test_extra_task_main_metric_its_kind_never_gives_is_refused_at_load(tmp_path
     from dcslurm.core.config import load_config
     from dcslurm.core.errors import ConfigError
 
-    extra = ('extra_tasks = [{key = "lab/captions", name = "Lab captions", kind = "retrieval", '
-             'main_metric = "recall@1"}]')
+    extra = {"extra_tasks": [{"key": "lab/captions", "name": "Lab captions", "kind": "retrieval",
+                              "main_metric": "recall@1"}]}
     with pytest.raises(ConfigError) as exc:
         load_config(write_config(tmp_path, str(tmp_path / "r"), str(evalsets), random_checkpoint,
-                                 '"extra"', extra=extra))
+                                 "extra", extra=extra))
     msg = str(exc.value)
     assert "lab/captions" in msg and "'recall@1'" in msg and "mean_recall@1" in msg and "\n" not in msg
 
@@ -188,7 +180,7 @@ def test_failed_task_reports_one_line_in_status(tmp_path, evalsets, random_check
     # A checkpoint file that exists (the preflight checks no more) but holds no open_clip model.
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    cfg = load_config(write_config(tmp_path, run, str(evalsets), str(junk), '["demo/fashion"]'))
+    cfg = load_config(write_config(tmp_path, run, str(evalsets), str(junk), ["demo/fashion"]))
     assert submit_run(cfg).failed
     _, steps = run_status(cfg.run_url, cfg.storage_options, config=cfg)
     failed = [f for s in steps for f in s.failed]
@@ -208,11 +200,8 @@ def test_eval_run_entirely_on_s3(tmp_path, evalsets, random_checkpoint, s3_bucke
               DataFolder(f"{s3_bucket}/sets/wds_fashion_test", opts))
     DataFolder(f"{s3_bucket}/ckpt", opts).put_file(random_checkpoint, "model.pt")
     path = write_config(tmp_path, f"{s3_bucket}/runs/r1", f"{s3_bucket}/sets", f"{s3_bucket}/ckpt/model.pt",
-                        '["demo/fashion"]')
-    with open(path, "a") as f:
-        f.write(f'\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
-    text = open(path).read().replace('kind = "local"', f'kind = "local"\nlog_dir = "{tmp_path / "logs"}"')
-    open(path, "w").write(text)
+                        ["demo/fashion"], more={"storage": {"endpoint_url": s3_server.endpoint_url},
+                                                "executor": {"log_dir": str(tmp_path / "logs")}})
     assert not submit_run(load_config(path)).failed
     runs = gather([f"{s3_bucket}/runs"], opts)
     assert [r.name for r in runs] == ["r1"] and "Demo fashion" in runs[0].aggregate.extras
@@ -226,11 +215,11 @@ def test_eval_as_slurm_array_then_gather(tmp_path, evalsets, random_checkpoint, 
     from tests.core_helpers import wait_run_done
 
     run = str(tmp_path / "slurm-run")
-    path = write_config(tmp_path, run, str(evalsets), random_checkpoint,
-                        '["demo/fashion", "demo/captions", "wilds/fmow"]')
-    text = open(path).read().replace('kind = "local"', 'kind = "slurm"')
     # the emulated nodes have 2 CPUs and no GPUs (no gres)
-    open(path, "w").write(text + "\n[stages.eval.resources]\ngpus_per_node = 0\ncpus_per_task = 1\n")
+    path = write_config(tmp_path, run, str(evalsets), random_checkpoint,
+                        ["demo/fashion", "demo/captions", "wilds/fmow"],
+                        more={"executor": {"kind": "slurm"},
+                              "stages": {"eval": {"resources": {"gpus_per_node": 0, "cpus_per_task": 1}}}})
     cfg = load_config(path)
     submit_run(cfg)
     wait_run_done(path, timeout=600)

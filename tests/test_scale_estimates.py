@@ -12,6 +12,7 @@ from dcslurm.core.plan import discover_inputs, make_plan
 from dcslurm.core.plantypes import PlanInputs
 from dcslurm.core.sbatch import TaskLauncher, render_step_script
 from dcslurm.core.shards import UnitSet
+from tests.train_helpers import write_plan_toml
 
 EMBED_SECONDS = 1 / 2500 + 1 / 312  # the two default models at clip-retrieval's A100 rates
 XL_ROWS = 12_800_000_000
@@ -147,18 +148,8 @@ def test_plan_prints_the_warning(tmp_path):
 
     from dcslurm.cli import app
 
-    toml = tmp_path / "xl.toml"
-    toml.write_text(f"""
-[run]
-folder = "{tmp_path / 'run'}"
-scale = "xlarge"
-stages = ["train"]
-[slurm]
-nodes = 1
-tasks_per_node = 1
-[stages.train]
-data = "/nowhere/{{00000000..00000009}}.tar"
-""")
+    toml = write_plan_toml(tmp_path / "xl.toml", str(tmp_path / "run"), "/nowhere/{00000000..00000009}.tar",
+                           {"nodes": 1, "tasks_per_node": 1}, scale="xlarge", executor=None)
     result = CliRunner().invoke(app, ["plan", "-c", str(toml), "--no-checks"])
     assert result.exit_code == 0, result.output
     assert "warning: train: 1 nodes x 1 tasks gives 90,112 samples per rank" in result.output

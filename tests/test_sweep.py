@@ -13,78 +13,51 @@ import pytest
 from typer.testing import CliRunner
 
 from dcslurm.core import sweep as sw
-from dcslurm.core.tomlfile import dumps
+from dcslurm.core.tomlfile import dumps, write_toml
+from tests.core_helpers import merge_tables
 
 FILTERS = {
     "nofilter": "no_filter",
     "clip30": "clip_score(score=clip_tiny_similarity_score, fraction=0.3)",
     "clip60": "clip_score(score=clip_tiny_similarity_score, fraction=0.6)",
 }
-CPU = 'resources = {gpus_per_node = 0, cpus_per_task = 1, mem = "1000M", time = "00:20:00"}'
+CPU = {"resources": {"gpus_per_node": 0, "cpus_per_task": 1, "mem": "1000M", "time": "00:20:00"}}
 
 
 POOL_PROXY: dict[str, str] = {}  # pool -> its DemoPoolServer's address (the `pool` fixture's)
 
 
-def sweep_toml(path, folder: str, pool: str, executor: str = "local", branches: str | None = None,
-               extra_run: str = "", seeds=(0, 1)) -> str:
-    """A sweep over the demo pool with the tiny model (random init: no weights offline)."""
+def sweep_toml(path, folder: str, pool: str, executor: str = "local", branches: list[dict] | None = None,
+               extra_run: dict | None = None, seeds=(0, 1), extra: dict | None = None) -> str:
+    """A sweep over the demo pool with the tiny model (random init: no weights offline).
+    `branches`: the [[branches]] tables (default: one a FILTERS entry); `extra_run`: more [run]
+    keys; `extra`: more tables, merged in."""
     from dcslurm.demo.workflow import DEMO_TASKS
 
     tasks = (DEMO_TASKS[0], DEMO_TASKS[3])
     if branches is None:
-        branches = "".join(f'\n[[branches]]\nname = "{n}"\nfilter = {json.dumps(s)}\n' for n, s in FILTERS.items())
-    text = f"""
-[run]
-folder = {json.dumps(folder)}
-scale = "tiny"
-{extra_run}
-
-[sweep]
-seeds = {list(seeds)}
-
-[pool]
-metadata = {json.dumps(pool)}
-
-[executor]
-kind = "{executor}"
-max_parallel = 2
-
-[slurm]
-max_array_size = 1000
-
-[stages.download]
-processes = 1
-threads = 1  # img2dataset writes samples in completion order: one thread makes it the pool's order
-http_proxy = {json.dumps(POOL_PROXY.get(pool, "http://127.0.0.1:9"))}  # the pool fixture's server
-{CPU}
-
-[stages.embed]
-models = [{{name = "tiny", model = "dcslurm-tiny-vit", pretrained = ""}}]
-device = "cpu"
-workers = 0
-batch_size = 32
-{CPU}
-
-[stages.reshard]
-samples_per_shard = 32
-{CPU}
-
-[stages.train]
-samples = 64
-batch_size = 16
-workers = 0
-{CPU}
-
-[stages.eval]
-tasks = [{", ".join(json.dumps(t["key"]) for t in tasks)}]
-evalsets = {json.dumps(os.path.join(pool, "heldout"))}
-num_workers = 0
-{CPU}
-{"".join(f"[[stages.eval.extra_tasks]]{chr(10)}{dumps(t)}" for t in tasks)}{branches}"""
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
+        branches = [{"name": n, "filter": spec} for n, spec in FILTERS.items()]
+    doc = {
+        "run": {"folder": folder, "scale": "tiny", **(extra_run or {})},
+        "sweep": {"seeds": list(seeds)},
+        "pool": {"metadata": pool},
+        "executor": {"kind": executor, "max_parallel": 2},
+        "slurm": {"max_array_size": 1000},
+        "stages": {
+            # img2dataset writes samples in completion order: one thread makes it the pool's order;
+            # the download fetches through the pool fixture's server
+            "download": {"processes": 1, "threads": 1, "http_proxy": POOL_PROXY.get(pool, "http://127.0.0.1:9"),
+                         **CPU},
+            "embed": {"models": [{"name": "tiny", "model": "dcslurm-tiny-vit", "pretrained": ""}], "device": "cpu",
+                      "workers": 0, "batch_size": 32, **CPU},
+            "reshard": {"samples_per_shard": 32, **CPU},
+            "train": {"samples": 64, "batch_size": 16, "workers": 0, **CPU},
+            "eval": {"tasks": [t["key"] for t in tasks], "evalsets": os.path.join(pool, "heldout"), "num_workers": 0,
+                     **CPU, "extra_tasks": [dict(t) for t in tasks]},
+        },
+        "branches": branches,
+    }
+    return write_toml(path, merge_tables(doc, extra or {}))
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +79,14 @@ def _cli(*argv, cwd=None):
 # -- validation: one line, exit 2, nothing written --------------------------------
 
 @pytest.mark.parametrize("branches, extra_run, message", [
-    ('[[branches]]\nname = "a"\nfilter = "no_filter"\n[[branches]]\nname = "a"\nfilter = "no_filter"\n', "",
+    ([{"name": "a", "filter": "no_filter"}, {"name": "a", "filter": "no_filter"}], None,
      "[[branches]] #2 name: 'a' is also branch #1's"),
-    ('[[branches]]\nname = "../up"\nfilter = "no_filter"\n', "", "[[branches]] #1 name: '../up' is not a folder-safe"),
-    ('[[branches]]\nname = "x"\nfilter = "clip_score(fraction=3)"\n', "", "[stages.filter] spec"),
-    ('[[branches]]\nname = "x"\nfilter = "no_filter"\nseeds = []\n', "", "[[branches]] #1 seeds: needs at least one"),
-    ('[[branches]]\nname = "x"\nfiltr = "no_filter"\n', "", "[[branches]] #1: unknown key 'filtr'"),
-    ("", "", "no [[branches]]"),
-    ('[[branches]]\nname = "x"\nfilter = "no_filter"\n', 'stages = ["train"]', "[run] stages: set by the sweep"),
+    ([{"name": "../up", "filter": "no_filter"}], None, "[[branches]] #1 name: '../up' is not a folder-safe"),
+    ([{"name": "x", "filter": "clip_score(fraction=3)"}], None, "[stages.filter] spec"),
+    ([{"name": "x", "filter": "no_filter", "seeds": []}], None, "[[branches]] #1 seeds: needs at least one"),
+    ([{"name": "x", "filtr": "no_filter"}], None, "[[branches]] #1: unknown key 'filtr'"),
+    ([], None, "no [[branches]]"),
+    ([{"name": "x", "filter": "no_filter"}], {"stages": ["train"]}, "[run] stages: set by the sweep"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, branches, extra_run, message):
     path = sweep_toml(tmp_path / "sweep.toml", str(tmp_path / "sweep"), str(tmp_path / "no-pool"),
@@ -129,8 +102,7 @@ def test_a_branch_that_fails_its_checks_queues_nothing(tmp_path, pool):
     """A branch's filter names a file that does not exist: refused before the upstream
     (whose own checks pass) is queued or anything is written."""
     missing = str(tmp_path / "targets.npy")
-    branches = (f'[[branches]]\nname = "ok"\nfilter = "no_filter"\n'
-                f'[[branches]]\nname = "img"\nfilter = "image_based(targets={missing})"\n')
+    branches = [{"name": "ok", "filter": "no_filter"}, {"name": "img", "filter": f"image_based(targets={missing})"}]
     path = sweep_toml(tmp_path / "sweep.toml", str(tmp_path / "sweep"), pool, branches=branches)
     proc = _cli("sweep", "-c", path)
     assert proc.returncode == 2, proc.stderr
@@ -351,8 +323,8 @@ def test_every_branch_filter_shares_one_derived_cache_in_the_upstream(tmp_path, 
     for p in firsts:
         assert p.config.stages["filter"].params.derived_cache == f"{s.upstream.folder}/{sw.DERIVED}"
     path = sweep_toml(tmp_path / "own.toml", str(tmp_path / "sweep2"), pool,
-                      branches=f'\n[stages.filter]\nderived_cache = "{tmp_path}/shared"\n'
-                               '\n[[branches]]\nname = "a"\nfilter = "no_filter"\n')
+                      branches=[{"name": "a", "filter": "no_filter"}],
+                      extra={"stages": {"filter": {"derived_cache": f"{tmp_path}/shared"}}})
     own = sw.load_sweep(path)
     assert [p.config.stages["filter"].params.derived_cache for p in own.pieces if p.branch and p.first] == \
         [f"{tmp_path}/shared"]

@@ -18,7 +18,7 @@ from dcslurm.core.config import ConfigError, load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.runs import submit_run
 from dcslurm.core.storage import DataFolder
-from tests.train_helpers import write_shards, write_train_toml
+from tests.train_helpers import write_plan_toml, write_shards, write_train_toml
 
 
 @pytest.fixture(scope="module")
@@ -161,21 +161,8 @@ def test_small_scale_dry_run_shows_hyperparameters_and_job_shape(tmp_path, shard
 
     from dcslurm.cli import app
 
-    toml = tmp_path / "small.toml"
-    toml.write_text(f"""
-[run]
-folder = "{tmp_path / 'run'}"
-scale = "tiny"
-stages = ["train"]
-[executor]
-kind = "slurm"
-[slurm]
-nodes = 2
-tasks_per_node = 4
-gpus_per_node = 4
-[stages.train]
-data = {json.dumps(shards)}
-""")  # plan checks the data like submit: real shards
+    toml = write_plan_toml(tmp_path / "small.toml", str(tmp_path / "run"), shards,  # plan checks the data
+                           {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4})  # like submit: real shards
     result = CliRunner().invoke(app, ["plan", "-c", str(toml), "--scale", "small", "--json"])
     assert result.exit_code == 0, result.output
     step = json.loads(result.output)["steps"][0]

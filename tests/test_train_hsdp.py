@@ -18,8 +18,9 @@ from dcslurm.core.markers import read_marker
 from dcslurm.core.runs import submit_run
 from dcslurm.core.storage import DataFolder
 from jobs.train.spec import mesh_shape
+from tests.core_helpers import update_toml
 from tests.test_train import run_train, shards  # noqa: F401 - fixture
-from tests.train_helpers import read_metrics
+from tests.train_helpers import read_metrics, write_plan_toml
 
 STEPS = 20
 
@@ -91,10 +92,8 @@ def test_hsdp_across_2_slurm_nodes_trains_like_the_1d_mesh(slurm_cluster, tmp_pa
     from tests.test_train_slurm import slurm_toml, wait_committed
 
     path, folder = slurm_toml(tmp_path, "hsdp", shards, mesh="hsdp", export=False)
-    with open(path) as f:  # 2 nodes x 2 tasks instead of the helper's 2 x 1
-        text = f.read().replace("tasks_per_node = 1", "tasks_per_node = 2")
-    with open(path, "w") as f:
-        f.write(text)
+    # 2 nodes x 2 tasks instead of the helper's 2 x 1
+    update_toml(path, {"stages": {"train": {"resources": {"tasks_per_node": 2}}}})
     submit_run(load_config(path))
     marker = wait_committed(folder, slurm_cluster)
     assert marker["stats"]["world_size"] == 4
@@ -115,21 +114,8 @@ def test_the_dry_run_shows_the_job_shape_and_the_mesh(tmp_path, shards, scale, n
 
     from dcslurm.cli import app
 
-    toml = tmp_path / "big.toml"
-    toml.write_text(f"""
-[run]
-folder = "{tmp_path / 'run'}"
-scale = "tiny"
-stages = ["train"]
-[executor]
-kind = "slurm"
-[slurm]
-nodes = {nodes}
-tasks_per_node = {tasks}
-gpus_per_node = {tasks}
-[stages.train]
-data = {json.dumps(shards)}
-""")
+    toml = write_plan_toml(tmp_path / "big.toml", str(tmp_path / "run"), shards,
+                           {"nodes": nodes, "tasks_per_node": tasks, "gpus_per_node": tasks})
     result = CliRunner().invoke(app, ["plan", "-c", str(toml), "--scale", scale, "--json"])
     assert result.exit_code == 0, result.output
     basis = json.loads(result.output)["steps"][0]["estimate_basis"]

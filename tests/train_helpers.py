@@ -9,6 +9,8 @@ import tarfile
 
 import numpy as np
 
+from dcslurm.core.tomlfile import write_toml
+
 
 def digit_images(n: int, size: int = 64):
     """(PIL image, caption) pairs from scikit-learn's real 8x8 handwritten digits, upscaled."""
@@ -51,31 +53,27 @@ def write_shards(folder: str, n_shards: int = 4, per_shard: int = 32, corrupt: i
 
 def write_train_toml(path, folder: str, data: str, tasks_per_node: int = 1, nodes: int = 1,
                      executor: str = "local", scale: str = "tiny", **params) -> str:
+    """A train-only run.toml (the one TOML writer); `params`: [stages.train] keys over the
+    small defaults. [stages.train.resources] is the file's last table: slurm_toml appends to it."""
     defaults = dict(batch_size=16, samples=16 * 20, log_every=1, checkpoint_every=10, workers=0,
                     data_streams=4, shuffle_buffer=8, grad_checkpointing=False, timeout_s=120)
-    defaults.update(params)
-    lines = [f"{k} = {json.dumps(v)}" for k, v in defaults.items()]
-    text = f"""
-[run]
-folder = {json.dumps(folder)}
-scale = "{scale}"
-stages = ["train"]
+    doc = {
+        "run": {"folder": folder, "scale": scale, "stages": ["train"]},
+        "executor": {"kind": executor},
+        "stages": {"train": {"data": data, **defaults, **params,
+                             "resources": {"nodes": nodes, "tasks_per_node": tasks_per_node, "cpus_per_task": 1}}},
+    }
+    return write_toml(path, doc)
 
-[executor]
-kind = "{executor}"
 
-[stages.train]
-data = {json.dumps(data)}
-{chr(10).join(lines)}
-
-[stages.train.resources]
-nodes = {nodes}
-tasks_per_node = {tasks_per_node}
-cpus_per_task = 1
-"""
-    with open(str(path), "w") as f:
-        f.write(text)
-    return str(path)
+def write_plan_toml(path, folder: str, data: str, slurm: dict, scale: str = "tiny",
+                    executor: str | None = "slurm") -> str:
+    """A train-only run.toml for `dcslurm plan` at a scale: the job shape in [slurm]
+    (nodes, tasks_per_node, ...); `executor` None leaves [executor] out (the default kind)."""
+    doc = {"run": {"folder": folder, "scale": scale, "stages": ["train"]},
+           **({"executor": {"kind": executor}} if executor else {}),
+           "slurm": slurm, "stages": {"train": {"data": data}}}
+    return write_toml(path, doc)
 
 
 def read_metrics(run_folder: str) -> list[dict]:
