@@ -575,6 +575,107 @@ def test_killed_write_task_resubmits_to_identical_shards(pool, tmp_path):
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
 
 
+def test_count_tasks_read_four_shards_each_unless_configured(pool, one_task_run, tmp_path):
+    """A shard's count is a fraction of a task's start: four shards a count task by default
+    (the pool's six in two tasks); [stages.reshard] units_per_task still sets it."""
+    from dcslurm.core.plan import read_plan
+    from dcslurm.core.runs import plan_run
+    from dcslurm.core.storage import DataFolder
+
+    run = DataFolder(one_task_run, {})
+    count = read_plan(run).step("reshard.count")
+    assert [(r.start, r.stop) for r in map(count.shards, range(count.n_tasks))] == [(0, 4), (4, 6)]
+    assert done_indexes(run, "reshard.count") == {0, 1}
+    cfg = write_toml(tmp_path / "per1.toml", str(tmp_path / "run"), pool["shards"], pool["subset"], tasks=1,
+                     tail={"stages": {"reshard": {"units_per_task": 1}}})
+    assert plan_run(load_config(cfg)).step("reshard.count").n_tasks == 6
+
+
+def test_a_write_task_writes_its_shards_at_once_and_the_same_bytes(pool, tmp_path, monkeypatch):
+    """A write task with several output shards writes cpus_per_task (here 2) of them at once:
+    one shard's system calls (writev, fsync, mapping the next input) overlap another's
+    Python. The shards are the bytes one at a time gives."""
+    import threading
+
+    import jobs.reshard.stage as stage
+    from dcslurm.core.runner import run_task
+
+    cfg = load_config(write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], pool["subset"],
+                                 tasks=1, samples_per_shard=8))
+    run = str(tmp_path / "run")
+    out = os.path.join(run, "reshard")
+    assert not submit_run(cfg).failed
+    reference = shard_digests(out)
+    os.remove(os.path.join(run, "_markers", "reshard.write", "000000.json"))
+    for n in os.listdir(out):
+        if n.endswith((".tar", "_stats.json")):
+            os.remove(os.path.join(out, n))
+    # the first two shards must be under way together: one at a time, the barrier breaks
+    barrier, calls, lock = threading.Barrier(2, timeout=20), [], threading.Lock()
+    original = stage._write_shard
+
+    def meeting(*args, **kwargs):
+        with lock:
+            calls.append(threading.get_ident())
+            first_two = len(calls) <= 2
+        if first_two:
+            barrier.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_write_shard", meeting)
+    assert run_task(run, "reshard.write", 0) == 0
+    assert len(set(calls[:2])) == 2 and len(calls) == len(reference) - 1  # every shard, sizes.json aside
+    assert shard_digests(out) == reference
+
+
+def _mapped_rss(path: str) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line: address range ... path
+            ours = line.rstrip("\n").endswith(" " + path)
+        elif ours and first == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_READ and /proc/self/smaps are Linux's")
+def test_write_maps_a_local_tar_with_only_the_copied_spans_filled(tmp_path):
+    """The write step copies the kept members only: their pages are filled in advance,
+    not the whole tar's (that cost a 30% subset's write most of its mapping time)."""
+    from dcslurm.core.storage import DataFolder
+    from jobs.reshard.tario import open_tar, open_tar_spans
+
+    path = str(tmp_path / "a.tar")
+    data = np.random.default_rng(0).integers(0, 256, 32 << 20, dtype=np.uint8).tobytes()
+    size = len(data)
+    open(path, "wb").write(data)
+    folder = DataFolder(str(tmp_path), {})
+    with open_tar(folder, "a.tar", str(tmp_path)):  # the count step's reader walks every header
+        assert _mapped_rss(path) == size  # the measure works: every page filled
+    starts, ends = [1000, 21 << 20], [3000, (21 << 20) + 10_000]
+    with open_tar_spans(folder, "a.tar", starts, ends) as reader:
+        # the kernel maps a span's whole folio (up to 2 MB of page cache): far from 32 MB still
+        assert 0 < _mapped_rss(path) <= size // 4
+        view = reader.source.view()
+        assert all(bytes(view[a:b]) == data[a:b] for a, b in zip(starts, ends))
+
+
+def test_shard_writer_starts_the_disk_writing_before_the_commit(tmp_path):
+    """After each flush the writer asks Linux to start writing back what it wrote
+    (sync_file_range), so the commit's fsync has little left to wait for."""
+    from jobs.reshard import tario
+
+    with open(tmp_path / "a.tar", "wb") as f:
+        assert tario._start_writeback(f.fileno()) is (sys.platform == "linux")
+        w = TarShardWriter(f)
+        w.add("a.jpg", b"x" * (TarShardWriter.FLUSH + 1))  # one flush before close
+        w.close()
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        assert [(m.name, m.size) for m in tar] == [("a.jpg", TarShardWriter.FLUSH + 1)]
+
+
 @pytest.mark.parametrize("change", ["uid rewritten in place", "shard grown"])
 def test_input_changed_after_count_fails_the_write_with_one_line(pool, tmp_path, change):
     """Write copies the spans count recorded; an input that changed since is refused, never copied."""

@@ -3,7 +3,8 @@
 Four steps, because output shard ids must be global and independent of how
 the work is split:
 
-  reshard.count    array over the input shards: per shard, how many samples
+  reshard.count    array over the input shards (four a task unless units_per_task
+                   says otherwise): per shard, how many samples
                    the subset keeps (sum of each uid's multiplicity), and where
                    each kept sample's members lie in its tar (_counts/*.npz),
                    from embed's member index of the tar ({stem}.tarindex, see
@@ -13,7 +14,8 @@ the work is split:
   reshard.write    array over `tasks` parts: part p writes output shards
                    split_evenly(n_shards, tasks, p), shard s holding global
                    samples [s * samples_per_shard, (s + 1) * samples_per_shard),
-                   copied from the spans count recorded (no second walk);
+                   copied from the spans count recorded (no second walk), up to
+                   cpus_per_task shards of a task at once, committed in order;
   reshard.finalize one task: sizes.json (the size table training reads) and stats.json.
 
 Inputs: shard_units (download outputs or [pool] shards) and the subset:
@@ -71,6 +73,7 @@ def _estimate(ctx: PlanContext, units: dict) -> Estimate:
                     basis=f"upper bound: every input sample kept once, {basis} x 35 KB")
 
 
+COUNT_SHARDS_PER_TASK = 4  # input shards a count task reads unless [stages.reshard] units_per_task says
 SAMPLE_UIDS = 1024  # subset rows read at plan/submit: the head of the file, never all of it
 POOL_ROWS_READ = 20_000_000  # pool uid rows read at most while looking for a sampled uid
 
@@ -173,7 +176,10 @@ STAGES = [
         default_resources={"cpus_per_task": 2, "time": "04:00:00"},
         estimate=_estimate, preflight=_preflight, problems=_problems,
         steps=(
-            StepSpec("count", "jobs.reshard.stage:count", _count_units, default_units_per_task=1),
+            # A shard's count is about 0.25 s of work against about 0.5 s to start a task's
+            # interpreters (and seconds for a scheduler's job step): four shards a task.
+            StepSpec("count", "jobs.reshard.stage:count", _count_units,
+                     default_units_per_task=COUNT_SHARDS_PER_TASK),
             StepSpec("index", "jobs.reshard.stage:index", _single, layout="single"),
             StepSpec("write", "jobs.reshard.stage:write", _write_units, default_units_per_task=1),
             StepSpec("finalize", "jobs.reshard.stage:finalize", _single, layout="single"),

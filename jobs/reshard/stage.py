@@ -17,9 +17,11 @@ import io
 import json
 import os
 import re
+import threading
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -390,20 +392,74 @@ def write(ctx: TaskContext) -> TaskResult:
     todo = {shard: [_KeptSlice.of(e, kept, *_shard_range(layout, shard)) for e in _shard_inputs(layout, shard)]
             for shard in shards
             if not (ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)))}
-    outputs, stats = [], Counter()
-    # every input tar this task reads, in reading order, each opened while the one before is copied
-    with _span_readers(ctx, [piece for pieces in todo.values() for piece in pieces]) as readers:
-        for shard in shards:
-            if shard not in todo:
-                stats["shards_resumed"] += 1
-            else:
-                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers)
-                for k in ("samples", "bytes", "repeats"):
-                    stats[k] += written[k]
-                stats["shards_written"] += 1
-            outputs.append(f"{ctx.step.stage}/{shard_name(shard)}")
-    out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **stats}
+    stats = Counter(shards_resumed=len(shards) - len(todo))
+    for written in _write_shards(ctx, layout, subset, todo):
+        for k in ("samples", "bytes", "repeats"):
+            stats[k] += written[k]
+        stats["shards_written"] += 1
+    outputs = [f"{ctx.step.stage}/{shard_name(shard)}" for shard in shards]
+    out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **+stats}
     return TaskResult(outputs=outputs, stats=out)
+
+
+def _write_shards(ctx: TaskContext, layout: dict, subset: SubsetFile, todo: dict[int, list[_KeptSlice]]
+                  ) -> list[dict]:
+    """Write the shards of `todo`, up to cpus_per_task at once, each from its own readers.
+
+    A shard is about half Python (json checks, headers) and half system calls that release
+    the GIL (writev from the input mappings, populating the next input's mapping, the
+    fsync that commits it), so a task with several shards overlaps one shard's I/O with
+    another's Python. Each shard's bytes depend only on its pieces, never on the timing.
+    Shards still commit in order, as one at a time did: a shard's commit waits for the
+    shard before it, and after a failure no later shard is committed (its upload or
+    temporary file is discarded), so a failed task leaves a prefix of its shards."""
+    shards = list(todo)
+    threads = min(len(shards), max(1, ctx.step.resources.cpus_per_task))
+    if threads <= 1:
+        out = []
+        for shard in shards:
+            with _span_readers(ctx, todo[shard]) as readers:
+                out.append(_write_shard(ctx, layout, subset, shard, todo[shard], readers))
+        return out
+    done = [threading.Event() for _ in shards]
+    ok = [False] * len(shards)
+    failed = threading.Event()
+
+    def previous_committed(i: int) -> None:
+        if i:
+            done[i - 1].wait()
+            if not ok[i - 1]:
+                raise _Abandoned
+
+    def one(i: int) -> dict:
+        try:
+            if failed.is_set():
+                raise _Abandoned  # an earlier shard failed: do not start this one
+            shard = shards[i]
+            # each input tar of this shard, in reading order, opened while the one before is copied
+            # (from S3: each shard under way holds its own pieces' spans)
+            with _span_readers(ctx, todo[shard]) as readers:
+                written = _write_shard(ctx, layout, subset, shard, todo[shard], readers,
+                                       before_commit=lambda: previous_committed(i))
+            ok[i] = True
+            return written
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            done[i].set()
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard") as pool:
+        futures = [pool.submit(one, i) for i in range(len(shards))]
+    errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None and not isinstance(e, _Abandoned)), None)
+    if first is not None:
+        raise first
+    return [f.result() for f in futures]
+
+
+class _Abandoned(Exception):
+    """A shard not committed because one before it failed (that failure is the task's error)."""
 
 
 def _span_readers(ctx: TaskContext, pieces: list[_KeptSlice]) -> contextlib.closing:
@@ -519,8 +575,10 @@ Members = list[tuple[bytes, bytes | memoryview]]  # (extension as UTF-8, data) o
 
 
 def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int, pieces: list[_KeptSlice],
-                 readers: Iterator[TarSampleReader | None]) -> dict:
-    """Write output shard `shard` from `pieces`, taking one reader from `readers` for each."""
+                 readers: Iterator[TarSampleReader | None], before_commit: Callable[[], None] = lambda: None
+                 ) -> dict:
+    """Write output shard `shard` from `pieces`, taking one reader from `readers` for each;
+    `before_commit` runs once it is all written, before it is committed (raising discards it)."""
     lo, hi = _shard_range(layout, shard)
     shuffle = ctx.params.shuffle
     collected: list[tuple[bytes, Members]] = []
@@ -545,6 +603,7 @@ def _write_shard(ctx: TaskContext, layout: dict, subset: SubsetFile, shard: int,
                 _add_sample(writer, *collected[j])
         writer.close()
         stats["bytes"] = writer.bytes
+        before_commit()
     if stats["samples"] != hi - lo:
         raise UserError(f"{shard_name(shard)}: wrote {stats['samples']} samples, expected {hi - lo}: "
                         "the input shards changed since they were counted")

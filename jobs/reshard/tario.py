@@ -31,6 +31,7 @@ give the same bytes.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
 import io
 import json
@@ -239,10 +240,14 @@ class _Source:
 class _MappedSource(_Source):
     """A local file through mmap: skipping costs nothing and reads are slices (no system calls)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, spans: tuple[list[int], list[int]] | None = None):
+        """`spans` (starts, ends): the only bytes the caller reads; their pages alone are
+        filled in advance (else every page: the walk over headers reads the whole file)."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            self.mm = _map_whole(f.fileno()) if size else None
+            self.mm = _map_spans(f.fileno(), *spans) if size and spans is not None else None
+            if size and self.mm is None:
+                self.mm = _map_whole(f.fileno())
         if self.mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
             self.mm.madvise(mmap.MADV_SEQUENTIAL)
         self.size = size
@@ -301,6 +306,30 @@ def _map_whole(fd: int) -> mmap.mmap:
         except OSError:
             pass
     return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 has no name for it
+
+
+def _map_spans(fd: int, starts: list[int], ends: list[int]) -> mmap.mmap | None:
+    """A read-only mapping of the whole file with the page tables of bytes [starts[i], ends[i])
+    filled, no others; None where the kernel cannot (then `_map_whole`).
+
+    The write step copies the kept samples only (30% of a tar for a 30% subset): filling the
+    whole tar's page tables cost it 0.07 s of CPU per 490 MB tar here, the kept spans' 0.04 s."""
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    page = mmap.PAGESIZE
+    _, merged_starts, merged_ends = merge_offset_ranges([""] * len(starts), list(starts), list(ends),
+                                                        max_gap=page, sort=True)
+    try:
+        for start, end in zip(merged_starts, merged_ends):
+            first = start - start % page
+            if end > first:
+                mm.madvise(_MADV_POPULATE_READ, first, end - first)
+    except (OSError, ValueError):  # an older kernel (EINVAL), or a span past the end: map it whole
+        mm.close()
+        return None
+    return mm
 
 
 def _octal(field_bytes: bytes) -> int:
@@ -789,13 +818,13 @@ class _SpanSource:
 def open_tar_spans(folder, name: str, starts: list[int], ends: list[int], url: str = "") -> TarSampleReader:
     """A reader whose source holds at least bytes [starts[i], ends[i]) of tar `name` in DataFolder
     `folder` (for copying members the count step located; it cannot walk the tar);
-    FileNotFoundError if absent. A local tar is mapped whole (reading it in place costs nothing
-    more); a remote one is read only at those spans, nearby ones merged (`SPAN_MERGE_GAP`), by
+    FileNotFoundError if absent. A local tar is mapped in place, the page tables of those spans
+    alone filled in advance; a remote one is read only at those spans, nearby ones merged (`SPAN_MERGE_GAP`), by
     concurrent ranged reads (`DataFolder.read_ranges`)."""
     url = url or folder.url_of(name)
     local = folder.local_path(name)
     if local is not None:
-        return TarSampleReader(None, name=url, source=_MappedSource(local))
+        return TarSampleReader(None, name=url, source=_MappedSource(local, (starts, ends)))
     size = folder.size(name)
     if starts and max(ends) > size:
         # the tar shrank since it was counted: the caller's size check reports it in one line
@@ -979,6 +1008,7 @@ class TarShardWriter:
         else:
             self.f.flush()
             _writev_all(fd, pieces, total)  # straight from the input mappings: no copy in Python
+            _start_writeback(fd)
         self.bytes += total
         self._names, self._data, self._pending = [], [], 0
 
@@ -994,6 +1024,32 @@ def _file_descriptor(f) -> int | None:
         return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return None
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2) from the C library (Python's os module has none), or None."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return func
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing dirty pages back, wait for nothing
+
+
+def _start_writeback(fd: int) -> bool:
+    """Start writing what is in the page cache of `fd` to its disk, without waiting.
+
+    A shard is committed with one fsync (DataFolder.writer); started after each flush,
+    the disk writes each flushed 8 MB while the next is copied, and that fsync has only
+    the last flush left to wait for (measured here: 0.2 s of fsync for 480 MB down to a
+    few ms). Durability is the fsync's, as before: this only moves the disk's work earlier.
+    """
+    # False where there is no sync_file_range or it failed: the fsync then does it all, as before
+    return _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _writev_all(fd: int, pieces: list, total: int) -> None:
