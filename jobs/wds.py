@@ -99,8 +99,6 @@ class CheckedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tar)
 
     def _proc_pax(self, tar):
-        from jobs.reshard.tario import parse_pax  # the one PAX record rule (tario imports this module)
-
         spy = _FirstRead(tar.fileobj)
         tar.fileobj = spy
         try:
@@ -132,6 +130,40 @@ class _FirstRead:
 
     def __getattr__(self, name):
         return getattr(self.f, name)
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+
+
+def parse_pax(data: bytes) -> dict[str, str]:
+    """The records ("<length> <keyword>=<value>\\n") of a PAX header's data (its padded
+    blocks, up to the first NUL), by the rules of CPython's tarfile since its fix for
+    CVE-2024-6232: a record must be whole, at least 5 bytes and end in a newline, so each
+    step advances by at least 5 and no match backtracks (the older parser also looped forever
+    on a length of 0, CVE-2019-20907). Anything else is damage (ValueError), and so is a
+    `size` that is not a non-negative integer (tarfile would read it as 0)."""
+    out = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_LENGTH.match(data, pos)
+        if match is None:
+            raise ValueError("PAX record without a length")
+        length = int(match.group(1))
+        end = pos + length - 1  # where the record's newline must be
+        if length < 5 or end >= len(data) or data[end] != 0x0A:
+            raise ValueError(f"PAX record of length {length}")
+        key, equals, value = data[match.end():end].partition(b"=")
+        if not key or not equals:
+            raise ValueError("PAX record without a keyword")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    if "size" in out:
+        try:
+            if int(out["size"]) < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"PAX size {out['size'][:20]!r}") from None
+    return out
 
 
 def member_field(info: tarfile.TarInfo, skipped: Counter) -> tuple[str, str] | None:

@@ -37,7 +37,6 @@ import io
 import json
 import mmap
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +48,7 @@ import numpy as np
 from fsspec.utils import merge_offset_ranges
 
 from dcslurm.core.errors import StorageError
-from jobs.wds import KEY_EXT, TarIndex, encode_index
+from jobs.wds import KEY_EXT, TarIndex, encode_index, parse_pax
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar's record size: archives are padded to a multiple of it
@@ -427,38 +426,12 @@ def _split_names(names: np.ndarray, prefixed: dict[int, str]
             newlines)
 
 
-_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
-
-
 def _parse_pax(data: bytes) -> dict[str, str]:
-    """The records ("<length> <keyword>=<value>\\n") of a PAX header's data (its padded
-    blocks, up to the first NUL), by the rules of CPython's tarfile since its fix for
-    CVE-2024-6232: a record must be whole, at least 5 bytes and end in a newline, so each
-    step advances by at least 5 and no match backtracks (the older parser also looped forever
-    on a length of 0, CVE-2019-20907). Anything else is damage (`_Corrupt`), and so is a
-    `size` that is not a non-negative integer (tarfile would read it as 0)."""
-    out = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        match = _PAX_LENGTH.match(data, pos)
-        if match is None:
-            raise _Corrupt("PAX record without a length")
-        length = int(match.group(1))
-        end = pos + length - 1  # where the record's newline must be
-        if length < 5 or end >= len(data) or data[end] != 0x0A:
-            raise _Corrupt(f"PAX record of length {length}")
-        key, equals, value = data[match.end():end].partition(b"=")
-        if not key or not equals:
-            raise _Corrupt("PAX record without a keyword")
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    if "size" in out:
-        try:
-            if int(out["size"]) < 0:
-                raise ValueError
-        except ValueError:
-            raise _Corrupt(f"PAX size {out['size'][:20]!r}") from None
-    return out
+    """jobs.wds.parse_pax (the one PAX record rule), its damage as this reader's `_Corrupt`."""
+    try:
+        return parse_pax(data)
+    except ValueError as exc:
+        raise _Corrupt(str(exc)) from None
 
 
 def keyed_member(name: str, typeflag: int, offset: int, size: int, counters: ReadCounters) -> Member | None:
@@ -497,14 +470,6 @@ def indexed_table(index: TarIndex) -> tuple[SampleTable, ReadCounters]:
     table = SampleTable(index.keys, index.starts, [None] * len(index.keys), index.exts, index.offsets,
                         index.sizes, uids=index.uids)
     return table, ReadCounters(**index.counters)
-
-
-def parse_pax(data: bytes) -> dict[str, str]:
-    """`_parse_pax` for other readers: ValueError where this reader sees damage."""
-    try:
-        return _parse_pax(data)
-    except _Corrupt as exc:
-        raise ValueError(str(exc)) from None
 
 
 class TarSampleReader:
