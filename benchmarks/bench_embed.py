@@ -104,24 +104,16 @@ def run_stage(root: str, shards: str, ckpt: str, model: str, batch: int, workers
     from dcslurm.core.plan import PLAN_FILE
     from dcslurm.core.runner import run_task
     from dcslurm.core.runs import plan_run
+    from dcslurm.core.tomlfile import write_toml
 
     run = os.path.join(root, f"run-{time.time_ns()}")
-    toml = os.path.join(root, f"{os.path.basename(run)}.toml")
-    with open(toml, "w") as f:
-        f.write(f"""[run]
-folder = "{run}"
-scale = "tiny"
-stages = ["embed"]
-[pool]
-shards = "{shards}"
-[stages.embed]
-models = [{{name = "m", model = "{model}", pretrained = "{ckpt}"}}]
-batch_size = {batch}
-workers = {workers}
-device = "{device}"
-gpu_decode = {str(gpu_decode).lower()}
-units_per_task = {per_task}
-""")
+    toml = write_toml(os.path.join(root, f"{os.path.basename(run)}.toml"), {
+        "run": {"folder": run, "scale": "tiny", "stages": ["embed"]},
+        "pool": {"shards": shards},
+        "stages": {"embed": {"models": [{"name": "m", "model": model, "pretrained": ckpt}], "batch_size": batch,
+                             "workers": workers, "device": device, "gpu_decode": gpu_decode,
+                             "units_per_task": per_task}},
+    })
     cfg = load_config(toml)
     plan = plan_run(cfg)
     cfg.folder().write_text(PLAN_FILE, plan.to_json())

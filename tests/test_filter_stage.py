@@ -14,7 +14,9 @@ import pytest
 from dcslurm.core.config import load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.runs import submit_run
+from dcslurm.core.tomlfile import write_toml
 from jobs.filter.synthetic import write_pool
+from tests.core_helpers import merge_tables
 
 DIMS = (8, 12)
 SPEC = "clip_score(l14, fraction=0.45) then basic then metaclip(entries={entries}, t=4)"
@@ -28,26 +30,17 @@ def pool16(tmp_path_factory):
     return root
 
 
-def write_toml(path, run_folder, pool_root, per_task: int, executor: str = "local", spec: str | None = None) -> str:
-    spec = spec or SPEC.format(entries=pool_root / "entries.txt")
-    extra = '[slurm]\ntime = "00:10:00"\n' if executor == "slurm" else ""
-    path.write_text(f"""
-[run]
-folder = {json.dumps(str(run_folder))}
-stages = ["filter"]
-seed = 3
-
-[pool]
-metadata = {json.dumps(str(pool_root / "pool"))}
-
-[executor]
-kind = "{executor}"
-
-[stages.filter]
-spec = {json.dumps(spec)}
-units_per_task = {per_task}
-{extra}""")
-    return str(path)
+def filter_toml(path, run_folder, pool_root, per_task: int, executor: str = "local", extra: dict | None = None) -> str:
+    """A filter-only run.toml over the pool under `pool_root` (the one TOML writer); `extra`: more
+    tables, merged in (a pool elsewhere, [storage], ...)."""
+    doc = {
+        "run": {"folder": str(run_folder), "stages": ["filter"], "seed": 3},
+        "pool": {"metadata": str(pool_root / "pool")},
+        "executor": {"kind": executor},
+        "stages": {"filter": {"spec": SPEC.format(entries=pool_root / "entries.txt"), "units_per_task": per_task}},
+        **({"slurm": {"time": "00:10:00"}} if executor == "slurm" else {}),
+    }
+    return write_toml(path, merge_tables(doc, extra or {}))
 
 
 def digest(path) -> str:
@@ -57,13 +50,13 @@ def digest(path) -> str:
 @pytest.fixture(scope="module")
 def one_task_run(pool16, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
-    cfg = load_config(write_toml(tmp / "run.toml", tmp / "run", pool16, per_task=16))
+    cfg = load_config(filter_toml(tmp / "run.toml", tmp / "run", pool16, per_task=16))
     assert not submit_run(cfg).failed
     return tmp / "run"
 
 
 def test_sixteen_tasks_give_the_same_subset_as_one(pool16, one_task_run, tmp_path):
-    cfg = load_config(write_toml(tmp_path / "run.toml", tmp_path / "run", pool16, per_task=1))
+    cfg = load_config(filter_toml(tmp_path / "run.toml", tmp_path / "run", pool16, per_task=1))
     plan_tasks = {s: n for s, n in [("filter.map", 16), ("filter.apply", 16)]}
     assert not submit_run(cfg).failed
     from dcslurm.core.plan import read_plan
@@ -118,7 +111,7 @@ def test_cli_filter_options_and_one_line_errors(pool16, tmp_path):
 def test_slurm_sixteen_tasks_equal_local(slurm_cluster, pool16, one_task_run, tmp_path):
     from tests.core_helpers import wait_run_done
 
-    cfg_path = write_toml(tmp_path / "run.toml", tmp_path / "run", pool16, per_task=1, executor="slurm")
+    cfg_path = filter_toml(tmp_path / "run.toml", tmp_path / "run", pool16, per_task=1, executor="slurm")
     submit_run(load_config(cfg_path))
     wait_run_done(cfg_path, timeout=500)
     slurm_cluster.wait_jobs_done(60)
@@ -131,25 +124,10 @@ def test_pool_and_run_folder_on_s3_give_the_same_subset(s3_server, s3_bucket, po
     bucket = s3_bucket.removeprefix("s3://")
     for p in sorted((pool16 / "pool").iterdir()):
         fs.put_file(str(p), f"{bucket}/pool/{p.name}")
-    spec = SPEC.format(entries=pool16 / "entries.txt")
-    cfg_path = tmp_path / "run.toml"
-    cfg_path.write_text(f"""
-[run]
-folder = "{s3_bucket}/run"
-stages = ["filter"]
-seed = 3
-[pool]
-metadata = "{s3_bucket}/pool"
-[storage]
-endpoint_url = "{s3_server.endpoint_url}"
-[executor]
-kind = "local"
-log_dir = "{tmp_path}/logs"
-[stages.filter]
-spec = {json.dumps(spec)}
-units_per_task = 4
-""")
-    assert not submit_run(load_config(str(cfg_path))).failed
+    cfg_path = filter_toml(tmp_path / "run.toml", f"{s3_bucket}/run", pool16, per_task=4, extra={
+        "pool": {"metadata": f"{s3_bucket}/pool"}, "storage": {"endpoint_url": s3_server.endpoint_url},
+        "executor": {"log_dir": f"{tmp_path}/logs"}})
+    assert not submit_run(load_config(cfg_path)).failed
     data = fs.cat_file(f"{bucket}/run/filter/subset.npy")
     assert hashlib.sha256(data).hexdigest() == digest(one_task_run / "filter/subset.npy")
     assert not [p for p in fs.find(bucket) if "/.tmp-" in p]

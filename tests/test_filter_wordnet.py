@@ -25,6 +25,7 @@ from dcslurm.core.config import load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.runs import plan_run, preflight_run
 from dcslurm.core.storage import DataFolder
+from dcslurm.core.tomlfile import write_toml
 from jobs.filter import engine, rules
 
 DEBIAN = "/usr/share/wordnet"
@@ -162,21 +163,12 @@ def test_folder_without_wordnet_is_one_line_error(tmp_path):
 def _config(tmp_path, caption_pool, wordnet_arg: str = "", executor: str = "local"):
     root, _ = caption_pool
     spec = f"text_based(synsets='{root / 'in21k.txt'}'{wordnet_arg})"
-    (tmp_path / "run.toml").write_text(f"""
-[run]
-folder = {json.dumps(str(tmp_path / "run"))}
-stages = ["filter"]
-
-[pool]
-metadata = {json.dumps(str(root / "pool"))}
-
-[executor]
-kind = "{executor}"
-
-[stages.filter]
-spec = {json.dumps(spec)}
-""")
-    cfg = load_config(str(tmp_path / "run.toml"))
+    cfg = load_config(write_toml(tmp_path / "run.toml", {
+        "run": {"folder": str(tmp_path / "run"), "stages": ["filter"]},
+        "pool": {"metadata": str(root / "pool")},
+        "executor": {"kind": executor},
+        "stages": {"filter": {"spec": spec}},
+    }))
     return cfg, plan_run(cfg)
 
 

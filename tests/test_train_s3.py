@@ -14,6 +14,7 @@ from dcslurm.core.errors import UserError
 from dcslurm.core.runs import submit_run
 from dcslurm.core.storage import DataFolder
 from dcslurm.core.task import STOP_AFTER_ENV
+from tests.core_helpers import update_toml
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import write_train_toml
 
@@ -33,10 +34,8 @@ def test_s3_data_and_checkpoints_resume_to_the_local_runs_weights(tmp_path, shar
     run_url = f"{s3_bucket}/run"
     toml = write_train_toml(tmp_path / "s3.toml", run_url, data.url, **common)
     monkeypatch.setenv(STOP_AFTER_ENV, "3")  # test-only: each attempt stops after 3 steps, as if preempted
-    with open(toml, "a") as f:
-        f.write(f'\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
-    text = open(toml).read().replace("[executor]", f'[executor]\nlog_dir = "{tmp_path}/logs"', 1)
-    open(toml, "w").write(text)
+    update_toml(toml, {"storage": {"endpoint_url": s3_server.endpoint_url},
+                       "executor": {"log_dir": f"{tmp_path}/logs"}})
     assert submit_run(load_config(toml)).failed  # stopped after 3 steps, as if preempted
     run = DataFolder(run_url, opts)
     assert run.list("train/checkpoints", suffix=".json") == ["step-00000003.json"]
@@ -48,7 +47,6 @@ def test_s3_data_and_checkpoints_resume_to_the_local_runs_weights(tmp_path, shar
 
 def test_missing_s3_shards_are_a_one_line_error(tmp_path, shards, s3_server, s3_bucket):
     toml = write_train_toml(tmp_path / "bad.toml", str(tmp_path / "run"), f"{s3_bucket}/nothing-here")
-    with open(toml, "a") as f:
-        f.write(f'\n[storage]\nendpoint_url = "{s3_server.endpoint_url}"\n')
+    update_toml(toml, {"storage": {"endpoint_url": s3_server.endpoint_url}})
     with pytest.raises(UserError, match=r"nothing-here: training data folder does not exist$"):
         submit_run(load_config(toml))

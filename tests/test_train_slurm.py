@@ -25,6 +25,7 @@ from dcslurm.core.markers import read_marker
 from dcslurm.core.runs import submit_run
 from dcslurm.core.storage import DataFolder
 from dcslurm.core.task import POLL_SLEEP_ENV
+from tests.core_helpers import update_toml
 from tests.test_train import assert_bit_equal, final_weights, run_train, shards  # noqa: F401 - fixture
 from tests.train_helpers import read_metrics, write_train_toml
 
@@ -40,8 +41,7 @@ def slurm_toml(tmp_path, name: str, data: str, **params) -> tuple[str, str]:
     time_limit = kw.pop("time")
     path = write_train_toml(tmp_path / f"{name}.toml", folder, data, nodes=2, tasks_per_node=1,
                             executor="slurm", **kw)
-    with open(path, "a") as f:
-        f.write(f'time = "{time_limit}"\n')  # appended to [stages.train.resources]
+    update_toml(path, {"stages": {"train": {"resources": {"time": time_limit}}}})  # a resources key, not a train one
     return path, folder
 
 

@@ -54,7 +54,7 @@ def write_shards(folder: str, n_shards: int = 4, per_shard: int = 32, corrupt: i
 def write_train_toml(path, folder: str, data: str, tasks_per_node: int = 1, nodes: int = 1,
                      executor: str = "local", scale: str = "tiny", **params) -> str:
     """A train-only run.toml (the one TOML writer); `params`: [stages.train] keys over the
-    small defaults. [stages.train.resources] is the file's last table: slurm_toml appends to it."""
+    small defaults."""
     defaults = dict(batch_size=16, samples=16 * 20, log_every=1, checkpoint_every=10, workers=0,
                     data_streams=4, shuffle_buffer=8, grad_checkpointing=False, timeout_s=120)
     doc = {
