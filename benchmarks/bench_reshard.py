@@ -58,6 +58,7 @@ from skimage import data as skdata
 from dcslurm.core.config import load_config
 from dcslurm.core.runner import run_task
 from dcslurm.core.runs import submit_run
+from dcslurm.core.tomlfile import write_toml
 from jobs.reshard.subset import uids_to_array
 
 
@@ -181,23 +182,17 @@ def time_reshard(root: str, name: str, shards: str, subset: str, tasks: int, pat
 
 def write_config(path: str, run: str, shards: str, subset: str, tasks: int, workers: int = 1,
                  endpoint_url: str = "") -> str:
-    with open(path, "w") as f:
-        f.write(f"""
-[run]
-folder = {json.dumps(run)}
-stages = ["reshard"]
-[pool]
-shards = {json.dumps(shards)}
-[executor]
-kind = "local"
-max_parallel = {workers}
-[stages.reshard]
-subset = {json.dumps(subset)}
-tasks = {tasks}
-""")
-        if endpoint_url:
-            f.write(f"[storage]\nendpoint_url = {json.dumps(endpoint_url)}\n")
-    return path
+    doc = {
+        "run": {"folder": run, "stages": ["reshard"]},
+        "pool": {"shards": shards},
+        # task logs beside the config: an s3:// run has no RUN/logs, and ./dcslurm-logs is the caller's cwd
+        "executor": {"kind": "local", "max_parallel": workers,
+                     "log_dir": os.path.join(os.path.dirname(os.path.abspath(path)), "logs")},
+        "stages": {"reshard": {"subset": subset, "tasks": tasks}},
+    }
+    if endpoint_url:
+        doc["storage"] = {"endpoint_url": endpoint_url}
+    return write_toml(path, doc)
 
 
 def kept_bytes(paths: list[str], subset_uids: list[str]) -> tuple[int, int]:
