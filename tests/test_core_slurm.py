@@ -39,8 +39,6 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     cfg = write_run_toml(tmp / "ref.toml", str(tmp / "ref"), units=100,
                          extra={"stages": {"digest": {"resources": {"cpus_per_task": 1}}}})
-    with open(cfg, "a") as f:
-        f.write("")
     assert not submit_run(load_config(cfg)).failed
     return _outputs(tmp / "ref")
 

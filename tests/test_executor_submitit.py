@@ -20,7 +20,7 @@ from dcslurm.core.executors import make_executor  # noqa: E402
 from dcslurm.core.markers import done_indexes  # noqa: E402
 from dcslurm.core.runs import cancel_run, plan_run, run_status, submit_run  # noqa: E402
 from dcslurm.core.submission import load_submissions  # noqa: E402
-from tests.core_helpers import tree_digest, wait_run_done, write_run_toml  # noqa: E402
+from tests.core_helpers import tree_digest, update_toml, wait_run_done, write_run_toml  # noqa: E402
 from tests.reliability_helpers import proc_args  # noqa: E402
 
 OUTPUT_DIRS = ("synth/", "digest/", "summary/")
@@ -32,11 +32,7 @@ def _outputs(folder) -> dict[str, str]:
 
 def _submitit_toml(path, folder, cluster: str, executor_keys: str = "", **kw) -> str:
     cfg_path = write_run_toml(path, str(folder), executor="submitit", **kw)
-    with open(cfg_path) as f:
-        text = f.read()
-    with open(cfg_path, "w") as f:
-        f.write(text.replace("[executor]\n", f'[executor]\nsubmitit_cluster = "{cluster}"\n{executor_keys}', 1))
-    return cfg_path
+    return update_toml(cfg_path, f'[executor]\nsubmitit_cluster = "{cluster}"\n{executor_keys}')
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from dcslurm.core.config import load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.executors import ExecutorSettings, make_executor
 from dcslurm.core.runs import cancel_run, run_status, submit_run
-from tests.core_helpers import write_run_toml
+from tests.core_helpers import update_toml, write_run_toml
 
 
 @pytest.fixture
@@ -36,8 +36,7 @@ def test_status_of_a_container_run_needs_no_apptainer_here(finished_run, tmp_pat
     # `dcslurm sweep status` passes each piece's config: a login node without apptainer
     # (or without the images) must still see the run's state.
     cfg_path, run_url = finished_run
-    with open(cfg_path, "a") as f:
-        f.write('\n[container]\nenabled = true\napptainer = "/no/such/apptainer"\n')
+    update_toml(cfg_path, {"container": {"enabled": True, "apptainer": "/no/such/apptainer"}})
     cfg = load_config(cfg_path)
     with pytest.raises(UserError):  # submitting does check the host
         make_executor("local", run=cfg)

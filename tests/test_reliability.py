@@ -36,7 +36,7 @@ from dcslurm.core.markers import done_indexes, read_marker
 from dcslurm.core.runs import run_status, submit_run
 from dcslurm.core.storage import DataFolder
 from dcslurm.core.tomlfile import write_toml
-from tests.core_helpers import tree_digest, wait_run_done, write_run_toml
+from tests.core_helpers import tree_digest, update_toml, wait_run_done, write_run_toml
 from tests.reliability_helpers import kill_all, only_outputs, pids_on_node, runner_pids
 
 TEST_STAGES = ("synth/", "digest/", "summary/")
@@ -55,14 +55,12 @@ def _synth_reference(tmp_path, units: int, bytes_per_unit: int = 4096) -> dict[s
 
 
 def _set_bytes(path: str, bytes_per_unit: int) -> None:
-    text = open(path).read().replace("[stages.synth]\n", f"[stages.synth]\nbytes_per_unit = {bytes_per_unit}\n", 1)
-    open(path, "w").write(text)
+    update_toml(path, {"stages": {"synth": {"bytes_per_unit": bytes_per_unit}}})
 
 
 def _add_executor_keys(path: str, keys: str) -> None:
     """Add `keys` (TOML lines) to the [executor] table write_run_toml wrote."""
-    text = open(path).read().replace("[executor]\n", f"[executor]\n{keys}", 1)
-    open(path, "w").write(text)
+    update_toml(path, f"[executor]\n{keys}")
 
 
 # -- the S3 server dies mid-stage --------------------------------------------------------

@@ -23,7 +23,7 @@ from dcslurm.core.errors import UserError
 from dcslurm.core.plan import PLAN_FILE
 from dcslurm.core.runs import RUN_FILE, cancel_run, plan_run, run_status, submit_run
 from dcslurm.core.submission import JobChunk, StepSubmission, Submission, load_submissions, save_submission
-from tests.core_helpers import write_run_toml
+from tests.core_helpers import update_toml, write_run_toml
 
 DCSLURM = os.path.join(os.path.dirname(sys.executable), "dcslurm")
 
@@ -51,10 +51,7 @@ def _children_running(ppid: int, word: str) -> list[int]:
 
 def _set_executor(cfg_path: str, line: str) -> None:
     """Add `line` to the [executor] table of a run.toml from write_run_toml."""
-    with open(cfg_path) as f:
-        text = f.read()
-    with open(cfg_path, "w") as f:
-        f.write(text.replace("[executor]\n", f"[executor]\n{line}\n", 1))
+    update_toml(cfg_path, f"[executor]\n{line}\n")
 
 
 def _wait_for(pred, timeout: float = 60.0, what: str = "condition"):

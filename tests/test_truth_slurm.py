@@ -13,7 +13,7 @@ from dcslurm.core.config import load_config
 from dcslurm.core.errors import UserError
 from dcslurm.core.runs import cancel_run, run_status, submit_run
 from dcslurm.core.submission import load_submissions
-from tests.core_helpers import write_run_toml
+from tests.core_helpers import update_toml, write_run_toml
 
 pytestmark = pytest.mark.slurm
 
@@ -56,10 +56,7 @@ def test_percent_in_the_log_folder_is_literal(slurm_cluster, tmp_path):
     log_dir = tmp_path / "logs 100%j %A"
     cfg_path = write_run_toml(tmp_path / "run.toml", str(tmp_path / "run 50%"), units=2, executor="slurm",
                               extra={"slurm": {"time": "00:05:00"}})
-    with open(cfg_path) as f:
-        text = f.read()
-    with open(cfg_path, "w") as f:
-        f.write(text.replace("[executor]\n", f'[executor]\nlog_dir = "{log_dir}"\n', 1))
+    update_toml(cfg_path, {"executor": {"log_dir": str(log_dir)}})
     cfg = load_config(cfg_path, stages=["synth"])
     result = submit_run(cfg)
     (chunk,) = result.submission.steps["synth"].chunks
