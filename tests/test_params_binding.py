@@ -65,6 +65,8 @@ def test_keys_left_out_are_the_scales_and_keys_set_are_taken_as_written(tmp_path
     assert isinstance(params, TrainParams) and params.batch_size is None
     hp = resolve_hyper(SCALES["small"], params)
     assert (hp.batch_size, hp.lr, hp.warmup) == (SCALES["small"].batch_size, SCALES["small"].lr, 0)
+    # an empty model name is no model: the scale's, as the preflight check takes it
+    assert resolve_hyper(SCALES["small"], TrainParams(model="")).model == SCALES["small"].model
 
 
 def test_the_plan_records_each_steps_params_class(tmp_path):

@@ -92,7 +92,7 @@ def _given(value, default):
 def resolve_hyper(scale: ScaleConfig, params: TrainParams) -> Hyper:
     """The scale's hyperparameters with the params that are set applied."""
     return Hyper(
-        model=_given(params.model, scale.model),
+        model=params.model or scale.model,  # "" names no model: the scale's, as plan and preflight take it
         batch_size=_given(params.batch_size, scale.batch_size),
         samples=_given(params.samples, scale.samples_seen),
         lr=_given(params.lr, scale.lr),
