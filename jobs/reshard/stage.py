@@ -392,13 +392,15 @@ def write(ctx: TaskContext) -> TaskResult:
     todo = {shard: [_KeptSlice.of(e, kept, *_shard_range(layout, shard)) for e in _shard_inputs(layout, shard)]
             for shard in shards
             if not (ctx.output.exists(shard_stats_name(shard)) and ctx.output.exists(shard_name(shard)))}
-    stats = Counter(shards_resumed=len(shards) - len(todo))
+    stats = Counter()
+    if len(todo) < len(shards):
+        stats["shards_resumed"] = len(shards) - len(todo)
     for written in _write_shards(ctx, layout, subset, todo):
         for k in ("samples", "bytes", "repeats"):
             stats[k] += written[k]
         stats["shards_written"] += 1
     outputs = [f"{ctx.step.stage}/{shard_name(shard)}" for shard in shards]
-    out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **+stats}
+    out = {"shards": len(shards), "samples_written": stats.pop("samples", 0), **stats}
     return TaskResult(outputs=outputs, stats=out)
 
 
@@ -414,13 +416,9 @@ def _write_shards(ctx: TaskContext, layout: dict, subset: SubsetFile, todo: dict
     shard before it, and after a failure no later shard is committed (its upload or
     temporary file is discarded), so a failed task leaves a prefix of its shards."""
     shards = list(todo)
+    if not shards:
+        return []
     threads = min(len(shards), max(1, ctx.step.resources.cpus_per_task))
-    if threads <= 1:
-        out = []
-        for shard in shards:
-            with _span_readers(ctx, todo[shard]) as readers:
-                out.append(_write_shard(ctx, layout, subset, shard, todo[shard], readers))
-        return out
     done = [threading.Event() for _ in shards]
     ok = [False] * len(shards)
     failed = threading.Event()
