@@ -15,10 +15,14 @@ from typing import Any
 from dcslurm.core.shards import ShardRange, UnitSet, task_range
 
 
-def at_least(obj: Any, key: str, low: int) -> None:
-    """A dataclass's validate(): ValueError("key: must be >= low") when it is less."""
-    if getattr(obj, key) < low:
-        raise ValueError(f"{key}: must be >= {low}")
+def at_least(obj: Any, key: str, low: int, unset: str = "") -> None:
+    """A dataclass's validate(): ValueError("key: must be >= low") when it is less. With
+    `unset` (what a key left out means), None is that default and the message says so."""
+    value = getattr(obj, key)
+    if unset and value is None:
+        return
+    if value < low:
+        raise ValueError(f"{key}: must be >= {low}" + (f" (leave it out for {unset})" if unset else ""))
 
 
 @dataclass

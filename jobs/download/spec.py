@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from dcslurm.core.errors import UserError
-from dcslurm.core.plantypes import Estimate
+from dcslurm.core.plantypes import Estimate, at_least
 from dcslurm.core.scales import estimate_samples
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.stages import PlanContext, StageSpec, StepSpec
@@ -62,8 +62,8 @@ class DownloadParams:
         if not 1 <= self.max_image_pixels <= 2 * DEFAULT_MAX_IMAGE_PIXELS:
             raise ValueError(f"max_image_pixels: must be between 1 and {2 * DEFAULT_MAX_IMAGE_PIXELS:,} "
                              f"(Pillow refuses to read the header of larger images)")
-        if (self.processes is not None and self.processes < 1) or self.threads < 1:
-            raise ValueError("processes: must be >= 1 (leave it out for cpus_per_task) and threads >= 1")
+        at_least(self, "processes", 1, unset="cpus_per_task")
+        at_least(self, "threads", 1)
         if self.http_proxy:
             _check_proxy_url(self.http_proxy)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from dcslurm.core.plantypes import Estimate
+from dcslurm.core.plantypes import Estimate, at_least
 from dcslurm.core.scales import BYTES_PER_SAMPLE_EMBEDDINGS, BYTES_PER_SAMPLE_METADATA, estimate_samples
 from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
 from jobs.inputs import shard_units
@@ -71,8 +71,7 @@ class EmbedParams:
             names.add(m["name"])
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError("workers: must be >= 0 (leave it out for cpus_per_task - 1)")
+        at_least(self, "workers", 0, unset="cpus_per_task - 1")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dcslurm.core.errors import UserError
-from dcslurm.core.plantypes import Estimate
+from dcslurm.core.plantypes import Estimate, at_least
 from dcslurm.core.scales import estimate_samples
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run, require_file
@@ -49,8 +49,7 @@ class ReshardParams:
     def validate(self) -> None:
         if self.samples_per_shard < 1:
             raise ValueError("samples_per_shard: must be >= 1")
-        if self.tasks is not None and self.tasks < 1:
-            raise ValueError("tasks: must be >= 1 (leave it out for one write task per count task)")
+        at_least(self, "tasks", 1, unset="one write task per count task")
 
 
 def _count_units(ctx: PlanContext) -> UnitSet:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from dcslurm.core.config import slurm_time_hours
 from dcslurm.core.errors import UserError
-from dcslurm.core.plantypes import Estimate
+from dcslurm.core.plantypes import Estimate, at_least
 from dcslurm.core.scales import TRAIN_GPUS_BASIS, ScaleConfig, estimate_train_gpu_hours
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
@@ -48,12 +48,10 @@ class TrainParams:
 
     def validate(self) -> None:
         for key in ("batch_size", "samples", "accum", "micro_batch", "mesh_replicas", "data_streams"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1 (leave it out for the default)")
+            at_least(self, key, 1, unset="the default")
         if self.lr is not None and not self.lr > 0:
             raise ValueError("lr: must be > 0 (leave it out for the scale's)")
-        if self.warmup is not None and self.warmup < 0:
-            raise ValueError("warmup: must be >= 0 (leave it out for the scale's)")
+        at_least(self, "warmup", 0, unset="the scale's")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: expected auto, bf16 or fp32, got {self.precision!r}")
         if self.fsdp_units not in ("auto", "block", "model"):
