@@ -26,7 +26,8 @@ from dcslurm.core.markers import read_marker
 from dcslurm.core.runs import submit_run
 from dcslurm.core.tomlfile import write_toml
 from jobs.embed.spec import EmbedParams
-from jobs.embed.tar_samples import CorruptShard, iter_samples, split_member_name
+from jobs.embed.tar_samples import CorruptShard, iter_samples
+from jobs.wds import split_key
 from tests.core_helpers import merge_tables
 
 LONG_CAPTION = " ".join(["a very long caption about a cat sitting on a mat"] * 12)  # > 77 tokens
@@ -158,7 +159,7 @@ def test_tar_reader_groups_members_and_flags_damage(data, tmp_path):
         samples = list(iter_samples(f))
     assert [s.key for s in samples] == [g["key"] for g in data["good"]["00000000"]]
     assert set(samples[1].members) == {"png", "txt", "json"}
-    assert split_member_name("dir/0001.seg.png") == ("dir/0001", "seg.png")
+    assert split_key("dir/0001.seg.png") == ("dir/0001", "seg.png")  # the key rule the grouping uses
     with open(os.path.join(data["shards"], "00000002.tar"), "rb") as f, pytest.raises(CorruptShard, match="x.tar"):
         list(iter_samples(f, "x.tar"))
 

@@ -52,7 +52,7 @@ def pool_shards(n_shards: int) -> list[data.Shard]:
 def replay(monkeypatch, n_shards: int, n_streams: int, steps: int, shuffle_buffer: int = 256):
     """Sample ids of each global batch of `steps` steps, as the trainer would take them."""
     monkeypatch.setattr(data, "DataFolder", FakeFolder)
-    monkeypatch.setattr(data, "iter_tar_samples", fake_tar_samples)
+    monkeypatch.setattr(data, "tar_samples", fake_tar_samples)
     shards = pool_shards(n_shards)
     per_stream = BATCH // n_streams
     streams = [data.SampleStream(shards, 0, s, shuffle_buffer, {}, n_streams).samples(0)
@@ -105,7 +105,7 @@ def test_every_sample_is_read_evenly_over_an_epoch(monkeypatch):
 def test_a_resumed_stream_reads_what_the_whole_stream_reads(monkeypatch):
     """Exact resume across segment and epoch boundaries, with one shard and with several."""
     monkeypatch.setattr(data, "DataFolder", FakeFolder)
-    monkeypatch.setattr(data, "iter_tar_samples", fake_tar_samples)
+    monkeypatch.setattr(data, "tar_samples", fake_tar_samples)
     for n_shards in (1, 13):
         shards = pool_shards(n_shards)
         stream = data.SampleStream(shards, 5, 3, 64, {}, 8)

@@ -72,10 +72,10 @@ def test_embed_stats_count_skipped_members_once_per_shard(tmp_path):
 # -- train --------------------------------------------------------------------------------------------
 
 def test_train_groups_by_the_layer_and_counts_what_it_leaves_out():
-    from jobs.train.data import iter_tar_samples
+    from jobs.train.data import tar_samples  # what the trainer reads its shards with
 
     skipped: Counter = Counter()
-    samples = [(s.pop("__key__"), s) for s in iter_tar_samples(io.BytesIO(odd_tar()), "t.tar", skipped)]
+    samples = [(s.pop("__key__"), s) for s in tar_samples(io.BytesIO(odd_tar()), "t.tar", skipped)]
     assert samples == ODD_SAMPLES and skipped == ODD_SKIPPED
 
 
@@ -170,12 +170,12 @@ def test_headers_tarfile_reads_past_are_damage(kind, tmp_path):
     counts damage at the first and the last; a global PAX path it ignores, where tarfile cannot
     be told to: the stream walk takes it for damage (the one case where the two differ)."""
     from jobs.embed.tar_samples import CorruptShard, iter_samples
-    from jobs.train.data import iter_tar_samples
+    from jobs.train.data import tar_samples as train_tar_samples
 
     data = _damage_tarfile_misses(kind)
     with pytest.raises(CorruptShard):
         list(iter_samples(io.BytesIO(data), "t.tar"))
     with pytest.raises(Exception, match="damaged tar"):
-        list(iter_tar_samples(io.BytesIO(data)))
+        list(train_tar_samples(io.BytesIO(data)))
     with pytest.raises(UserError, match="damaged tar"):
         list(_evalset(tmp_path, data).samples())

@@ -15,22 +15,15 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from jobs.reshard.tario import Member, ReadCounters, keyed_member, member_index
-from jobs.wds import CheckedTarInfo, CorruptShard, split_key, tar_samples
+from jobs.wds import CheckedTarInfo, CorruptShard, tar_samples
 
-__all__ = ["CorruptShard", "IndexRecorder", "Sample", "iter_samples", "split_member_name"]
+__all__ = ["CorruptShard", "IndexRecorder", "Sample", "iter_samples"]
 
 
 @dataclass
 class Sample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)  # extension ("jpg", "txt", "json") -> bytes
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """('dir/000012', 'jpg') for 'dir/000012.jpg' (jobs.wds.split_key, the extension
-    lower-cased); (name, '') for a name without a key."""
-    field = split_key(name)
-    return (name, "") if field is None else (field[0], field[1].lower())
 
 
 class _CheckedTarInfo(CheckedTarInfo):

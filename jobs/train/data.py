@@ -40,12 +40,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # -- raw samples ----------------------------------------------------------------
 
-def iter_tar_samples(fileobj, what: str = "shard", skipped: Counter | None = None) -> Iterator[dict]:
-    """Samples of a webdataset tar, in order: {"__key__": key, ext: bytes, ...} (jobs.wds:
-    members that are no sample field are counted in `skipped`; damage raises CorruptShard)."""
-    return tar_samples(fileobj, what, skipped)
-
-
 def is_training_sample(sample: dict) -> bool:
     return "txt" in sample and any(e in sample for e in IMAGE_EXTS)
 
@@ -149,7 +143,7 @@ def sized_shards(shards: list[Shard], storage_options: dict) -> list[Shard]:
                 parent, name = shard.url.rsplit("/", 1)
                 with DataFolder(parent, storage_options).open(name) as f:
                     try:
-                        _COUNTED[shard.url] = sum(1 for _ in iter_tar_samples(f, shard.url))
+                        _COUNTED[shard.url] = sum(1 for _ in tar_samples(f, shard.url))
                     except CorruptShard as exc:
                         raise UserError(str(exc)) from None
             if _COUNTED[shard.url] == 0:
@@ -178,7 +172,7 @@ class SampleStream:
         n = 0
         with DataFolder(parent, self.storage_options).open(name) as f:
             try:
-                for i, sample in enumerate(iter_tar_samples(f, url, self.skipped)):
+                for i, sample in enumerate(tar_samples(f, url, self.skipped)):
                     if i >= segment.stop:
                         break
                     if i >= segment.start:
