@@ -102,8 +102,8 @@ def run_stage(root: str, shards: str, ckpt: str, model: str, batch: int, workers
     from dcslurm.core.config import load_config
     from dcslurm.core.markers import read_marker
     from dcslurm.core.plan import PLAN_FILE
-    from dcslurm.core.runner import run_task
     from dcslurm.core.runs import plan_run
+    from dcslurm.core.taskrun import run_task
     from dcslurm.core.tomlfile import write_toml
 
     run = os.path.join(root, f"run-{time.time_ns()}")

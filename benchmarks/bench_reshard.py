@@ -56,8 +56,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from dcslurm.core.config import load_config
-from dcslurm.core.runner import run_task
 from dcslurm.core.runs import submit_run
+from dcslurm.core.taskrun import run_task
 from dcslurm.core.tomlfile import write_toml
 from jobs.reshard.subset import uids_to_array
 

@@ -150,8 +150,8 @@ def stage(root: str, shards_dir: str, n_shards: int, models: list[tuple[str, str
     from dcslurm.core.config import load_config
     from dcslurm.core.markers import read_marker
     from dcslurm.core.plan import PLAN_FILE
-    from dcslurm.core.runner import run_task
     from dcslurm.core.runs import plan_run
+    from dcslurm.core.taskrun import run_task
 
     run = os.path.join(root, f"run-{time.time_ns()}")
     from dcslurm.core.tomlfile import write_toml

@@ -27,9 +27,9 @@ from dcslurm.core.config import load_config, parse_config
 from dcslurm.core.errors import ConfigError, StorageError, UserError
 from dcslurm.core.markers import commit_marker, read_marker
 from dcslurm.core.plan import PLAN_FILE
-from dcslurm.core.runner import run_task
 from dcslurm.core.runs import plan_run, submit_run
 from dcslurm.core.storage import DataFolder, s3fs_options
+from dcslurm.core.taskrun import run_task
 from dcslurm.core.tomlfile import write_toml
 from tests.core_helpers import executions, write_run_toml
 

@@ -9,10 +9,10 @@ from dcslurm.core.errors import StorageError
 from dcslurm.core.markers import read_marker
 from dcslurm.core.plan import PLAN_FILE, Plan
 from dcslurm.core.plantypes import Resources, StepPlan
-from dcslurm.core.runner import run_task
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.storage import DataFolder, s3fs_options
 from dcslurm.core.task import TaskContext, TaskResult
+from dcslurm.core.taskrun import run_task
 
 pytestmark = pytest.mark.s3
 

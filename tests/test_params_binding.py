@@ -11,9 +11,9 @@ from dcslurm.core.config import load_config, parse_config
 from dcslurm.core.errors import ConfigError
 from dcslurm.core.plan import PLAN_FILE, make_plan
 from dcslurm.core.plantypes import PlanInputs
-from dcslurm.core.runner import run_task
 from dcslurm.core.runs import submit_run
 from dcslurm.core.storage import DataFolder
+from dcslurm.core.taskrun import run_task
 from jobs.testing.spec import SynthParams
 from jobs.train.spec import TrainParams, resolve_hyper
 from tests.core_helpers import write_run_toml

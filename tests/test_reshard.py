@@ -598,7 +598,7 @@ def test_a_write_task_writes_its_shards_at_once_and_the_same_bytes(pool, tmp_pat
     import threading
 
     import jobs.reshard.stage as stage
-    from dcslurm.core.runner import run_task
+    from dcslurm.core.taskrun import run_task
 
     cfg = load_config(write_toml(tmp_path / "run.toml", str(tmp_path / "run"), pool["shards"], pool["subset"],
                                  tasks=1, samples_per_shard=8))

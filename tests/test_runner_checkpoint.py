@@ -29,11 +29,11 @@ from dcslurm.core.environment import World, world_from_env
 from dcslurm.core.markers import read_marker
 from dcslurm.core.plan import make_plan
 from dcslurm.core.plantypes import PlanInputs
-from dcslurm.core.runner import _requeue
 from dcslurm.core.runs import run_status, submit_run
 from dcslurm.core.sbatch import TaskLauncher, render_step_script
 from dcslurm.core.storage import DataFolder
 from dcslurm.core.task import POLL_SLEEP_ENV, STOP_AFTER_ENV, StopRequest
+from dcslurm.core.taskrun import _requeue
 from tests.core_helpers import write_run_toml, write_ticker_toml
 
 PY = sys.executable
