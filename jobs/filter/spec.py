@@ -8,12 +8,14 @@ Light module: the orchestrator imports it on login nodes (no numpy/torch here).
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 from dcslurm.core.errors import UserError
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
-from jobs.filter.filterspec import parse_spec
+from jobs.filter.filterspec import DATACOMP_LID, fetched_datacomp_lid, parse_spec
 from jobs.inputs import metadata_units
 
 
@@ -28,6 +30,22 @@ class FilterParams:
 
     def validate(self) -> None:
         parse_spec(self.spec)  # raises ValueError("spec: ...") -> one-line config error
+
+    def local_paths(self) -> list[str]:
+        """The local files the tasks read besides run and pool: those the spec's terms name
+        (a glob's folder), and the fetched lid.176.bin that terms naming no model take.
+        A container binds each at its own path (dcslurm.core.containers)."""
+        out = []
+        for _, _, term in parse_spec(self.spec).terms():
+            for p in term.definition.params:
+                value = term.kw.get(p.name)
+                if not isinstance(value, str) or not value.startswith(("/", "~")):
+                    continue  # defaults (princeton, pool, ""), numbers, URLs
+                path = os.path.expanduser(value)
+                out.append(os.path.dirname(path) if any(c in path for c in "*?[") else path)
+            if term.kw.get("lid_model") == "" and os.path.isfile(fetched_datacomp_lid()):
+                out.append(fetched_datacomp_lid())
+        return list(dict.fromkeys(out))
 
 
 def _metadata(ctx: PlanContext) -> UnitSet:
@@ -44,6 +62,7 @@ def _preflight(config) -> None:
     terms = [term for _, _, term in parse_spec(params.spec).terms()]
     _check_param_files(terms, config.storage_options)
     _check_wordnet(terms, config)
+    _warn_quantised_lid(terms)
     keys = sorted({term.kw["key"] for term in terms if "key" in term.kw})
     if in_run(config, "embed"):
         embed = config.stages["embed"].params
@@ -104,6 +123,18 @@ def _check_wordnet(terms, config) -> None:
             rules.wordnet_db_dir(value)
         except UserError as exc:
             raise UserError(f"{exc} (filter {term.text()})") from None
+
+
+def _warn_quantised_lid(terms) -> None:
+    """Terms that name no lid_model take DataComp's lid.176.bin only once it is fetched; until
+    then their language ID is the quantised lid.176.ftz, whose labels differ on some captions:
+    said once, before anything is queued, since the subset may then differ from DataComp's."""
+    users = [term.text() for term in terms if term.kw.get("lid_model") == ""]
+    if users and not os.path.isfile(fetched_datacomp_lid()):
+        logging.getLogger("dcslurm.filter").warning(
+            "filter %s: language ID by the quantised lid.176.ftz, not DataComp's %s (not in %s): its top-1 "
+            "label differs on some captions, so the subset may differ from DataComp's; `dcslurm assets fetch "
+            "fasttext` fetches it", ", ".join(users), DATACOMP_LID, os.path.dirname(fetched_datacomp_lid()))
 
 
 def _check_npz_keys(url: str, keys: list[str], storage_options: dict) -> None:
