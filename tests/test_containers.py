@@ -255,6 +255,23 @@ def test_files_a_filter_spec_names_are_bound_at_their_own_paths(tmp_path, fake, 
                      str(assets / "lid.176.bin"), str(files / "in1k"), str(files / "centroids.npy"), "/tmp"]
 
 
+def test_paths_inside_list_params_are_bound(tmp_path, fake):
+    """embed's models[].pretrained: a local checkpoint inside a list of tables."""
+    apptainer, _ = fake
+    ckpt = tmp_path / "ckpts" / "b32.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    models = [{"name": "b32", "model": "ViT-B-32", "pretrained": str(ckpt)},
+              {"name": "l14", "model": "ViT-L-14", "pretrained": "openai"}]
+    cfg = load_config(_config(
+        tmp_path, str(tmp_path / "run"),
+        {"enabled": True, "apptainer": str(apptainer), "gpu_image": str(_fake_image(tmp_path / "img", "gpu"))},
+        stages=("embed",), tables={"embed": {"models": models, "offline": False}},
+        pool={"shards": str(tmp_path / "shards")}))
+    p = make_executor("slurm", run=cfg).launcher(True).prefix
+    assert str(ckpt) in [p[i + 1] for i, w in enumerate(p) if w == "--bind"]
+
+
 def test_paths_that_bind_cannot_express_use_mount():
     assert containers._bind_args("/a b/c") == ["--bind", "/a b/c"]
     assert containers._bind_args("/data", "/tmp") == ["--bind", "/data:/tmp"]

@@ -386,10 +386,20 @@ def _local_dir(url: str) -> str | None:
 
 
 def _param_paths(config) -> list[str]:
-    """Absolute local paths that exist, named by the run's stage params (e.g. train
-    `data`, eval `evalsets`, and what a params class's `local_paths()` lists): inputs the
-    tasks read besides the run folder and pool."""
+    """Absolute local paths that exist, named by the run's stage params at any depth (train
+    `data`, eval `evalsets`, embed `models[].pretrained`, what a params class's `local_paths()`
+    lists): inputs the tasks read besides the run folder and pool."""
     import dataclasses
+
+    def strings(value):  # at any depth: embed's models[].pretrained, eval's extra_tasks[].evalset, ...
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from strings(v)
 
     out = []
     for section in config.stages.values():
@@ -399,8 +409,8 @@ def _param_paths(config) -> list[str]:
         values = [getattr(params, f.name) for f in dataclasses.fields(params)]
         # paths inside a value (the filter spec's synsets=, centroids=, ...): the params say which
         values += getattr(params, "local_paths", list)()
-        for value in values:
-            if isinstance(value, str) and value.startswith("/"):
+        for value in strings(values):
+            if value.startswith("/"):
                 path = _local_dir(value)
                 if path and os.path.exists(path):
                     out.append(path)
