@@ -103,13 +103,12 @@ def _run_toml(folder: Path, run: Path, executor: str, image: str | None, apptain
               stages: str = "test", pool: Path | None = None) -> str:
     """A small run of the test-only stages (`test`) or of the filter stage over `pool`."""
     if image:
-        # Scratch of its own (not the host's /tmp), so the task sees only what is bound:
-        # the run folder, the pool folder, scratch, and the filter's entries file.
+        # Scratch of its own (not the host's /tmp), so the task sees only what is bound: the
+        # run folder, the pool folder, scratch, and the entries file the filter spec names
+        # (found in the spec string, never listed by hand: containers._param_paths).
         scratch = folder / "scratch"
         scratch.mkdir(exist_ok=True)
-        entries = [str(pool / "entries.txt")] if pool else []
-        container = {"enabled": True, "apptainer": apptainer, "cpu_image": image, "scratch": str(scratch),
-                     "binds": entries}
+        container = {"enabled": True, "apptainer": apptainer, "cpu_image": image, "scratch": str(scratch)}
     else:
         container = {"enabled": False}
     if stages == "test":
