@@ -159,10 +159,12 @@ def test_assets_verify_local_copies(tmp_path, monkeypatch):
         assets_cli.fetch("nope", str(dest))
 
 
-def test_language_id_takes_datacomp_model_once_fetched_and_plan_says_when_it_cannot(pool16, tmp_path, monkeypatch):
-    """DataComp's rule runs lid.176.bin; the offline default lid.176.ftz is quantised and labels some
-    captions differently. A term naming no lid_model takes the fetched lid.176.bin; until it is
-    fetched, `plan` (and `submit`, through the same checks) says so once, before anything is queued."""
+def test_language_id_model_is_decided_when_planned_and_kept_by_the_run(pool16, tmp_path, monkeypatch):
+    """DataComp's rule runs lid.176.bin; the offline lid.176.ftz is quantised and labels some captions
+    differently. Terms naming no lid_model take [stages.filter] lid_model, which defaults to the
+    fetched lid.176.bin, else lid.176.ftz with one warning before anything is queued. The choice is
+    made once, on the login node, and kept in the plan: a resubmit after fetching the model would
+    mix two models in one subset, so the run folder refuses it."""
     import shutil
 
     from jobs.filter import rules
@@ -177,15 +179,38 @@ def test_language_id_takes_datacomp_model_once_fetched_and_plan_says_when_it_can
         assert proc.returncode == 0, proc.stderr
         return [line for line in proc.stderr.splitlines() if "lid.176" in line]
 
-    assert rules.fasttext_model_path("") == rules.quantised_lid()
     (warning,) = plan_warnings()
     assert "filter basic" in warning and "lid.176.ftz" in warning and "dcslurm assets fetch fasttext" in warning
+    assert load_config(cfg).stages["filter"].params.lid_model == "lid.176.ftz"
+    assert rules.fasttext_model_path("lid.176.ftz") == rules.fasttext_model_path("") == rules.quantised_lid()
+    assert not submit_run(load_config(cfg)).failed
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["stage_params"]["filter"]["lid_model"] \
+        == "lid.176.ftz"
+
     fetched = tmp_path / "cache" / "assets" / "lid.176.bin"
     fetched.parent.mkdir(parents=True)
     shutil.copyfile(rules.quantised_lid(), fetched)  # a stand-in: the tasks load whatever file is there
-    assert rules.fasttext_model_path("") == str(fetched)
-    assert rules.fasttext_english(["a dog on the beach at sunset"], "").tolist() == [True]
     assert plan_warnings() == []
+    again = load_config(cfg)
+    assert again.stages["filter"].params.lid_model == str(fetched) == rules.fasttext_model_path("")
+    assert rules.fasttext_english(["a dog on the beach at sunset"], "").tolist() == [True]
+    with pytest.raises(UserError, match="lid_model"):
+        submit_run(again)
+
+
+def test_lid_model_key_is_checked_before_queueing_and_left_empty_without_language_id(pool16, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("DCSLURM_CACHE", str(tmp_path / "cache"))
+    scores = filter_toml(tmp_path / "scores.toml", tmp_path / "run", pool16, per_task=16,
+                         extra={"stages": {"filter": {"spec": "clip_score(l14, fraction=0.5)"}}})
+    assert load_config(scores).stages["filter"].params.lid_model == ""  # fetching a model changes nothing here
+    missing = filter_toml(tmp_path / "missing.toml", tmp_path / "run", pool16, per_task=16,
+                          extra={"stages": {"filter": {"spec": "basic", "lid_model": str(tmp_path / "nope.bin")}}})
+    proc = subprocess.run([sys.executable, "-m", "dcslurm", "plan", "--config", missing], capture_output=True,
+                          text=True, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "nope.bin" in lines[0] and "lid_model" in lines[0]
 
 
 def test_assets_table_has_datacomp_hashes():

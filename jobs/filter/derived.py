@@ -152,8 +152,10 @@ class RowFeatures:
     is computed only for the rows asked and not known yet."""
 
     def __init__(self, store: Store, fid: Callable[[], str], rows: int, texts: Callable[[np.ndarray], list[str]],
-                 embeddings: Callable[[str, np.ndarray], np.ndarray], npz_fid: Callable[[], str]):
+                 embeddings: Callable[[str, np.ndarray], np.ndarray], npz_fid: Callable[[], str],
+                 lid_model: str = ""):
         self.store, self._fid, self.rows = store, fid, rows
+        self.lid_model = lid_model  # for terms that name none: the run's (FilterParams.lid_model)
         self.texts, self.embeddings, self._npz_fid = texts, embeddings, npz_fid
         self.stats = {"reused": 0, "computed": 0, "damaged": 0}
         self._columns: dict[str, Column] = {}
@@ -194,6 +196,7 @@ class RowFeatures:
     def fasttext_en(self, idx: np.ndarray, lid_model: str) -> np.ndarray:
         from jobs.filter.rules import fasttext_english, fasttext_model_path
 
+        lid_model = lid_model or self.lid_model
         model = content_id(fasttext_model_path(lid_model))
         return self._column("fasttext_en", (model,), np.int8, idx,
                             lambda m: fasttext_english(self.texts(m), lid_model)) == 1

@@ -78,11 +78,13 @@ def _split(url: str) -> tuple[str, str]:
 
 class Reader:
     """Reads inputs (parquet columns, npz keys) with one-line errors naming file and column/key, and
-    the derived columns stored for them (`derived_cache`: a folder URL; "" or "off": none)."""
+    the derived columns stored for them (`derived_cache`: a folder URL; "" or "off": none);
+    `lid_model`: the language-ID model of terms that name none (the run's FilterParams.lid_model)."""
 
-    def __init__(self, storage_options: dict | None = None, derived_cache: str = ""):
+    def __init__(self, storage_options: dict | None = None, derived_cache: str = "", lid_model: str = ""):
         self.storage_options = storage_options or {}
         self.derived = derived.Store(derived_cache, self.storage_options)
+        self.lid_model = lid_model  # the language-ID model of terms that name none ("": this machine's default)
 
     def folder(self, url: str) -> DataFolder:
         return DataFolder(_split(url)[0], self.storage_options)
@@ -311,7 +313,7 @@ class FileColumns:
         self.feat = derived.RowFeatures(
             reader.derived, lambda: derived.file_id(parquet, _split(f.url)[1]), self.n, self.texts,
             lambda key, idx: reader.embeddings(f, key, self.n, idx),
-            lambda: derived.file_id(npz, _split(f.npz_url)[1]))
+            lambda: derived.file_id(npz, _split(f.npz_url)[1]), reader.lid_model)
 
     def flush(self) -> None:
         """Store what the derived columns gained; their counts go to the stats (`derived`)."""

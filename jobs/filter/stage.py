@@ -31,7 +31,7 @@ def _spec(ctx: TaskContext):
 def _reader(ctx: TaskContext) -> engine.Reader:
     # derived columns: [stages.filter] derived_cache (a sweep sets its upstream's), else RUN/filter/_derived
     cache = ctx.params.derived_cache or ctx.output.url_of(engine.DERIVED)
-    return engine.Reader(ctx.plan.storage_options, cache)
+    return engine.Reader(ctx.plan.storage_options, cache, ctx.params.lid_model)
 
 
 def _rel(ctx: TaskContext, rel: str) -> str:
