@@ -251,8 +251,9 @@ def test_files_a_filter_spec_names_are_bound_at_their_own_paths(tmp_path, fake, 
         stages=("filter",), tables={"filter": {"spec": spec}}, pool={"metadata": str(tmp_path / "meta")}))
     p = make_executor("slurm", run=cfg).launcher(False).prefix
     binds = [p[i + 1] for i, w in enumerate(p) if w == "--bind"]
-    assert binds == [str(tmp_path / "run"), str(tmp_path / "meta"), str(files / "in21k.txt"),
-                     str(assets / "lid.176.bin"), str(files / "in1k"), str(files / "centroids.npy"), "/tmp"]
+    # the fetched model through [stages.filter] lid_model (resolved when the config was read), then the spec's files
+    assert binds == [str(tmp_path / "run"), str(tmp_path / "meta"), str(assets / "lid.176.bin"),
+                     str(files / "in21k.txt"), str(files / "in1k"), str(files / "centroids.npy"), "/tmp"]
 
 
 def test_paths_inside_list_params_are_bound(tmp_path, fake):
