@@ -67,11 +67,16 @@ def fasttext_model_path(path: str = "") -> str:
     return path
 
 
-@functools.lru_cache(maxsize=4)
 def fasttext_model(path: str = ""):
+    # cached by the file it resolves to: "" names another file once lid.176.bin has been fetched
+    return _load_fasttext(fasttext_model_path(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fasttext(path: str):
     import fasttext
 
-    return fasttext.load_model(fasttext_model_path(path))
+    return fasttext.load_model(path)
 
 
 def fasttext_english(texts: list[str], model_path: str = "") -> np.ndarray:
