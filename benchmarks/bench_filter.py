@@ -136,6 +136,13 @@ def measure(which: str, pool: str, out: str, fraction: float, workers: int = 1) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def same_subset(x, y) -> bool:
+    """Two subsets (uint64 pairs, as DataComp saves them) hold the same uids in the same order."""
+    import numpy as np
+
+    return x.dtype == y.dtype and np.array_equal(x, y)
+
+
 def sha(path: str) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -229,12 +236,15 @@ def main_sweep(args) -> None:
         print(f"one basic filter, no cache : {one['seconds']:7.1f} s wall {one['cpu_seconds']:7.1f} s CPU", flush=True)
         dc = None
         if not args.skip_reference:  # the same filter by the program a user would otherwise run
-            run_datacomp = datacomp_runner(base, {"fasttext": _lid_model_path()}, datacomp_python())
+            from jobs.filter.rules import fasttext_model_path
+
+            # the model a term naming none takes (lid.176.bin once fetched, else lid.176.ftz): both sides run it
+            run_datacomp = datacomp_runner(base, {"fasttext": fasttext_model_path("")}, datacomp_python())
             dc = run_datacomp(pool, "basic", os.path.join(base, "dc_basic.npy"), 1, args.fraction)
             import numpy as np
 
-            same = np.array_equal(np.load(os.path.join(base, "dc_basic.npy")),
-                                  np.load(os.path.join(base, "basic", "00.npy")))
+            same = same_subset(np.load(os.path.join(base, "dc_basic.npy")),
+                               np.load(os.path.join(base, "basic", "00.npy")))
             print(f"the same by DataComp's baselines.py (1 worker): {dc['seconds']:7.1f} s wall "
                   f"{dc['cpu_seconds']:7.1f} s CPU; same subset: {same}", flush=True)
             if not same:
@@ -464,7 +474,10 @@ def datacomp_assets(base: str, k: int, python: str, dim: int = 768) -> tuple[dic
     paths = {"centroids": os.path.join(base, "centroids.npy"), "targets": os.path.join(base, "targets.npy")}
     np.save(paths["centroids"], rng.standard_normal((k, dim), dtype=np.float32))
     np.save(paths["targets"], rng.standard_normal((1000, dim), dtype=np.float32))
-    assets = {"small_centroids": os.path.join(base, "small_centroids.pt"), "fasttext": _lid_model_path(),
+    from jobs.filter.rules import fasttext_model_path
+
+    # the model a term naming none takes (lid.176.bin once fetched, else lid.176.ftz): both sides run it
+    assets = {"small_centroids": os.path.join(base, "small_centroids.pt"), "fasttext": fasttext_model_path(""),
               **{f"in1k_clip_vit_l14_{i}": os.path.join(base, f"in1k_{i}.pt") for i in range(5)}}
     # Pickled by DataComp's own numpy/torch: a numpy 2 pickle does not load under its numpy 1.23.
     # Its centroids file is a pickled ndarray, its in1k embeddings 5 files of {"image_features": tensor}.
@@ -474,13 +487,6 @@ def datacomp_assets(base: str, k: int, python: str, dim: int = 768) -> tuple[dic
             f"    torch.save({{'image_features': torch.from_numpy(part.copy())}}, {base!r} + f'/in1k_{{i}}.pt')\n")
     subprocess.run([python, "-c", code], check=True)
     return paths, assets
-
-
-def _lid_model_path() -> str:
-    from jobs.filter.rules import fasttext_model_path
-
-    # the model a term naming none takes (lid.176.bin once fetched, else lid.176.ftz): both sides run it
-    return fasttext_model_path("")
 
 
 def datacomp_runner(base: str, assets: dict, python: str):
@@ -529,7 +535,7 @@ def main_datacomp(args) -> None:
                                  "--fraction", str(args.fraction), "--workers", str(workers), "--spec", spec])
             dc = run_datacomp(pool, name, dc_out, workers, args.fraction)
             a, b = np.load(ours_out), np.load(dc_out)
-            same = a.dtype == b.dtype and np.array_equal(a, b)
+            same = same_subset(a, b)
             all_same &= same
             print(f"{name:17s} ours {ours['seconds']:6.1f} s ({ours['cpu_seconds']:6.1f} CPU) {ours['peak_mb']:5.0f} MB"
                   f" | DataComp {dc['seconds']:6.1f} s ({dc['cpu_seconds']:6.1f} CPU) {dc['peak_mb']:5.0f} MB | "
