@@ -37,7 +37,7 @@ class FilterParams:
 
     def validate(self) -> None:
         spec = parse_spec(self.spec)  # raises ValueError("spec: ...") -> one-line config error
-        if not self.lid_model and any(term.kw.get("lid_model") == "" for _, _, term in spec.terms()):
+        if not self.lid_model and _default_lid_terms(term for _, _, term in spec.terms()):
             self.lid_model = default_lid_model()
 
     def local_paths(self) -> list[str]:
@@ -53,6 +53,11 @@ class FilterParams:
                 path = os.path.expanduser(value)
                 out.append(os.path.dirname(path) if any(c in path for c in "*?[") else path)
         return list(dict.fromkeys(out))
+
+
+def _default_lid_terms(terms) -> list:
+    """The terms that label languages with the run's model (lid_model= left out)."""
+    return [term for term in terms if term.kw.get("lid_model") == ""]
 
 
 def _metadata(ctx: PlanContext) -> UnitSet:
@@ -140,7 +145,7 @@ def _warn_quantised_lid(terms, lid_model: str) -> None:
     """Terms that name no lid_model take the run's; when that is the quantised lid.176.ftz (DataComp's
     lid.176.bin not fetched), whose labels differ on some captions, say so once, before anything is
     queued: the subset may then differ from DataComp's."""
-    users = [term.text() for term in terms if term.kw.get("lid_model") == ""]
+    users = [term.text() for term in _default_lid_terms(terms)]
     if users and lid_model == QUANTISED_LID:
         logging.getLogger("dcslurm.filter").warning(
             "filter %s: language ID by the quantised %s, not DataComp's %s (not in %s): its top-1 label "
